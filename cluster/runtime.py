@@ -1,0 +1,149 @@
+"""Connecting to Ray: local single-node, simulated multi-node, or an existing cluster.
+
+`connect(config)` is a context manager: it starts (or joins) Ray for the configured address and
+shuts down only what it started, so a test session that already has Ray keeps it.
+
+Node groups become Ray custom resources the same way everywhere, through `node_group_resource`:
+each node of a group offers `NODE_GROUP_CAPACITY` units of its group's resource and every worker
+or replica pinned to the group asks for one unit, so pinning never limits packing (CPUs and GPUs
+do that). KubeRay's `rayStartParams` uses the same two functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import secrets
+import tempfile
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cluster.config import TandemConfig
+
+NODE_GROUP_CAPACITY = 1000
+
+
+def node_group_resource(group: str) -> str:
+    """The Ray custom resource that marks a node as a member of a node group."""
+    return f"group_{group}"
+
+
+def node_group_resources(group: str) -> dict[str, float]:
+    """Resources one node of the group offers for pinning."""
+    return {node_group_resource(group): NODE_GROUP_CAPACITY}
+
+
+def pin_to_group(group: str | None) -> dict[str, float]:
+    """Resources a task or actor asks for to land on a node of the group (empty when unpinned)."""
+    return {node_group_resource(group): 1} if group else {}
+
+
+DEFAULT_TOKEN_PATH = Path.home() / ".ray" / "auth_token"
+
+
+def apply_auth_mode(config: TandemConfig) -> None:
+    """Set RAY_AUTH_MODE from the config unless the user already set it.
+
+    Ray 2.60 enables token auth for clusters it starts locally; a client of a head started with
+    `ray start` must send the token too (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH or ~/.ray/auth_token),
+    which it only does with RAY_AUTH_MODE=token. We keep it on by default: it is what protects a
+    real cluster's job API. For a cluster Tandem starts itself we create the token file when there
+    is none (as `ray get-auth-token --generate` does); for a remote cluster the user brings theirs.
+    """
+    mode = os.environ.setdefault("RAY_AUTH_MODE", config.cluster.auth)
+    has_token = os.environ.get("RAY_AUTH_TOKEN") or os.environ.get("RAY_AUTH_TOKEN_PATH") or DEFAULT_TOKEN_PATH.exists()
+    if mode == "token" and config.cluster.address == "local" and not has_token:
+        DEFAULT_TOKEN_PATH.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(DEFAULT_TOKEN_PATH, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        with os.fdopen(fd, "w") as handle:
+            handle.write(secrets.token_hex(32))
+    # Ray caches its config (the auth mode among it) at import; refresh it so this process sees the mode.
+    from ray._raylet import Config
+
+    Config.initialize("")
+
+
+def local_num_cpus(config: TandemConfig) -> float:
+    """Logical CPUs for a single-node local Ray: training workers plus serving replicas, at least 4.
+
+    Logical CPUs may exceed the physical cores; Ray only uses them for scheduling.
+    """
+    if config.cluster.local.num_cpus:
+        return config.cluster.local.num_cpus
+    training = config.training.workers * config.training.cpus_per_worker + 1
+    serving = sum(d.cpus * d.autoscaling.max_replicas for d in config.serving.deployments) + 1
+    return max(4.0, training, serving)
+
+
+@dataclass
+class RayHandle:
+    """What `connect` started; `nodes` lists the simulated nodes' ids per group when simulating."""
+
+    address: str
+    started: bool
+    simulated_cluster: Any = None
+    nodes: dict[str, list[str]] = field(default_factory=dict)
+
+
+def _start_simulated_cluster(config: TandemConfig) -> tuple[Any, dict[str, list[str]]]:
+    from ray.cluster_utils import Cluster
+
+    # Cluster writes its address file under RAY_TMPDIR and ignores temp_dir (stack notes).
+    os.environ.setdefault("RAY_TMPDIR", tempfile.mkdtemp(prefix="tandem-ray-"))
+    # The head runs the drivers' and controllers' actors; it belongs to no node group.
+    cluster = Cluster(initialize_head=True, head_node_args={"num_cpus": 1, "include_dashboard": config.cluster.local.include_dashboard})
+    nodes: dict[str, list[str]] = {}
+    for name, group in config.cluster.node_groups.items():
+        count = max(1, group.replicas if group.replicas is not None else group.min_replicas)
+        for _ in range(count):
+            node = cluster.add_node(num_cpus=group.cpus, resources=node_group_resources(name))
+            nodes.setdefault(name, []).append(node.node_id)
+    cluster.wait_for_nodes()
+    return cluster, nodes
+
+
+@contextlib.contextmanager
+def connect(config: TandemConfig) -> Iterator[RayHandle]:
+    """Start or join Ray for `config.cluster.address`; shut down on exit only what was started here."""
+    import ray
+
+    apply_auth_mode(config)
+    if ray.is_initialized():
+        yield RayHandle(address="existing", started=False)
+        return
+    address = config.cluster.address
+    handle: RayHandle
+    if address == "local" and config.cluster.local.simulate_nodes:
+        cluster, nodes = _start_simulated_cluster(config)
+        ray.init(address=cluster.address, log_to_driver=True)
+        handle = RayHandle(address=cluster.address, started=True, simulated_cluster=cluster, nodes=nodes)
+    elif address == "local":
+        resources: dict[str, float] = {}
+        # A single node plays every node group, so pinned workers and replicas still place.
+        for name in config.cluster.node_groups:
+            resources.update(node_group_resources(name))
+        ray.init(
+            num_cpus=local_num_cpus(config),
+            resources=resources,
+            include_dashboard=config.cluster.local.include_dashboard,
+            log_to_driver=True,
+        )
+        handle = RayHandle(address="local", started=True)
+    else:
+        # 'auto' joins RAY_ADDRESS or a running local head; 'ray://' uses Ray Client.
+        ray.init(address=address, log_to_driver=True)
+        handle = RayHandle(address=address, started=True)
+    try:
+        yield handle
+    finally:
+        if handle.started:
+            ray.shutdown()
+            if handle.simulated_cluster is not None:
+                handle.simulated_cluster.shutdown()
+
+
+def storage_root(config: TandemConfig) -> Path:
+    """The absolute storage folder (Ray Train needs absolute paths)."""
+    return Path(config.cluster.storage).expanduser().resolve()

@@ -1,0 +1,1 @@
+"""Serving: export and optimization of artifacts, inference engines, and the Ray Serve application."""

@@ -1,0 +1,48 @@
+"""Shared fixtures. Unit tests must never start Ray; integration tests share one local Ray."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+SHARED = ROOT.parent / "shared"
+
+# DeepSpeed compiles two ops on first use; a cache shared by the whole test session (and CI's
+# later runs on the same machine) pays that once.
+os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+os.environ.setdefault("DS_ACCELERATOR", "cpu")
+
+
+@pytest.fixture(autouse=True)
+def _unit_tests_never_start_ray(request, monkeypatch):
+    """Fail any test under tests/unit that calls ray.init (Ray's serve/tests/unit does the same)."""
+    if "tests/unit" not in str(request.path).replace(os.sep, "/"):
+        yield
+        return
+    import ray
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("unit tests must not start Ray; move this test to tests/integration")
+
+    monkeypatch.setattr(ray, "init", refuse)
+    yield
+
+
+@pytest.fixture(scope="session")
+def ray_session(tmp_path_factory):
+    """One local Ray for the whole integration session (logical CPUs above the 2 physical cores)."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(
+            num_cpus=8,
+            resources={"group_cpu": 1000, "group_gpu": 1000},
+            include_dashboard=False,
+            log_to_driver=True,
+        )
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,58 @@
+"""The CLI as a user runs it: a real subprocess, exit codes and messages, no tracebacks."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+TANDEM = [sys.executable, "-m", "cluster.cli"]
+
+
+def tandem(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
+    return subprocess.run(TANDEM + list(args), cwd=cwd, capture_output=True, text=True, timeout=120)
+
+
+def test_help_lists_every_verb():
+    out = tandem("--help").stdout
+    for verb in ("validate", "show-config", "train", "tune", "export", "serve", "serve-config", "bench", "profile", "run", "submit", "k8s", "check", "jobs"):
+        assert verb in out, verb
+
+
+def test_validate_packaged_default_from_any_directory(tmp_path):
+    result = tandem("validate", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "valid" in result.stdout and "ZeRO-2" in result.stdout
+
+
+def test_validate_bad_config_prints_every_problem_and_exits_2():
+    result = tandem("validate", "examples/bad.yaml")
+    assert result.returncode == 2
+    for path in ("training.deepspeed.zero_stage", "training.optimiser", "training.node_group"):
+        assert path in result.stderr
+    assert "Traceback" not in result.stderr + result.stdout
+
+
+def test_show_config_is_accepted_back(tmp_path):
+    resolved = tmp_path / "resolved.yaml"
+    resolved.write_text(tandem("show-config", "--set", "training.epochs=3").stdout)
+    assert yaml.safe_load(resolved.read_text())["training"]["epochs"] == 3
+    assert tandem("validate", str(resolved)).returncode == 0
+
+
+def test_missing_file_and_broken_yaml_are_clean_errors(tmp_path):
+    broken = tmp_path / "broken.yaml"
+    broken.write_text("training: {epochs: [1, 2\n")
+    for args in (("validate", str(tmp_path / "nope.yaml")), ("validate", str(broken))):
+        result = tandem(*args)
+        assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "no such file" in tandem("validate", str(tmp_path / "nope.yaml")).stderr
+    assert "not valid YAML at line" in tandem("validate", str(broken)).stderr
+
+
+def test_bad_override_fails_before_any_work():
+    result = tandem("train", "--set", "training.epochs=zero")
+    assert result.returncode == 2 and "training.epochs: 'zero'" in result.stderr

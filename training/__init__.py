@@ -1,0 +1,10 @@
+"""Training: Ray Train's TorchTrainer with DeepSpeed in every worker.
+
+Where things go:
+- models.py     built-in model builders (mlp, cnn, transformer): builder(input_shape, num_classes, **args)
+- data.py       built-in data sources (digits, synthetic) returning ArrayDataset, and the split
+- augment.py    training-time augmentations (noise, shift, user hooks)
+- ds_config.py  the DeepSpeed JSON derived from the Tandem config (overrides merge last)
+- loop.py       the per-worker train loop (a plain function)
+- trainer.py    train(config) -> TrainResult: builds the TorchTrainer, consolidates the artifact
+"""

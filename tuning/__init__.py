@@ -1,0 +1,1 @@
+"""Tuning: Ray Tune around the same Ray Train + DeepSpeed trainer (search spaces from dotted config paths)."""
