@@ -160,6 +160,27 @@ def load_state_dict(folder: Path, name: str = MODEL_FILE) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def model_version(folder: Path) -> str:
+    """The model version: the first 12 hex digits of model.pt's sha256 (changes with the weights)."""
+    return read_manifest(folder)["files"][MODEL_FILE]["sha256"][:12]
+
+
+def save_model_artifact(folder: Path, state_dict: dict[str, Any], model_spec: dict[str, Any], info: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Write model.pt (atomically) and manifest.json for a trained model.
+
+    model_spec: {"builder": "module:function", "args": {...}, "input_shape": [...], "num_classes": N},
+    enough to rebuild the module without the config. info: metrics, config_hash, lineage, ...
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    cpu_state = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
+    atomic_save_torch(cpu_state, folder / MODEL_FILE)
+    manifest = write_manifest(folder, {"model": model_spec, **(info or {})})
+    manifest["version"] = manifest["files"][MODEL_FILE]["sha256"][:12]
+    atomic_write_json(folder / MANIFEST, manifest)
+    return manifest
+
+
 def build_model_from_manifest(manifest: dict[str, Any]) -> Any:
     """Build the (untrained) nn.Module that an artifact's model.pt belongs to."""
     from cluster.config import resolve_import_path
