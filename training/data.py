@@ -58,3 +58,36 @@ def split(dataset: ArrayDataset, val_fraction: float, seed: int) -> tuple[ArrayD
     n_val = max(1, int(round(len(order) * val_fraction)))
     val, train = order[:n_val], order[n_val:]
     return ArrayDataset(dataset.x[train], dataset.y[train]), ArrayDataset(dataset.x[val], dataset.y[val])
+
+
+def load_dataset(config) -> ArrayDataset:
+    """Call the configured data source and check what it returns; errors name `data.source`."""
+    from cluster.config import ConfigError, Problem, resolve_import_path
+
+    source = resolve_import_path(config.data.source)
+    try:
+        dataset = source(**config.data.args)
+    except TypeError as exc:
+        raise ConfigError([Problem(path="data.args", value=config.data.args, message=f"{config.data.source} rejected these arguments ({exc}); fix data.args")]) from None
+    problems = dataset_problems(dataset, config.data.source)
+    if problems:
+        raise ConfigError([Problem(path="data.source", value=config.data.source, message=p) for p in problems])
+    return dataset
+
+
+def dataset_problems(dataset, source: str) -> list[str]:
+    if not isinstance(dataset, ArrayDataset):
+        return [f"returned {type(dataset).__name__}; a data source returns training.data.ArrayDataset(x, y)"]
+    x, y = dataset.x, dataset.y
+    problems = []
+    if not isinstance(x, np.ndarray) or x.ndim < 2 or x.shape[0] == 0:
+        problems.append(f"x has shape {getattr(x, 'shape', None)}; expected (N, features...) with N > 0")
+    elif x.dtype != np.float32:
+        problems.append(f"x has dtype {x.dtype}; expected float32 (cast with x.astype(np.float32))")
+    if not isinstance(y, np.ndarray) or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+        problems.append(f"y has shape {getattr(y, 'shape', None)} and dtype {getattr(y, 'dtype', None)}; expected integer labels of shape (N,)")
+    elif isinstance(x, np.ndarray) and x.ndim >= 1 and len(y) != len(x):
+        problems.append(f"x has {len(x)} examples but y has {len(y)}; they must match")
+    elif y.min() < 0:
+        problems.append("labels must be 0..num_classes-1; found a negative label")
+    return problems

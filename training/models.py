@@ -96,3 +96,19 @@ def transformer(input_shape: tuple[int, ...], num_classes: int, dim: int = 64, d
 
 def parameter_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def build_model(config, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """The configured model; `model.args` may not contradict the data's shape or class count."""
+    from cluster.config import resolve_import_path
+
+    builder = resolve_import_path(config.model.builder)
+    args = dict(config.model.args)
+    args.setdefault("num_classes", num_classes)
+    return builder(input_shape=tuple(input_shape), **args)
+
+
+def model_spec(config, input_shape: tuple[int, ...], num_classes: int) -> dict:
+    """What an artifact's manifest needs to rebuild the module without the config."""
+    args = {k: v for k, v in config.model.args.items() if k != "num_classes"}
+    return {"builder": config.model.builder, "args": args, "input_shape": list(input_shape), "num_classes": int(config.model.args.get("num_classes", num_classes))}

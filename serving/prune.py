@@ -1,0 +1,135 @@
+"""Magnitude pruning, made permanent: zeros in the weights themselves, no masks left behind.
+
+    result = prune_model(model, sparsity=0.5, structured=False)   # in place
+    result.sparsity      # measured fraction of zeros over the pruned weights (>= the target)
+
+Unstructured: global L1 magnitude over every Linear/Conv weight (and attention in-projections),
+so layers with many small weights give up more of them. Structured: per layer, the output
+neurons/channels with the smallest L1 norm lose their whole row and bias; the output layer is
+left whole (pruning a row there would delete a class). `torch.nn.utils.prune` computes the masks
+and `prune.remove` folds them into the weights, so the exported model and state dict carry the
+zeros and nothing else.
+
+Zeros alone buy no speed from dense kernels (ORT and torch multiply them like any number): they
+buy compressibility now and speed once the zero rows are sliced out or a sparse kernel runs
+them. A short fine-tune after pruning recovers accuracy; it belongs to the trainer, and
+`apply_masks` puts the zeros back after it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+from torch.nn.utils import prune
+
+_LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+@dataclass
+class PruneResult:
+    target: float
+    structured: bool
+    sparsity: float
+    pruned_weights: int
+    masks: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+
+    def summary(self) -> dict[str, Any]:
+        return {"target": self.target, "structured": self.structured, "sparsity": round(self.sparsity, 6), "pruned_weights": self.pruned_weights}
+
+
+def prunable_weights(model: nn.Module, structured: bool) -> list[tuple[str, nn.Module, str]]:
+    """(qualified name, module, parameter name) of every weight pruning may touch.
+
+    Structured pruning skips the last layer in registration order: the output layer, whose rows
+    are the classes.
+    """
+    found: list[tuple[str, nn.Module, str]] = []
+    for name, module in model.named_modules():
+        if isinstance(module, _LAYERS):
+            found.append((f"{name}.weight" if name else "weight", module, "weight"))
+        elif isinstance(module, nn.MultiheadAttention) and not structured and module.in_proj_weight is not None:
+            found.append((f"{name}.in_proj_weight", module, "in_proj_weight"))
+    if structured:
+        found = found[:-1]
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no Linear or Conv weights to prune; remove export.prune from the config")
+    return found
+
+
+def _prune_unstructured(weights: list[tuple[str, nn.Module, str]], sparsity: float) -> None:
+    prune.global_unstructured([(m, p) for _, m, p in weights], pruning_method=prune.L1Unstructured, amount=sparsity)
+
+
+def _prune_structured(weights: list[tuple[str, nn.Module, str]], sparsity: float) -> None:
+    for _, module, param in weights:
+        prune.ln_structured(module, param, amount=sparsity, n=1, dim=0)
+
+
+def _zero_bias_of_dead_rows(weights: list[tuple[str, nn.Module, str]]) -> None:
+    """A neuron whose weight row is zero still emits its bias; zero it so the neuron is gone.
+
+    (A Conv followed by BatchNorm still emits BN's shift for a dead channel: a constant the next
+    layer absorbs like a bias.)
+    """
+    for _, module, param in weights:
+        bias = getattr(module, "bias", None)
+        if bias is None:
+            continue
+        weight = getattr(module, param)
+        alive = weight.detach().flatten(1).abs().sum(dim=1) != 0
+        with torch.no_grad():
+            bias.mul_(alive.to(bias.dtype))
+
+
+def current_masks(weights: list[tuple[str, nn.Module, str]], structured: bool) -> dict[str, torch.Tensor]:
+    """Parameter name -> keep-mask; structured pruning also masks the biases of dead rows."""
+    masks = {}
+    for name, module, param in weights:
+        weight = getattr(module, param).detach()
+        masks[name] = weight != 0
+        bias = getattr(module, "bias", None)
+        if structured and bias is not None:
+            masks[name.rsplit(".", 1)[0] + ".bias" if "." in name else "bias"] = weight.flatten(1).abs().sum(dim=1) != 0
+    return masks
+
+
+def measured_sparsity(weights: list[tuple[str, nn.Module, str]]) -> float:
+    total = sum(getattr(m, p).numel() for _, m, p in weights)
+    zeros = sum(int((getattr(m, p).detach() == 0).sum()) for _, m, p in weights)
+    return zeros / max(total, 1)
+
+
+@torch.no_grad()
+def prune_model(model: nn.Module, sparsity: float, structured: bool = False) -> PruneResult:
+    """Prune `model` in place to `sparsity` and make it permanent; returns the measured result."""
+    if not 0.0 <= sparsity < 1.0:
+        raise ValueError(f"export.prune.sparsity: {sparsity} must be at least 0 and below 1 (1 would zero every weight)")
+    weights = prunable_weights(model, structured)
+    if structured:
+        _prune_structured(weights, sparsity)
+    else:
+        _prune_unstructured(weights, sparsity)
+    for _, module, param in weights:
+        prune.remove(module, param)  # folds weight_orig * weight_mask into a plain `weight`
+    if structured:
+        _zero_bias_of_dead_rows(weights)
+    return PruneResult(
+        target=sparsity,
+        structured=structured,
+        sparsity=measured_sparsity(weights),
+        pruned_weights=sum(getattr(m, p).numel() for _, m, p in weights),
+        masks=current_masks(weights, structured),
+    )
+
+
+@torch.no_grad()
+def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
+    """Zero the pruned weights again (after a fine-tune moved them); names as in PruneResult.masks."""
+    parameters = dict(model.named_parameters())
+    for name, mask in masks.items():
+        if name not in parameters:
+            raise KeyError(f"pruning mask '{name}' matches no parameter of {type(model).__name__}; the model changed after pruning")
+        parameters[name].mul_(mask.to(parameters[name].dtype))

@@ -1,0 +1,293 @@
+"""The per-worker train loop: a plain function that Ray Train runs once per worker.
+
+Each worker: builds the model from the config, wraps it in a DeepSpeed engine (gloo on CPU,
+NCCL on GPU; Ray Train already created the process group, DeepSpeed reuses it), trains its shard
+of the data, evaluates its shard of the validation split, and every `checkpoint.every_epochs`
+saves a DeepSpeed checkpoint on EVERY rank (ZeRO shards are per rank) plus, from rank 0, the
+consolidated fp32 state_dict, all reported to Ray Train as one checkpoint.
+
+Sharding: DistributedSampler over in-memory arrays. The built-in data sets fit in memory on every
+worker, so Ray Data's streaming would add a per-epoch pipeline for nothing; the sampler gives each
+rank a disjoint, seeded shard and the same order again after a resume (set_epoch).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import resource
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
+
+from cluster.config import TandemConfig, validate_config
+from training.augment import build_augmentation
+from training.data import ArrayDataset, load_dataset, split
+from training.ds_config import build_optimizer, build_scheduler, deepspeed_config
+from training.models import build_model, model_spec
+
+CONSOLIDATED = "model_fp32.pt"
+TAG_FILE = "latest"
+FAULT_STEP_ENV = "TANDEM_FAULT_AT_STEP"  # test-only: a worker dies at this global step ...
+FAULT_RANK_ENV = "TANDEM_FAULT_RANK"  # ... on this rank (default 1) ...
+FAULT_MARKER_ENV = "TANDEM_FAULT_MARKER"  # ... once: the marker file records that it happened.
+
+
+def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    import deepspeed
+    import ray.train
+
+    config = validate_config(loop_config["config"])
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    use_gpu = bool(loop_config.get("use_gpu")) and torch.cuda.is_available()
+    device = torch.device("cuda", context.get_local_rank()) if use_gpu else torch.device("cpu")
+    if use_gpu:
+        torch.cuda.set_device(device)
+    # Same initial weights on every rank; data order and augmentation differ per rank below.
+    torch.manual_seed(config.training.seed)
+
+    dataset = load_dataset(config)
+    train_set, val_set = split(dataset, config.data.val_fraction, config.data.seed)
+    model = build_model(config, dataset.input_shape, dataset.num_classes)
+    spec = model_spec(config, dataset.input_shape, dataset.num_classes)
+
+    loader, sampler = _train_loader(config, train_set, rank, world)
+    steps_per_epoch = _steps_per_epoch(config, len(loader))
+    total_steps = steps_per_epoch * config.training.epochs
+    optimizer = build_optimizer(config, model.parameters())
+    scheduler = build_scheduler(config, optimizer, total_steps)
+
+    # gloo on CPU, nccl on GPU; the group Ray Train made is reused, not re-created.
+    deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
+    engine, _, _, _ = deepspeed.initialize(
+        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, world)
+    )
+    start_epoch = _restore(engine, loop_config.get("resume_from"))
+    augment = build_augmentation(config.data.augment)
+    dtype = _compute_dtype(config)
+
+    for epoch in range(start_epoch, config.training.epochs):
+        sampler.set_epoch(epoch)
+        generator = torch.Generator().manual_seed(config.training.seed * 100_003 + rank * 1009 + epoch)
+        started = time.perf_counter()
+        train_loss, samples = _train_epoch(engine, loader, augment, generator, device, dtype, config, rank, steps_per_epoch)
+        elapsed = time.perf_counter() - started
+        val_loss, val_accuracy = _evaluate(engine, val_set, config, rank, world, device, dtype)
+        metrics = _epoch_metrics(engine, epoch, train_loss, samples, elapsed, val_loss, val_accuracy, steps_per_epoch, world, device)
+        last = epoch + 1 == config.training.epochs
+        if (epoch + 1) % config.training.checkpoint.every_epochs == 0 or last:
+            _report_with_checkpoint(engine, metrics, epoch, rank, spec, config)
+        else:
+            ray.train.report(metrics)
+
+
+def _train_loader(config: TandemConfig, train_set: ArrayDataset, rank: int, world: int) -> tuple[DataLoader, DistributedSampler]:
+    tensors = TensorDataset(torch.from_numpy(train_set.x), torch.from_numpy(train_set.y))
+    sampler = DistributedSampler(tensors, num_replicas=world, rank=rank, shuffle=True, seed=config.training.seed, drop_last=True)
+    loader = DataLoader(tensors, batch_size=config.data.batch_size, sampler=sampler, drop_last=True)
+    if len(loader) == 0:
+        raise ValueError(
+            f"rank {rank} has fewer than data.batch_size={config.data.batch_size} training examples; lower data.batch_size or training.workers"
+        )
+    return loader, sampler
+
+
+def _steps_per_epoch(config: TandemConfig, micro_batches: int) -> int:
+    """Optimizer steps per epoch (micro-batches / accumulation, capped by max_steps_per_epoch)."""
+    steps = max(1, micro_batches // config.training.gradient_accumulation)
+    cap = config.training.max_steps_per_epoch
+    return min(steps, cap) if cap else steps
+
+
+def _compute_dtype(config: TandemConfig) -> torch.dtype:
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.training.precision, torch.float32)
+
+
+def _restore(engine: Any, resume_from: str | None) -> int:
+    """Load the newest checkpoint (a retried worker group's, else --resume's); return the next epoch."""
+    import ray.train
+
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as folder:
+            return _load_engine_checkpoint(engine, Path(folder))
+    if resume_from:
+        return _load_engine_checkpoint(engine, Path(resume_from))
+    return 0
+
+
+def _load_engine_checkpoint(engine: Any, folder: Path) -> int:
+    tag = (folder / TAG_FILE).read_text().strip()
+    _, client_state = engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
+    if engine.global_rank == 0:
+        print(f"[tandem] resumed from {folder} (tag {tag}, step {engine.global_steps})", flush=True)
+    return int(client_state["epoch"]) + 1
+
+
+def _maybe_inject_fault(engine: Any, rank: int) -> None:
+    """Test-only fault hook: SIGKILL-like death of one worker at a given step, once."""
+    step = os.environ.get(FAULT_STEP_ENV)
+    marker = os.environ.get(FAULT_MARKER_ENV)
+    if not step or not marker or rank != int(os.environ.get(FAULT_RANK_ENV, "1")):
+        return
+    if engine.global_steps >= int(step) and not Path(marker).exists():
+        Path(marker).write_text(str(engine.global_steps))
+        os._exit(1)
+
+
+def _train_epoch(engine, loader, augment, generator, device, dtype, config, rank, steps_per_epoch) -> tuple[float, int]:
+    engine.train()
+    total_loss, batches, samples = 0.0, 0, 0
+    micro_limit = steps_per_epoch * config.training.gradient_accumulation
+    for i, (x, y) in enumerate(loader):
+        if i >= micro_limit:
+            break
+        if augment is not None:
+            x = augment(x, generator)
+        x, y = x.to(device=device, dtype=dtype), y.to(device)
+        loss = F.cross_entropy(engine(x).float(), y)
+        engine.backward(loss)
+        engine.step()  # DeepSpeed steps optimizer and scheduler only at accumulation boundaries
+        total_loss += loss.item()  # a host-device sync on GPU; once per micro-batch is cheap here
+        batches += 1
+        samples += len(y)
+        _maybe_inject_fault(engine, rank)
+    return total_loss / max(1, batches), samples
+
+
+@torch.no_grad()
+def _evaluate(engine, val_set: ArrayDataset, config: TandemConfig, rank: int, world: int, device, dtype) -> tuple[float, float]:
+    """Loss and accuracy over the whole validation split, each rank evaluating its slice.
+
+    ZeRO-3 gathers parameters inside forward, a collective: every rank runs the same number of
+    forward passes, so a rank whose slice is short runs a padding batch that is not counted.
+    """
+    import torch.distributed as dist
+
+    engine.eval()
+    shards = np.array_split(np.arange(len(val_set.y)), world)
+    mine = shards[rank]
+    batch = config.data.batch_size
+    n_batches = math.ceil(max(len(s) for s in shards) / batch)
+    loss_sum = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+    for b in range(n_batches):
+        idx = mine[b * batch : (b + 1) * batch]
+        counted = len(idx) > 0
+        if not counted:
+            idx = shards[0][:1]
+        x = torch.from_numpy(val_set.x[idx]).to(device=device, dtype=dtype)
+        y = torch.from_numpy(val_set.y[idx]).to(device)
+        logits = engine(x).float()
+        if counted:
+            loss_sum[0] += F.cross_entropy(logits, y, reduction="sum").item()
+            loss_sum[1] += (logits.argmax(1) == y).sum().item()
+            loss_sum[2] += len(idx)
+    dist.all_reduce(loss_sum)
+    engine.train()
+    return float(loss_sum[0] / loss_sum[2]), float(loss_sum[1] / loss_sum[2])
+
+
+def _rank_state_bytes(engine) -> dict[str, float]:
+    """Bytes of parameters, gradients and optimizer state this rank actually holds (tensors, not RSS)."""
+    params = 0
+    for p in engine.module.parameters():
+        local = getattr(p, "ds_tensor", None)  # ZeRO-3 keeps only this rank's partition
+        params += (local.numel() * local.element_size()) if local is not None else p.numel() * p.element_size()
+    optim = 0
+    inner = getattr(engine.optimizer, "optimizer", engine.optimizer)  # DeepSpeed wraps the torch optimizer
+    for state in inner.state.values():
+        optim += sum(t.numel() * t.element_size() for t in state.values() if torch.is_tensor(t) and t.dim() > 0)
+    # fp32 master partitions live in the ZeRO wrapper, not in the torch optimizer's state.
+    for group in getattr(engine.optimizer, "single_partition_of_fp32_groups", []) or []:
+        if engine.bfloat16_enabled() or engine.fp16_enabled():
+            optim += group.numel() * group.element_size()
+    for group in getattr(engine.optimizer, "fp32_partitioned_groups_flat", []) or []:
+        if engine.bfloat16_enabled() or engine.fp16_enabled():
+            optim += group.numel() * group.element_size()
+    return {"param_bytes": float(params), "optimizer_bytes": float(optim)}
+
+
+def _gather_per_rank(values: dict[str, float], world: int) -> dict[str, list[float]]:
+    import torch.distributed as dist
+
+    local = torch.tensor([values[k] for k in sorted(values)], dtype=torch.float64)
+    gathered = [torch.zeros_like(local) for _ in range(world)]
+    dist.all_gather(gathered, local)
+    return {f"{k}_per_rank": [float(g[i]) for g in gathered] for i, k in enumerate(sorted(values))}
+
+
+def _peak_memory_mb(device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is KiB on Linux
+
+
+def _epoch_metrics(engine, epoch, train_loss, samples, elapsed, val_loss, val_accuracy, steps_per_epoch, world, device) -> dict[str, Any]:
+    import torch.distributed as dist
+
+    totals = torch.tensor([train_loss, float(samples)], dtype=torch.float64)
+    dist.all_reduce(totals)
+    metrics = {
+        "epoch": epoch + 1,
+        "step": int(engine.global_steps),
+        "train_loss": float(totals[0] / world),
+        "val_loss": val_loss,
+        "val_accuracy": val_accuracy,
+        "samples_per_s": float(totals[1]) / max(elapsed, 1e-9),
+        "step_time_s": elapsed / max(1, steps_per_epoch),
+        "peak_memory_mb": _peak_memory_mb(device),
+        "lr": float(engine.get_lr()[0]),
+        "world_size": world,
+    }
+    metrics.update(_gather_per_rank(_rank_state_bytes(engine), world))
+    metrics["node_ids"] = _gather_node_ids(world)
+    return metrics
+
+
+def _gather_node_ids(world: int) -> list[str]:
+    """The Ray node of every rank, so placement (spread, node groups) can be checked from the metrics."""
+    import ray
+    import torch.distributed as dist
+
+    ids: list[Any] = [None] * world
+    dist.all_gather_object(ids, ray.get_runtime_context().get_node_id())
+    return [str(i) for i in ids]
+
+
+def consolidated_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
+    """The full fp32 weights, assembled from ZeRO partitions (a collective: call on every rank)."""
+    from deepspeed.utils import safe_get_full_fp32_param
+
+    state: dict[str, torch.Tensor] = {}
+    for name, param in engine.module.named_parameters():
+        full = safe_get_full_fp32_param(param)  # None without a ZeRO optimizer (stage 0)
+        state[name] = (full if full is not None else param.detach()).float().cpu().clone()
+    for name, buffer in engine.module.named_buffers():
+        state[name] = buffer.detach().cpu().clone()
+    # Keep the module's own key order so load_state_dict sees the usual layout.
+    order = list(engine.module.state_dict().keys())
+    return {k: state[k] for k in order if k in state}
+
+
+def _report_with_checkpoint(engine, metrics: dict[str, Any], epoch: int, rank: int, spec: dict[str, Any], config: TandemConfig) -> None:
+    import ray.train
+    from ray.train import Checkpoint
+
+    from cluster.artifacts import atomic_save_torch, atomic_write_json
+
+    state = consolidated_fp32_state_dict(engine)
+    with tempfile.TemporaryDirectory(prefix="tandem-ckpt-") as folder:
+        tag = f"epoch-{epoch + 1:04d}"
+        # Every rank writes its own ZeRO shard; Ray Train merges all ranks' files into one checkpoint.
+        engine.save_checkpoint(folder, tag=tag, client_state={"epoch": epoch})
+        if rank == 0:
+            atomic_save_torch(state, Path(folder) / CONSOLIDATED)
+            atomic_write_json(Path(folder) / "model_spec.json", {"model": spec, "metrics": metrics, "config_hash": config.config_hash()})
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))

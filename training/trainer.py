@@ -1,0 +1,215 @@
+"""`train(config) -> TrainResult`: Ray Train's TorchTrainer with DeepSpeed in every worker.
+
+Parse, check, build, run, consolidate:
+1. `preflight` runs on the driver before any worker starts: the data source's output, the
+   model's forward on two examples, and the DeepSpeed JSON (override conflicts) must all be
+   right, or a ConfigError names the field.
+2. `build_trainer` maps the config onto ScalingConfig (workers, GPUs, CPUs, node-group pinning,
+   placement), RunConfig (storage, CheckpointConfig, FailureConfig) and the workers' runtime_env
+   (DS_ACCELERATOR: cpu or cuda, so the same code runs on both).
+3. After fit, the last checkpoint's consolidated fp32 state_dict (written by rank 0 next to every
+   rank's ZeRO shards) becomes `artifacts/model.pt` with a manifest (config hash, final metrics,
+   sha256 of each file, lineage to the checkpoint). The last, not the best: the artifact is the
+   model the run ended with, which is what a resumed or longer run continues.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cluster.artifacts import ArtifactError, atomic_write_text, new_run_dir, save_model_artifact
+from cluster.config import ConfigError, Problem, TandemConfig
+from cluster.runtime import connect, pin_to_group, storage_root
+from training.ds_config import deepspeed_config
+
+CHECKPOINTS = "checkpoints"
+PLACEMENT = {"pack": "PACK", "spread": "SPREAD", "strict_pack": "STRICT_PACK", "strict_spread": "STRICT_SPREAD"}
+PASS_THROUGH_ENV = ("TORCH_EXTENSIONS_DIR", "TANDEM_FAULT_AT_STEP", "TANDEM_FAULT_RANK", "TANDEM_FAULT_MARKER", "OMP_NUM_THREADS")
+
+
+@dataclass
+class TrainResult:
+    run_dir: Path
+    artifact_dir: Path
+    metrics: dict[str, Any]
+    checkpoint_dir: Path
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def preflight(config: TandemConfig) -> dict[str, Any]:
+    """Everything that can be checked on the driver, before any worker starts."""
+    import torch
+
+    from training.data import load_dataset
+    from training.models import build_model
+
+    dataset = load_dataset(config)
+    try:
+        model = build_model(config, dataset.input_shape, dataset.num_classes)
+    except (TypeError, ValueError) as exc:
+        raise ConfigError([Problem(path="model.args", value=config.model.args, message=f"{config.model.builder} could not be built ({exc}); fix model.args")]) from None
+    try:
+        with torch.no_grad():
+            logits = model(torch.from_numpy(dataset.x[:2]))
+    except RuntimeError as exc:
+        raise ConfigError([Problem(path="data.source", value=config.data.source,
+                                   message=f"examples of shape {dataset.input_shape} do not fit {config.model.builder} ({str(exc).splitlines()[0]}); fix the data source or model.args")]) from None
+    expected = config.model.args.get("num_classes", dataset.num_classes)
+    if tuple(logits.shape) != (2, expected) or dataset.num_classes > expected:
+        raise ConfigError([Problem(path="model.args.num_classes", value=expected,
+                                   message=f"the model outputs {tuple(logits.shape[1:])} per example but the data has {dataset.num_classes} classes; fix model.args.num_classes")])
+    ds = deepspeed_config(config, config.training.workers)  # raises on override conflicts
+    return {"input_shape": dataset.input_shape, "num_classes": dataset.num_classes, "deepspeed": ds}
+
+
+def resolve_use_gpu(config: TandemConfig) -> bool:
+    import ray
+
+    if config.training.use_gpu == "false":
+        return False
+    has_gpus = ray.cluster_resources().get("GPU", 0) > 0
+    if config.training.use_gpu == "true" and not has_gpus:
+        raise ConfigError([Problem(path="training.use_gpu", value="true", message="the Ray cluster has no GPUs; set use_gpu: auto or false")])
+    if config.training.precision == "fp16" and not has_gpus:
+        raise ConfigError([Problem(path="training.precision", value="fp16", message="the Ray cluster has no GPUs; fp16 needs one, use bf16 or fp32")])
+    return has_gpus
+
+
+def worker_env(use_gpu: bool) -> dict[str, str]:
+    env = {k: os.environ[k] for k in PASS_THROUGH_ENV if k in os.environ}
+    env["DS_ACCELERATOR"] = "cuda" if use_gpu else "cpu"
+    env.setdefault("OMP_NUM_THREADS", "1")  # one intra-op thread per worker: workers share the cores
+    return env
+
+
+def build_trainer(config: TandemConfig, run_dir: Path, use_gpu: bool, resume_from: str | None = None, callbacks: list | None = None):
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchTrainer
+
+    from training.loop import train_loop_per_worker
+
+    t = config.training
+    resources: dict[str, float] = {"CPU": t.cpus_per_worker, **pin_to_group(t.node_group)}
+    if use_gpu:
+        resources["GPU"] = 1
+    scaling = ScalingConfig(num_workers=t.workers, use_gpu=use_gpu, resources_per_worker=resources, placement_strategy=PLACEMENT[t.placement])
+    run = RunConfig(
+        name=CHECKPOINTS,
+        storage_path=str(run_dir),
+        checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoint.keep, checkpoint_score_attribute=t.checkpoint.metric, checkpoint_score_order=t.checkpoint.mode),
+        failure_config=FailureConfig(max_failures=t.max_failures),
+        worker_runtime_env={"env_vars": worker_env(use_gpu)},
+        callbacks=[MetricsLog(run_dir)] + list(callbacks or []),
+    )
+    loop_config = {"config": config.to_dict(), "use_gpu": use_gpu, "resume_from": resume_from}
+    return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run)
+
+
+def _metrics_log_class():
+    from ray.train import UserCallback
+
+    class _MetricsLog(UserCallback):
+        """Runs in the Train controller: appends rank 0's metrics to metrics.jsonl and prints an epoch line."""
+
+        def __init__(self, run_dir: Path):
+            self.path = Path(run_dir) / "metrics.jsonl"
+
+        def after_report(self, run_context, metrics, checkpoint):
+            m = metrics[0]
+            with open(self.path, "a") as handle:
+                handle.write(json.dumps(m) + "\n")
+            print(
+                f"[tandem] epoch {m['epoch']:>3}  step {m['step']:>5}  train_loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}  "
+                f"val_acc {m['val_accuracy']:.4f}  {m['samples_per_s']:.0f} samples/s  lr {m['lr']:.2e}"
+                + ("  [checkpoint]" if checkpoint is not None else ""),
+                flush=True,
+            )
+
+    return _MetricsLog
+
+
+def MetricsLog(run_dir: Path):  # noqa: N802 - a factory that reads like the class it returns
+    return _metrics_log_class()(run_dir)
+
+
+def find_run_and_checkpoint(config: TandemConfig, resume: str) -> tuple[Path, str | None]:
+    """For --resume: the run folder to continue, and an explicit checkpoint folder when one was named.
+
+    'latest' or a run folder: continue that run; Ray Train restores its own checkpoint state from
+    `<run>/checkpoints`. A checkpoint folder (holding DeepSpeed's `latest` tag file): start a new
+    run from it.
+    """
+    base = storage_root(config) / config.name
+    if resume == "latest":
+        runs = sorted((p for p in base.glob("*") if (p / CHECKPOINTS).is_dir()), key=lambda p: p.stat().st_mtime)
+        if not runs:
+            raise ArtifactError(f"no run with checkpoints under {base}; nothing to resume")
+        return runs[-1], None
+    path = Path(resume).expanduser().resolve()
+    if (path / "latest").is_file():
+        return new_run_dir(storage_root(config), config.name), str(path)
+    if (path / CHECKPOINTS).is_dir():
+        return path, None
+    raise ArtifactError(f"{path} is neither a run folder (with {CHECKPOINTS}/) nor a DeepSpeed checkpoint folder (with a 'latest' file)")
+
+
+def train(config: TandemConfig, resume: str | None = None, callbacks: list | None = None) -> TrainResult:
+    """Train the configured model; returns the run folder, the artifact folder and final metrics."""
+    checks = preflight(config)
+    with connect(config):
+        use_gpu = resolve_use_gpu(config)
+        if resume:
+            run_dir, resume_from = find_run_and_checkpoint(config, resume)
+        else:
+            run_dir, resume_from = new_run_dir(storage_root(config), config.name), None
+        atomic_write_text(run_dir / "config.yaml", config.to_yaml())
+        atomic_write_text(run_dir / "deepspeed.json", json.dumps(checks["deepspeed"], indent=2))
+        print(f"[tandem] run folder {run_dir}", flush=True)
+        trainer = build_trainer(config, run_dir, use_gpu, resume_from, callbacks)
+        result = trainer.fit()
+        if result.error is not None:
+            raise result.error
+        return consolidate(config, run_dir, result)
+
+
+def consolidate(config: TandemConfig, run_dir: Path, result: Any) -> TrainResult:
+    """Turn the final checkpoint's consolidated fp32 weights into artifacts/model.pt + manifest.json."""
+    from cluster.artifacts import load_state_dict, write_manifest
+    from training.loop import CONSOLIDATED
+
+    checkpoint = result.checkpoint
+    if checkpoint is None:
+        raise ArtifactError(f"the run in {run_dir} registered no checkpoint; nothing to consolidate")
+    folder = Path(checkpoint.path)
+    spec = json.loads((folder / "model_spec.json").read_text())
+    # The checkpoint file is ours (written by rank 0); verify it like any artifact before loading.
+    write_manifest(folder, {"kind": "checkpoint"})
+    state = load_state_dict(folder, CONSOLIDATED)
+    history = read_history(run_dir)
+    manifest = save_model_artifact(
+        run_dir / "artifacts",
+        state,
+        spec["model"],
+        {
+            "name": config.name,
+            "config_hash": config.config_hash(),
+            "metrics": spec["metrics"],
+            "checkpoint": str(folder),
+            "run_dir": str(run_dir),
+            "epochs": len(history),
+            "deepspeed": {"zero_stage": config.training.deepspeed.zero_stage, "workers": config.training.workers, "precision": config.training.precision},
+        },
+    )
+    print(f"[tandem] artifact {run_dir / 'artifacts'} (version {manifest['version']})", flush=True)
+    return TrainResult(run_dir=run_dir, artifact_dir=run_dir / "artifacts", metrics=spec["metrics"], checkpoint_dir=folder, history=history)
+
+
+def read_history(run_dir: Path) -> list[dict[str, Any]]:
+    path = Path(run_dir) / "metrics.jsonl"
+    if not path.exists():
+        return []
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
