@@ -14,6 +14,8 @@ import difflib
 import hashlib
 import importlib
 import json
+import os
+import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -35,6 +37,9 @@ def resolve_import_path(path: str) -> Any:
     if not isinstance(path, str) or path.count(":") != 1:
         raise ValueError(f"'{path}' is not an import path; write it as 'package.module:function'")
     module_name, attr = path.split(":")
+    # Like `python -m`, user modules are found relative to the current directory too.
+    if os.getcwd() not in sys.path and "" not in sys.path:
+        sys.path.append(os.getcwd())
     try:
         module = importlib.import_module(module_name)
     except ImportError as exc:

@@ -72,12 +72,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     start_epoch = _restore(engine, loop_config.get("resume_from"))
     augment = build_augmentation(config.data.augment)
     dtype = _compute_dtype(config)
+    loss_fn = _loss_function(config, loop_config.get("teacher_dir"), device)
 
     for epoch in range(start_epoch, config.training.epochs):
         sampler.set_epoch(epoch)
         generator = torch.Generator().manual_seed(config.training.seed * 100_003 + rank * 1009 + epoch)
         started = time.perf_counter()
-        train_loss, samples = _train_epoch(engine, loader, augment, generator, device, dtype, config, rank, steps_per_epoch)
+        train_loss, samples = _train_epoch(engine, loader, augment, generator, device, dtype, config, rank, steps_per_epoch, loss_fn)
         elapsed = time.perf_counter() - started
         val_loss, val_accuracy = _evaluate(engine, val_set, config, rank, world, device, dtype)
         metrics = _epoch_metrics(engine, epoch, train_loss, samples, elapsed, val_loss, val_accuracy, steps_per_epoch, world, device)
@@ -97,6 +98,33 @@ def _train_loader(config: TandemConfig, train_set: ArrayDataset, rank: int, worl
             f"rank {rank} has fewer than data.batch_size={config.data.batch_size} training examples; lower data.batch_size or training.workers"
         )
     return loader, sampler
+
+
+def _loss_function(config: TandemConfig, teacher_dir: str | None, device):
+    """Cross-entropy, or with training.distill the distillation loss against a frozen teacher:
+
+        alpha * T^2 * KL(softmax(teacher/T) || softmax(student/T)) + (1 - alpha) * CE(student, y)
+
+    The T^2 keeps the soft-target gradients on the same scale as the label loss (Hinton et al.).
+    """
+    distill = config.training.distill
+    if distill is None:
+        return lambda logits, x, y: F.cross_entropy(logits, y)
+    from cluster.artifacts import load_model
+
+    teacher, _ = load_model(Path(teacher_dir))  # verified by checksum, weights_only=True
+    teacher = teacher.to(device).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    t, alpha = distill.temperature, distill.alpha
+
+    def loss(logits: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            soft = F.softmax(teacher(x.float()).float() / t, dim=1)
+        kd = F.kl_div(F.log_softmax(logits / t, dim=1), soft, reduction="batchmean") * t * t
+        return alpha * kd + (1 - alpha) * F.cross_entropy(logits, y)
+
+    return loss
 
 
 def _steps_per_epoch(config: TandemConfig, micro_batches: int) -> int:
@@ -142,7 +170,7 @@ def _maybe_inject_fault(engine: Any, rank: int) -> None:
         os._exit(1)
 
 
-def _train_epoch(engine, loader, augment, generator, device, dtype, config, rank, steps_per_epoch) -> tuple[float, int]:
+def _train_epoch(engine, loader, augment, generator, device, dtype, config, rank, steps_per_epoch, loss_fn) -> tuple[float, int]:
     engine.train()
     total_loss, batches, samples = 0.0, 0, 0
     micro_limit = steps_per_epoch * config.training.gradient_accumulation
@@ -152,7 +180,7 @@ def _train_epoch(engine, loader, augment, generator, device, dtype, config, rank
         if augment is not None:
             x = augment(x, generator)
         x, y = x.to(device=device, dtype=dtype), y.to(device)
-        loss = F.cross_entropy(engine(x).float(), y)
+        loss = loss_fn(engine(x).float(), x, y)
         engine.backward(loss)
         engine.step()  # DeepSpeed steps optimizer and scheduler only at accumulation boundaries
         total_loss += loss.item()  # a host-device sync on GPU; once per micro-batch is cheap here

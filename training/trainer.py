@@ -83,7 +83,20 @@ def worker_env(use_gpu: bool) -> dict[str, str]:
     env = {k: os.environ[k] for k in PASS_THROUGH_ENV if k in os.environ}
     env["DS_ACCELERATOR"] = "cuda" if use_gpu else "cpu"
     env.setdefault("OMP_NUM_THREADS", "1")  # one intra-op thread per worker: workers share the cores
+    # User models named relative to the driver's directory must import in the workers too.
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (os.getcwd(), os.environ.get("PYTHONPATH", "")) if p)
     return env
+
+
+def teacher_dir(config: TandemConfig) -> str | None:
+    """The verified teacher artifact folder for training.distill (None without distillation)."""
+    if config.training.distill is None:
+        return None
+    from cluster.artifacts import resolve_artifact, verify_artifact
+
+    folder = resolve_artifact(config.training.distill.teacher, storage_root(config), config.name)
+    verify_artifact(folder)
+    return str(folder.resolve())
 
 
 def build_trainer(config: TandemConfig, run_dir: Path, use_gpu: bool, resume_from: str | None = None, callbacks: list | None = None):
@@ -105,7 +118,7 @@ def build_trainer(config: TandemConfig, run_dir: Path, use_gpu: bool, resume_fro
         worker_runtime_env={"env_vars": worker_env(use_gpu)},
         callbacks=[MetricsLog(run_dir)] + list(callbacks or []),
     )
-    loop_config = {"config": config.to_dict(), "use_gpu": use_gpu, "resume_from": resume_from}
+    loop_config = {"config": config.to_dict(), "use_gpu": use_gpu, "resume_from": resume_from, "teacher_dir": teacher_dir(config)}
     return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run)
 
 

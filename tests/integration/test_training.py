@@ -80,7 +80,9 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(ray_session, tmp_path
     monkeypatch.setenv("TANDEM_FAULT_AT_STEP", str(2 * steps_per_epoch + steps_per_epoch // 2))
     monkeypatch.setenv("TANDEM_FAULT_MARKER", str(tmp_path / "fault-marker"))
     interrupted = small(tmp_path / "b", *overrides)
-    with pytest.raises(Exception):
+    from ray.train import TrainingFailedError
+
+    with pytest.raises(TrainingFailedError):
         train(interrupted)
     monkeypatch.delenv("TANDEM_FAULT_AT_STEP")
     resumed = train(interrupted, resume="latest")
@@ -133,3 +135,11 @@ def test_spread_workers_land_on_different_simulated_nodes(tmp_path):
     (history,) = [read_history(p.parent) for p in tmp_path.rglob("metrics.jsonl")]
     node_ids = history[-1]["node_ids"]
     assert len(node_ids) == 2 and node_ids[0] != node_ids[1]
+
+
+def test_custom_model_example_trains_end_to_end(ray_session, tmp_path):
+    config = load_config(ROOT / "examples" / "custom_model" / "tandem.yaml", [f"cluster.storage={tmp_path}", "training.epochs=2"])
+    result = train(config)
+    manifest = read_manifest(result.artifact_dir)
+    assert manifest["model"]["builder"] == "examples.custom_model.model:residual_mlp"
+    assert artifact_accuracy(result.artifact_dir, config) > 0.5
