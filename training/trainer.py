@@ -63,6 +63,7 @@ def preflight(config: TandemConfig) -> dict[str, Any]:
         raise ConfigError([Problem(path="model.args.num_classes", value=expected,
                                    message=f"the model outputs {tuple(logits.shape[1:])} per example but the data has {dataset.num_classes} classes; fix model.args.num_classes")])
     ds = deepspeed_config(config, config.training.workers)  # raises on override conflicts
+    teacher_dir(config)  # a missing or altered teacher artifact is refused here, not in the workers
     return {"input_shape": dataset.input_shape, "num_classes": dataset.num_classes, "deepspeed": ds}
 
 

@@ -2,28 +2,43 @@
 
 from __future__ import annotations
 
+import json
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
 import pytest
 
-from cluster.config import load_config
-from cluster.runtime import NODE_GROUP_CAPACITY, connect, node_group_resource
-
 pytestmark = pytest.mark.integration
+ROOT = Path(__file__).resolve().parents[2]
 
+# Runs in a fresh process: simulated nodes need a Ray of their own, not the test session's.
+SCRIPT = textwrap.dedent(
+    """
+    import json, ray
+    from cluster.config import load_config
+    from cluster.runtime import NODE_GROUP_CAPACITY, connect, node_group_resource
 
-def test_simulate_nodes_gives_one_ray_node_per_group_replica():
-    import ray
-
-    if ray.is_initialized():
-        pytest.skip("a session Ray is already running in this process; run this module on its own to simulate nodes")
     cfg = load_config(None, [
         "cluster.local.simulate_nodes=true",
         "cluster.node_groups={gpu: {cpus: 1, replicas: 1, min_replicas: 0, max_replicas: 2}, cpu: {cpus: 1, replicas: 2, max_replicas: 2}}",
     ])
     with connect(cfg) as handle:
         alive = [n for n in ray.nodes() if n["Alive"]]
-        assert len(alive) == 1 + 3  # head + gpu x1 + cpu x2
-        for group, count in (("gpu", 1), ("cpu", 2)):
-            members = [n for n in alive if n["Resources"].get(node_group_resource(group)) == NODE_GROUP_CAPACITY]
-            assert len(members) == count
-            assert sorted(n["NodeID"] for n in members) == sorted(handle.nodes[group])
-    assert not ray.is_initialized()
+        groups = {g: sorted(n["NodeID"] for n in alive if n["Resources"].get(node_group_resource(g)) == NODE_GROUP_CAPACITY) for g in ("gpu", "cpu")}
+        print(json.dumps({"alive": len(alive), "groups": groups, "handle": {g: sorted(v) for g, v in handle.nodes.items()}}))
+    print(json.dumps({"still_initialized": ray.is_initialized()}))
+    """
+)
+
+
+def test_simulate_nodes_gives_one_ray_node_per_group_replica():
+    done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    nodes, after = lines[0], lines[1]
+    assert nodes["alive"] == 1 + 3  # head + gpu x1 + cpu x2
+    assert len(nodes["groups"]["gpu"]) == 1 and len(nodes["groups"]["cpu"]) == 2
+    assert nodes["groups"] == nodes["handle"]
+    assert after["still_initialized"] is False

@@ -1,0 +1,145 @@
+"""Job submission against a real `ray start --head` with token auth (the ray_head fixture).
+
+`tandem submit CONFIG train` trains and leaves a verified artifact in the configured storage; the
+plain `ray job submit --working-dir DIR -- tandem train CONFIG` does too; a job broken by an
+override exits non-zero and says why; `tandem jobs` sees the jobs; a client without the token is
+refused. Storage is an absolute tmp path: the cluster shares this machine's disk.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+import sys
+import textwrap
+
+import pytest
+import yaml
+
+from cluster.artifacts import verify_artifact
+from cluster.config import load_config
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(2400)]
+
+JOB_TIMEOUT_S = 900  # one small training job on 2 shared cores: Ray Train start-up dominates
+CLIENT_TIMEOUT_S = 120
+TINY = ["training.epochs=1", "training.workers=1", "training.max_steps_per_epoch=5", "model.args.hidden=[32]", "training.checkpoint.every_epochs=1"]
+BROKEN = "model.args={hidden: [32], bogus: 1}"  # valid config, but the model builder refuses it in the job
+
+needs_trainer = pytest.mark.skipif(importlib.util.find_spec("training.trainer") is None, reason="training/trainer.py (`tandem train`) does not exist yet")
+
+
+def sets(overrides: list[str]) -> list[str]:
+    return [arg for o in overrides for arg in ("--set", o)]
+
+
+def tandem_submit(ray_head, overrides: list[str], stage: str = "train"):
+    result = ray_head.run(["tandem", "submit", "cluster/example.yaml", stage, "--address", ray_head.address, *sets(overrides)], timeout=JOB_TIMEOUT_S)
+    if "not available yet" in result.stderr:
+        pytest.skip("`tandem submit` is not wired to cluster.submit.submit yet")
+    return result
+
+
+def python(ray_head, code: str, env: dict[str, str] | None = None):
+    return ray_head.run([sys.executable, "-c", textwrap.dedent(code)], timeout=CLIENT_TIMEOUT_S, env=env)
+
+
+def the_artifact(storage):
+    manifests = list(storage.glob("digits/*/artifacts/manifest.json"))
+    assert len(manifests) == 1, f"expected one artifact under {storage}, found {manifests}"
+    folder = manifests[0].parent
+    manifest = verify_artifact(folder)  # every file against its sha256
+    assert "model.pt" in manifest["files"]
+    return folder
+
+
+@pytest.fixture(scope="module")
+def broken_submission(ray_head):
+    """One job that fails in the cluster (shared by the tests that look at a failed job)."""
+    return tandem_submit(ray_head, TINY + [BROKEN])
+
+
+@needs_trainer
+def test_tandem_submit_train_writes_the_artifact_and_exits_0(ray_head, tmp_path):
+    storage = tmp_path / "runs"
+    result = tandem_submit(ray_head, TINY + [f"cluster.storage={storage}"])
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    assert "tandem train cluster/example.yaml --set cluster.address=auto" in output
+    assert re.search(r"job \S+ SUCCEEDED", output)
+    the_artifact(storage)
+
+
+@needs_trainer
+def test_plain_ray_job_submit_runs_tandem_train(ray_head, tmp_path):
+    storage = tmp_path / "runs"
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    config = load_config(None, TINY + ["cluster.address=auto", f"cluster.storage={storage}"])
+    (job_dir / "tandem.yaml").write_text(config.to_yaml())
+    command = ["ray", "job", "submit", "--address", ray_head.address, "--working-dir", str(job_dir), "--", "tandem", "train", "tandem.yaml"]
+    result = ray_head.run(command, timeout=JOB_TIMEOUT_S)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    assert "succeeded" in (result.stdout + result.stderr).lower()
+    the_artifact(storage)
+
+
+@needs_trainer
+def test_a_job_broken_by_an_override_exits_non_zero_with_its_error(broken_submission):
+    output = broken_submission.stdout + broken_submission.stderr
+    assert broken_submission.returncode == 1, output[-6000:]
+    assert "bogus" in output  # the job's own error, streamed from the cluster
+    assert re.search(r"job \S+ FAILED", broken_submission.stderr)
+    assert "Traceback" not in broken_submission.stderr  # the client's own output stays clean
+
+
+@needs_trainer
+def test_jobs_functions_see_the_failed_job(ray_head, broken_submission):
+    job_id = re.search(r"submitted (\S+) to", broken_submission.stdout).group(1)
+    result = python(ray_head, f"""
+        from cluster.submit import format_jobs, job_logs, job_status, list_jobs
+        address = {ray_head.address!r}
+        print(format_jobs(list_jobs(address)))
+        print("STATUS", job_status(address, {job_id!r}))
+        print("LOGS", "bogus" in job_logs(address, {job_id!r}))
+    """)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert job_id in result.stdout and "train" in result.stdout
+    assert "STATUS FAILED" in result.stdout and "LOGS True" in result.stdout
+
+
+def test_stopped_job_is_reported_non_zero(ray_head):
+    result = python(ray_head, f"""
+        import sys
+        from cluster.submit import follow_job, job_client, job_status, stop_job
+        client = job_client({ray_head.address!r})
+        job_id = client.submit_job(entrypoint="sleep 300")
+        assert stop_job({ray_head.address!r}, job_id) is True
+        code = follow_job(client, job_id)
+        print("STATUS", job_status({ray_head.address!r}, job_id), "EXIT", code)
+    """)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "STATUS STOPPED EXIT 1" in result.stdout
+
+
+def test_client_without_the_token_is_refused_with_the_fix(ray_head, tmp_path):
+    env = {k: v for k, v in ray_head.env.items() if k != "RAY_AUTH_TOKEN"}
+    env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
+    result = python(ray_head, f"""
+        from cluster.submit import SubmitError, list_jobs
+        try:
+            list_jobs({ray_head.address!r})
+        except SubmitError as exc:
+            print("REFUSED", exc)
+    """, env=env)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert "REFUSED" in result.stdout and "RAY_AUTH_TOKEN" in result.stdout
+
+
+def test_config_outside_the_working_dir_is_refused_before_submitting(tmp_path):
+    from cluster.submit import SubmitError, config_path_in_job
+
+    outside = tmp_path / "elsewhere.yaml"
+    outside.write_text(yaml.safe_dump({"name": "x"}))
+    with pytest.raises(SubmitError, match="outside the working_dir"):
+        config_path_in_job(outside, tmp_path / "project")

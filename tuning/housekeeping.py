@@ -1,0 +1,117 @@
+"""Driver-side Tune callbacks: release what ended trials leave behind, and record how many ran at once.
+
+`ReleaseOrphanedPlacementGroups` is the safety net behind tuning/trial.py's graceful stop. A
+Train worker group's placement group belongs to the job, not to the Train controller that created
+it, so a controller that dies without cleaning up (its trial's actor killed, a crash) leaves the
+group's CPUs reserved for the rest of the job. Ray Train's own PlacementGroupCleaner notices the
+dead controller only through the State API, which needs the dashboard; with the dashboard off the
+next wave of trials waits for those CPUs for ever.
+
+Here the same condition is read from the GCS directly (Ray's placement-group table carries
+`creator_actor_id` and `creator_actor_dead`): a placement group created by an actor of this job
+whose creator is dead is an orphan and is removed. Groups created by the driver itself (Tune's
+own trial groups) have no creator actor and are never touched; other jobs' groups neither.
+This reads Ray's private GCS accessor, so every failure is logged once and otherwise ignored: the
+sweep must never break a tuning run.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Callback
+
+logger = logging.getLogger(__name__)
+SWEEP_EVERY_S = 5.0
+NIL_ACTOR = "ff" * 16
+
+
+def orphaned_placement_groups(job_id_hex: str) -> list[bytes]:
+    """Ids of live placement groups created by now-dead actors of this job."""
+    import ray
+    from ray.core.generated import gcs_pb2
+
+    removed = gcs_pb2.PlacementGroupTableData.REMOVED
+    accessor = ray._private.state.state._connect_and_get_accessor()
+    orphans = []
+    for raw in accessor.get_placement_group_table():
+        row = gcs_pb2.PlacementGroupTableData.FromString(raw)
+        created_by_actor = row.creator_actor_id and row.creator_actor_id.hex() != NIL_ACTOR
+        if row.state != removed and created_by_actor and row.creator_actor_dead and row.creator_job_id.hex() == job_id_hex:
+            orphans.append(row.placement_group_id)
+    return orphans
+
+
+def release_orphaned_placement_groups() -> int:
+    """Remove this job's orphaned placement groups; returns how many."""
+    import ray
+    from ray.util.placement_group import PlacementGroup, remove_placement_group
+
+    job = ray.get_runtime_context().get_job_id()
+    count = 0
+    for pg_id in orphaned_placement_groups(job):
+        remove_placement_group(PlacementGroup(ray.PlacementGroupID(pg_id)))
+        count += 1
+    return count
+
+
+class ReleaseOrphanedPlacementGroups(Callback):
+    """Sweeps orphaned Train placement groups after every trial end and every few seconds."""
+
+    def __init__(self, every_s: float = SWEEP_EVERY_S):
+        self.every_s = every_s
+        self.last = 0.0
+        self.released = 0
+        self.failed = False
+
+    def sweep(self) -> None:
+        self.last = time.monotonic()
+        if self.failed:
+            return
+        try:
+            freed = release_orphaned_placement_groups()
+        except Exception as exc:  # noqa: BLE001 - a private API may change; never break the run
+            self.failed = True
+            logger.warning("tandem: cannot sweep orphaned placement groups (%s); a stopped trial's workers may stay reserved", exc)
+            return
+        if freed:
+            self.released += freed
+            print(f"[tandem] released {freed} placement group(s) left by stopped trials", flush=True)
+
+    def on_step_begin(self, iteration: int, trials: list, **info: Any) -> None:
+        if time.monotonic() - self.last >= self.every_s:
+            self.sweep()
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.sweep()
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self.sweep()
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        self.sweep()
+
+
+class TrackConcurrency(Callback):
+    """Records the most trials RUNNING at once into a small JSON file (it survives a restore)."""
+
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._peak: int | None = None  # read lazily: a restored tune continues the earlier peak
+
+    def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
+        if self._peak is None:
+            self._peak = read_peak(self.path)
+        running = sum(1 for t in trials if t.status == "RUNNING")
+        if running > self._peak:
+            self._peak = running
+            self.path.write_text(json.dumps({"peak_running_trials": running}))
+
+
+def read_peak(path: Path) -> int:
+    path = Path(path)
+    return json.loads(path.read_text())["peak_running_trials"] if path.exists() else 0

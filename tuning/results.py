@@ -1,0 +1,230 @@
+"""What a tuning run leaves behind: a table, results.csv, results.json, a plot and the tuning manifest.
+
+    <storage>/<name>/tune-<stamp>/
+        config.yaml            the config the tune ran with (tuning section included)
+        best_config.yaml       that config with the best trial's values: `tandem train` it to retrain
+        metrics.jsonl          the best trial's epochs (so the folder reads like a training run)
+        artifacts/             the best trial's model, consolidated exactly like a training run's
+        results.csv, .json     one row per trial: params, metric, epochs trained, status
+        results.png            the metric per epoch of every trial; stopped trials end in an x
+        tuning_manifest.json   search settings, best trial, links and sha256 of all of the above
+        trials/<trial id>/     Tune's trial folders: train-N/ (each start's Train run),
+                               checkpoint_*/ (Tune's copies), segments.jsonl, progress.csv
+
+Status: `completed` (trained every epoch), `stopped` (ended early by the scheduler or the time
+budget) or `error`. "Epochs trained" counts the epochs a trial itself trained, so the total
+over trials is the search's cost; a PBT trial that exploits continues from the donor's epoch.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from cluster.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from tuning.segments import read_segments
+from tuning.space import SearchSpace
+
+RESULTS_CSV = "results.csv"
+RESULTS_JSON = "results.json"
+RESULTS_PNG = "results.png"
+TUNING_MANIFEST = "tuning_manifest.json"
+
+
+@dataclass
+class TrialSummary:
+    trial_id: str
+    params: dict[str, Any]
+    status: str
+    epochs_trained: int
+    last_epoch: int
+    metric: float | None
+    best_metric: float | None
+    path: str
+    history: list[dict[str, float]] = field(default_factory=list)
+    starts: int = 0
+    exploited_from: list[str] = field(default_factory=list)
+    error: str | None = None
+    sampled: dict[str, Any] = field(default_factory=dict, repr=False)
+    checkpoint: str | None = None
+
+
+def _finite(value: Any) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
+
+
+def summarize_result(result: Any, space: SearchSpace, metric: str, mode: str, epochs: int) -> TrialSummary:
+    """One Tune Result -> a TrialSummary (history from its reports, starts from segments.jsonl)."""
+    frame = result.metrics_dataframe
+    rows = [] if frame is None else frame.to_dict("records")
+    history = [{"epoch": int(r["epoch"]), metric: _finite(r.get(metric))} for r in rows if _finite(r.get("epoch")) is not None]
+    values = [h[metric] for h in history if h[metric] is not None]
+    last_epoch = history[-1]["epoch"] if history else 0
+    if result.error is not None:
+        status = "error"
+    elif last_epoch >= epochs:
+        status = "completed"
+    else:
+        status = "stopped"
+    segments = read_segments(Path(result.path))
+    starts = [s for s in segments if s.get("event") == "start"]
+    trial_id = Path(result.path).name
+    sampled = {k: v for k, v in (result.config or {}).items() if k in space.paths}
+    return TrialSummary(
+        trial_id=trial_id,
+        params=space.decode(sampled),
+        status=status,
+        epochs_trained=len(history),
+        last_epoch=last_epoch,
+        metric=values[-1] if values else None,
+        best_metric=(min(values) if mode == "min" else max(values)) if values else None,
+        path=str(result.path),
+        history=history,
+        starts=len(starts),
+        exploited_from=[s["from_trial"] for s in starts if s.get("from_trial") and s["from_trial"] != trial_id],
+        error=None if result.error is None else f"{type(result.error).__name__}: {str(result.error).splitlines()[0] if str(result.error) else ''}",
+        sampled=sampled,
+        checkpoint=result.checkpoint.path if result.checkpoint is not None else None,
+    )
+
+
+def pick_best(trials: list[TrialSummary], mode: str) -> TrialSummary | None:
+    """The trial with the best final metric among those that left a checkpoint (ties: more epochs)."""
+    candidates = [t for t in trials if t.metric is not None and t.checkpoint]
+    if not candidates:
+        return None
+    sign = 1 if mode == "min" else -1
+    return min(candidates, key=lambda t: (sign * t.metric, -t.last_epoch, t.trial_id))
+
+
+def ordered(trials: list[TrialSummary], mode: str) -> list[TrialSummary]:
+    sign = 1 if mode == "min" else -1
+    return sorted(trials, key=lambda t: (t.metric is None, sign * (t.metric or 0.0), t.trial_id))
+
+
+def short_name(path: str) -> str:
+    """training.optimizer.lr -> lr (for legends)."""
+    return path.rsplit(".", 1)[-1]
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return json.dumps(value) if isinstance(value, (list, dict)) else str(value)
+
+
+# ---------------------------------------------------------------------------------------------
+# table, CSV, JSON
+# ---------------------------------------------------------------------------------------------
+
+
+def results_table(trials: list[TrialSummary], best: TrialSummary | None, metric: str, mode: str, title: str) -> Any:
+    from rich.table import Table
+
+    paths = list(trials[0].params) if trials else []
+    table = Table(title=title, title_justify="left")
+    table.add_column("", width=1)
+    table.add_column("trial")
+    for path in paths:
+        table.add_column(path, justify="right")
+    table.add_column(f"{metric} ({mode})", justify="right")
+    table.add_column("epochs", justify="right")
+    table.add_column("status")
+    styles = {"completed": "green", "stopped": "yellow", "error": "red"}
+    for t in ordered(trials, mode):
+        mark = "*" if best is not None and t.trial_id == best.trial_id else ""
+        status = t.status + (f" (from {', '.join(t.exploited_from)})" if t.exploited_from else "")
+        table.add_row(
+            mark, t.trial_id, *(format_value(t.params.get(p)) for p in paths),
+            "-" if t.metric is None else f"{t.metric:.4f}", str(t.epochs_trained), f"[{styles.get(t.status, 'white')}]{status}[/]",
+        )
+    return table
+
+
+def print_table(trials: list[TrialSummary], best: TrialSummary | None, metric: str, mode: str, title: str) -> None:
+    from rich.console import Console
+
+    Console().print(results_table(trials, best, metric, mode, title))
+
+
+def write_csv(path: Path, trials: list[TrialSummary], metric: str, mode: str) -> None:
+    paths = list(trials[0].params) if trials else []
+    buffer = io.StringIO()
+    writer = csv.writer(buffer)
+    writer.writerow(["trial_id", "status", "epochs_trained", "last_epoch", metric, f"best_{metric}", *paths, "starts", "exploited_from", "path"])
+    for t in ordered(trials, mode):
+        writer.writerow([t.trial_id, t.status, t.epochs_trained, t.last_epoch, t.metric, t.best_metric,
+                         *(format_value(t.params.get(p)) for p in paths), t.starts, " ".join(t.exploited_from), t.path])
+    atomic_write_text(path, buffer.getvalue())
+
+
+def write_json(path: Path, trials: list[TrialSummary], best: TrialSummary | None, summary: dict[str, Any]) -> None:
+    rows = []
+    for t in trials:
+        row = asdict(t)
+        row.pop("sampled")
+        rows.append(row)
+    atomic_write_json(path, {**summary, "best_trial": best.trial_id if best else None, "trials": rows})
+
+
+# ---------------------------------------------------------------------------------------------
+# the plot
+# ---------------------------------------------------------------------------------------------
+
+
+def plot_trials(path: Path, trials: list[TrialSummary], best: TrialSummary | None, metric: str, title: str) -> None:
+    """The metric per epoch of every trial: stopped trials dashed, ending in an x; the best one bold."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
+    styles = {"completed": "-", "stopped": "--", "error": ":"}
+    for t in trials:
+        points = [(h["epoch"], h[metric]) for h in t.history if h[metric] is not None]
+        if not points:
+            continue
+        xs, ys = zip(*points, strict=True)
+        is_best = best is not None and t.trial_id == best.trial_id
+        label = f"{t.trial_id} " + ", ".join(f"{short_name(k)}={format_value(v)}" for k, v in t.params.items())
+        line = ax.plot(xs, ys, styles.get(t.status, "-"), marker="o", markersize=3, linewidth=2.8 if is_best else 1.2,
+                       label=("* " if is_best else "") + label + ("" if t.status == "completed" else f" [{t.status}]"))[0]
+        if t.status != "completed":
+            ax.plot(xs[-1], ys[-1], "x", color=line.get_color(), markersize=10, markeredgewidth=2)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel(metric)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    if len(trials) <= 16:
+        ax.legend(fontsize=7, loc="best")
+    fig.tight_layout()
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buffer.getvalue())
+
+
+# ---------------------------------------------------------------------------------------------
+# the tuning manifest
+# ---------------------------------------------------------------------------------------------
+
+
+def write_tuning_manifest(run_dir: Path, info: dict[str, Any], files: list[str]) -> dict[str, Any]:
+    """tuning_manifest.json: the search, its best trial, the artifact link and sha256 of each result file.
+
+    Not named manifest.json: a folder holding manifest.json is read as an artifacts folder.
+    """
+    run_dir = Path(run_dir)
+    manifest = {
+        "kind": "tuning",
+        **info,
+        "files": {name: {"sha256": sha256_file(run_dir / name), "bytes": (run_dir / name).stat().st_size} for name in files if (run_dir / name).is_file()},
+    }
+    atomic_write_json(run_dir / TUNING_MANIFEST, manifest)
+    return manifest

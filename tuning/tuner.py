@@ -1,0 +1,321 @@
+"""`tune(config) -> TuneResult`: Ray Tune around the same Ray Train + DeepSpeed trainer.
+
+Parse, check, plan, run, report:
+1. Before Ray: the search space (tuning/space.py), the scheduler/searcher combination
+   (tuning/schedulers.py) and a preflight of the data and model for every model/data value the
+   space can produce. Every problem comes back in one ConfigError.
+2. On the cluster: the trial resource plan (tuning/resources.py); a config whose trials cannot
+   be placed is a ConfigError before any trial starts, never a hang.
+3. Tuner.fit() with one function trainable per trial (tuning/trial.py), or Tuner.restore() for
+   `resume`: finished trials keep their results and are not run again.
+4. The table, results.csv/json, the plot, and the best trial's model consolidated into
+   `<run>/artifacts/` by training.trainer.consolidate, exactly like a training run's, linked
+   from tuning_manifest.json (tuning/results.py).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+from cluster.artifacts import ArtifactError, atomic_write_text, new_run_dir, write_manifest
+from cluster.config import ConfigError, Problem, TandemConfig, config_with, read_yaml
+from cluster.runtime import connect, storage_root
+from tuning.resources import TRIAL_FUNCTION_CPU, TrialPlan, plan_trials
+from tuning.results import (
+    RESULTS_CSV,
+    RESULTS_JSON,
+    RESULTS_PNG,
+    TUNING_MANIFEST,
+    TrialSummary,
+    pick_best,
+    plot_trials,
+    print_table,
+    summarize_result,
+    write_csv,
+    write_json,
+    write_tuning_manifest,
+)
+from tuning.schedulers import build_scheduler, build_search, plan_problems
+from tuning.space import SearchSpace, count_trials, param_space, parse_space, probe_values
+
+TUNE_PREFIX = "tune-"
+EXPERIMENT = "trials"
+PEAK_FILE = ".peak_running_trials.json"
+# Tune snapshots its experiment state every >= 10 s by default; an interrupted tune then forgets
+# trials that finished in the last 10 s and runs them again. The state of a Tandem tune is small.
+EXPERIMENT_SNAPSHOT_S = "2"
+
+
+@dataclass
+class TuneResult:
+    run_dir: Path
+    artifact_dir: Path
+    best: TrialSummary
+    trials: list[TrialSummary]
+    plan: TrialPlan
+    total_epochs: int
+    wall_s: float
+    peak_running_trials: int
+    files: dict[str, Path] = field(default_factory=dict)
+
+    @property
+    def best_config_path(self) -> Path:
+        return self.run_dir / "best_config.yaml"
+
+
+# ---------------------------------------------------------------------------------------------
+# checks before Ray
+# ---------------------------------------------------------------------------------------------
+
+
+def check_tuning(config: TandemConfig) -> SearchSpace:
+    """The parsed space, after every check that needs no cluster; raises one ConfigError."""
+    space = parse_space(config)
+    problems = plan_problems(config, space)
+    if problems:
+        raise ConfigError(problems)
+    preflight_values(config, space)
+    return space
+
+
+def preflight_values(config: TandemConfig, space: SearchSpace) -> None:
+    """training's preflight (data, model forward, DeepSpeed JSON) on the trial config and on every
+    value of a model/data/DeepSpeed entry, so a width the model rejects fails here, not in a trial."""
+    from training.trainer import preflight
+
+    base = config_with(config, {"training.workers": config.tuning.workers_per_trial})
+    preflight(base)
+    problems: list[Problem] = []
+    for entry in space.entries:
+        if not entry.path.startswith(("model.", "data.", "training.deepspeed.")):
+            continue
+        for value in probe_values(entry):
+            try:
+                preflight(config_with(base, {entry.path: value}))
+            except ConfigError as exc:
+                reasons = "; ".join(f"{p.path}: {p.message}" for p in exc.problems)
+                problems.append(Problem(path=f"tuning.space['{entry.path}']", value=value, message=f"a trial with this value would fail: {reasons}"))
+                break
+    if problems:
+        raise ConfigError(problems)
+
+
+# ---------------------------------------------------------------------------------------------
+# run folders
+# ---------------------------------------------------------------------------------------------
+
+
+def find_tuning_run(config: TandemConfig, resume: bool | str | Path) -> Path:
+    """The tuning run to resume: the newest `tune-*` folder under <storage>/<name>, or the one named."""
+    from ray.tune import Tuner
+
+    if resume is True:
+        base = storage_root(config) / config.name
+        runs = sorted((p for p in base.glob(f"{TUNE_PREFIX}*") if (p / EXPERIMENT).is_dir()), key=lambda p: p.stat().st_mtime)
+        if not runs:
+            raise ArtifactError(f"no tuning run under {base} to resume; run `tandem tune` without --resume first")
+        run_dir = runs[-1]
+    else:
+        run_dir = Path(resume).expanduser().resolve()
+    if not Tuner.can_restore(str(run_dir / EXPERIMENT)):
+        raise ArtifactError(f"{run_dir} holds no Tune experiment state ({EXPERIMENT}/tuner.pkl); pass a tuning run folder (tune-*)")
+    return run_dir
+
+
+def _searched_sections(config: TandemConfig) -> dict[str, Any]:
+    """The parts of a config that decide what a tune computes (not where it runs)."""
+    raw = config.to_dict()
+    return {k: raw[k] for k in ("model", "data", "training", "tuning")}
+
+
+def check_same_search(config: TandemConfig, run_dir: Path) -> None:
+    stored = read_yaml(run_dir / "config.yaml")
+    before = {k: stored.get(k) for k in ("model", "data", "training", "tuning")}
+    if before != _searched_sections(config):
+        changed = sorted(k for k in before if before[k] != _searched_sections(config)[k])
+        raise ConfigError([Problem(path=", ".join(changed), message=(
+            f"--resume continues {run_dir}, which was started with different {', '.join(changed)}; "
+            "resume with the config it was started with, or start a new tune without --resume"))])
+
+
+# ---------------------------------------------------------------------------------------------
+# the Tuner
+# ---------------------------------------------------------------------------------------------
+
+
+def trial_name(trial: Any) -> str:
+    return trial.trial_id
+
+
+def make_trainable(config: TandemConfig, space: SearchSpace, plan: TrialPlan) -> Any:
+    """The trial function with its fixed arguments and its own (tiny) resource request."""
+    from ray import tune
+
+    from tuning.trial import run_trial
+
+    trainable = tune.with_parameters(run_trial, base=config.to_dict(), space=space, updates=plan.trial_updates(), use_gpu=plan.use_gpu)
+    # The trial function only waits on its Train run; the workers ask for the real resources.
+    return tune.with_resources(trainable, {"CPU": TRIAL_FUNCTION_CPU})
+
+
+def make_tuner(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_dir: Path, callbacks: list) -> Any:
+    from ray import tune
+
+    tuning = config.tuning
+    tune_config = tune.TuneConfig(
+        metric=tuning.metric,
+        mode=tuning.mode,
+        num_samples=1 if tuning.search.name == "grid" else tuning.samples,
+        search_alg=build_search(config, plan.max_concurrent),
+        scheduler=build_scheduler(config, space),
+        max_concurrent_trials=plan.max_concurrent,
+        time_budget_s=tuning.time_budget_s,
+        reuse_actors=False,  # one trial per actor: a stop aborts exactly that trial's Train run
+        trial_name_creator=trial_name,
+        trial_dirname_creator=trial_name,
+    )
+    run_config = tune.RunConfig(
+        name=EXPERIMENT,
+        storage_path=str(run_dir),
+        # Keep two: PBT may still be copying the older one while the newer one arrives.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        # Worker failures are retried inside the Train run (training.max_failures).
+        failure_config=tune.FailureConfig(max_failures=0),
+        callbacks=callbacks,
+        verbose=1,
+    )
+    grid = tuning.search.name == "grid"
+    return tune.Tuner(make_trainable(config, space, plan), param_space=param_space(space, "grid" if grid else "random", tuning.scheduler.name),
+                      tune_config=tune_config, run_config=run_config)
+
+
+def restore_tuner(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_dir: Path) -> Any:
+    from ray.tune import Tuner
+
+    # Finished trials are kept as they are; unfinished and errored ones continue from their last
+    # Tune checkpoint. Tune restores the scheduler, the searcher and the callbacks it pickled.
+    return Tuner.restore(str(run_dir / EXPERIMENT), trainable=make_trainable(config, space, plan), resume_unfinished=True, resume_errored=True)
+
+
+@contextlib.contextmanager
+def _env(**values: str) -> Iterator[None]:
+    """Environment defaults for the duration of the tune (a user's own setting wins)."""
+    added = [k for k in values if k not in os.environ]
+    for k in added:
+        os.environ[k] = values[k]
+    try:
+        yield
+    finally:
+        for k in added:
+            os.environ.pop(k, None)
+
+
+# ---------------------------------------------------------------------------------------------
+# tune
+# ---------------------------------------------------------------------------------------------
+
+
+def tune(config: TandemConfig, resume: bool | str | Path = False, callbacks: list | None = None) -> TuneResult:
+    """Search `config.tuning.space`; every trial is a Ray Train + DeepSpeed run of the same trainer.
+
+    resume: True continues the newest tuning run of this config (a path: that run) without running
+    its finished trials again. callbacks: extra ray.tune Callbacks (on resume, Tune restores the
+    callbacks the run started with instead).
+    """
+    import ray
+
+    from training.trainer import resolve_use_gpu
+    from tuning.housekeeping import ReleaseOrphanedPlacementGroups, TrackConcurrency, read_peak
+
+    space = check_tuning(config)
+    with connect(config):
+        use_gpu = resolve_use_gpu(config)
+        n_trials = count_trials(space, config.tuning.samples, config.tuning.search.name, config.tuning.scheduler.name)
+        plan = plan_trials(config, ray.nodes(), use_gpu, n_trials)
+        if resume:
+            run_dir = find_tuning_run(config, resume)
+            check_same_search(config, run_dir)
+        else:
+            run_dir = new_run_dir(storage_root(config), config.name, prefix=TUNE_PREFIX)
+            atomic_write_text(run_dir / "config.yaml", config.to_yaml())
+        print(f"[tandem] tuning run {run_dir}: {n_trials} trial(s), {config.tuning.scheduler.name} + {config.tuning.search.name}; {plan.describe()}", flush=True)
+        with _env(TUNE_GLOBAL_CHECKPOINT_S=EXPERIMENT_SNAPSHOT_S):
+            if resume:
+                tuner = restore_tuner(config, space, plan, run_dir)
+            else:
+                housekeeping = [ReleaseOrphanedPlacementGroups(), TrackConcurrency(run_dir / PEAK_FILE)]
+                tuner = make_tuner(config, space, plan, run_dir, housekeeping + list(callbacks or []))
+            started = time.perf_counter()
+            grid = tuner.fit()
+            wall_s = time.perf_counter() - started
+        return report(config, space, plan, run_dir, grid, wall_s, read_peak(run_dir / PEAK_FILE))
+
+
+def report(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_dir: Path, grid: Any, wall_s: float, peak: int) -> TuneResult:
+    """Summaries, table, files, the best trial's artifact and the tuning manifest."""
+    from tuning.space import trial_config
+
+    tuning = config.tuning
+    trials = [summarize_result(r, space, tuning.metric, tuning.mode, config.training.epochs) for r in grid]
+    best = pick_best(trials, tuning.mode)
+    total_epochs = sum(t.epochs_trained for t in trials)
+    title = (f"{config.name}: {len(trials)} trials, {tuning.scheduler.name} + {tuning.search.name}, "
+             f"{total_epochs} epochs trained, {sum(t.status == 'stopped' for t in trials)} stopped early")
+    print_table(trials, best, tuning.metric, tuning.mode, title)
+    files = {"results_csv": run_dir / RESULTS_CSV, "results_json": run_dir / RESULTS_JSON, "plot": run_dir / RESULTS_PNG}
+    summary = {"name": config.name, "metric": tuning.metric, "mode": tuning.mode, "scheduler": tuning.scheduler.name, "search": tuning.search.name,
+               "total_epochs": total_epochs, "wall_s": round(wall_s, 2), "peak_running_trials": peak, "plan": plan.__dict__}
+    write_csv(files["results_csv"], trials, tuning.metric, tuning.mode)
+    write_json(files["results_json"], trials, best, summary)
+    plot_trials(files["plot"], trials, best, tuning.metric, title)
+    if best is None:
+        errors = "; ".join(f"{t.trial_id}: {t.error}" for t in trials if t.error) or "no trial reported a checkpoint"
+        raise ArtifactError(f"no trial of {run_dir} finished with a checkpoint, so there is no best model ({errors}); see {files['results_csv']}")
+
+    best_trial_config = trial_config(config, space, best.sampled, plan.trial_updates())
+    atomic_write_text(run_dir / "best_config.yaml", config_with(config, best.params).to_yaml())
+    artifact_dir = consolidate_best(best_trial_config, run_dir, best)
+    files["manifest"] = run_dir / TUNING_MANIFEST
+    write_tuning_manifest(run_dir, {
+        **summary,
+        "best": {"trial_id": best.trial_id, "params": best.params, "metric": best.metric, "epochs": best.last_epoch,
+                 "checkpoint": best.checkpoint, "trial_config_hash": best_trial_config.config_hash()},
+        "artifact": {"path": "artifacts", "version": json.loads((artifact_dir / "manifest.json").read_text())["version"]},
+        "config_hash": config.config_hash(),
+        "trials": {t.trial_id: {"status": t.status, "epochs_trained": t.epochs_trained, "metric": t.metric} for t in trials},
+    }, ["config.yaml", "best_config.yaml", "metrics.jsonl", RESULTS_CSV, RESULTS_JSON, RESULTS_PNG])
+    print(f"[tandem] best trial {best.trial_id}: {tuning.metric} {best.metric:.4f} with {best.params}; results in {run_dir}", flush=True)
+    return TuneResult(run_dir=run_dir, artifact_dir=artifact_dir, best=best, trials=trials, plan=plan, total_epochs=total_epochs,
+                      wall_s=wall_s, peak_running_trials=peak, files=files)
+
+
+def consolidate_best(best_config: TandemConfig, run_dir: Path, best: TrialSummary) -> Path:
+    """The best trial's last checkpoint -> <run>/artifacts, through training's own consolidate()."""
+    from training.trainer import consolidate
+
+    # consolidate() records the run's epochs from metrics.jsonl: the best trial's, here.
+    history = _full_history(Path(best.path))
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
+    from ray.tune import Checkpoint
+
+    result = consolidate(best_config, run_dir, SimpleNamespace(checkpoint=Checkpoint.from_directory(best.checkpoint)))
+    write_manifest(result.artifact_dir, {"lineage": {"tuning_run": str(run_dir), "trial_id": best.trial_id, "params": best.params}})
+    return result.artifact_dir
+
+
+def _full_history(trial_dir: Path) -> list[dict[str, Any]]:
+    """The trial's reported metrics, one dict per epoch, from Tune's result.json."""
+    path = trial_dir / "result.json"
+    if not path.exists():
+        return []
+    keep = ("epoch", "step", "train_loss", "val_loss", "val_accuracy", "samples_per_s", "step_time_s", "peak_memory_mb", "lr", "world_size")
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [{k: r[k] for k in keep if k in r} for r in rows]
