@@ -49,17 +49,26 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except (ArtifactError, UserFacingError) as exc:
             err.print(f"[bold red]error[/] {exc}", markup=True, highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
+        except Exception as exc:
+            if not isinstance(exc, _stage_errors()):
+                raise
+            err.print(f"[bold red]error[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            raise typer.Exit(1) from None
 
     return wrapper
 
 
+def _stage_errors() -> tuple[type[BaseException], ...]:
+    """The stages' own 'you can fix this' errors, imported only once a stage has raised."""
+    from cluster.submit import SubmitError
+    from serving.client import TandemHTTPError
+    from serving.parity import ParityGateError
+
+    return (SubmitError, TandemHTTPError, ParityGateError)
+
+
 def load(config: Path | None, overrides: list[str] | None) -> TandemConfig:
     return load_config(config, overrides or [])
-
-
-def not_available(verb: str, issue: str) -> None:
-    err.print(f"tandem {verb}: not available yet ({issue}); `tandem --help` lists what exists.")
-    raise typer.Exit(1)
 
 
 def summary(cfg: TandemConfig) -> str:
@@ -101,73 +110,123 @@ def train(
     resume: Annotated[str | None, typer.Option("--resume", help="Continue a run: a run folder, a checkpoint folder or 'latest'.")] = None,
 ) -> None:
     """Train with Ray Train + DeepSpeed; writes a run folder with the consolidated artifact."""
-    cfg = load(config, set_)
-    try:
-        from training.trainer import train as run_training
-    except ImportError:
-        not_available("train", "distributed training, issue 3")
-    result = run_training(cfg, resume=resume)
+    from training.trainer import train as run_training
+
+    result = run_training(load(config, set_), resume=resume)
     console.print(f"artifact: {result.artifact_dir}")
 
 
 @app.command()
 @friendly_errors
-def tune(config: ConfigArg = None, set_: SetOpt = None, resume: Annotated[bool, typer.Option("--resume")] = False) -> None:
-    """Search hyperparameters with Ray Tune around the same trainer."""
-    not_available("tune", "hyperparameter search, issue 4")
+def tune(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue the newest tuning run of this config without rerunning finished trials.")] = False,
+) -> None:
+    """Search hyperparameters with Ray Tune around the same trainer; hands the best artifact on."""
+    from tuning.tuner import tune as run_tune
+
+    result = run_tune(load(config, set_), resume=resume)
+    console.print(f"best trial artifact: {result.artifact_dir}\nresults: {result.run_dir}")
+
+
+FromOpt = Annotated[str, typer.Option("--from", help="Artifact to use: 'latest', a run folder or an artifacts folder.")]
 
 
 @app.command()
 @friendly_errors
-def export(config: ConfigArg = None, set_: SetOpt = None, from_: Annotated[str, typer.Option("--from")] = "latest") -> None:
-    """Export ONNX, int8, pruned and distilled artifacts with parity reports."""
-    not_available("export", "inference optimization, issue 5")
+def export(config: ConfigArg = None, set_: SetOpt = None, from_: FromOpt = "latest") -> None:
+    """Export ONNX, int8 and pruned artifacts with parity reports (a crossed gate exits 1)."""
+    from serving.export import export as run_export
+    from serving.parity import format_report
+
+    result = run_export(load(config, set_), source=from_)
+    console.print(format_report(result.report))
+    console.print(f"artifacts: {result.artifact_dir}")
 
 
 @app.command()
 @friendly_errors
-def serve(config: ConfigArg = None, set_: SetOpt = None, from_: Annotated[str, typer.Option("--from")] = "latest") -> None:
-    """Deploy the model as a Ray Serve application behind one HTTP endpoint."""
-    not_available("serve", "serving, issue 6")
+def serve(config: ConfigArg = None, set_: SetOpt = None, from_: FromOpt = "latest") -> None:
+    """Deploy (or roll out in place) the model as a Ray Serve application; Ctrl-C stops it."""
+    from serving.app import serve as run_serve
+
+    run_serve(load(config, set_), artifact=from_, blocking=True)
 
 
 @app.command("serve-config")
 @friendly_errors
-def serve_config(config: ConfigArg = None, set_: SetOpt = None) -> None:
-    """Write the Ray Serve config file (for `serve deploy` and KubeRay RayService)."""
-    not_available("serve-config", "serving, issue 6")
+def serve_config(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="Where to write the Serve config YAML.")] = Path("serve_config.yaml"),
+    from_: FromOpt = "latest",
+) -> None:
+    """Write the Ray Serve config file (for `serve deploy` and the KubeRay RayService)."""
+    from serving.serve_config import write_serve_config
+
+    console.print(f"wrote {write_serve_config(load(config, set_), out, artifact=from_)}")
 
 
 @app.command()
 @friendly_errors
-def bench(config: ConfigArg = None, set_: SetOpt = None) -> None:
-    """Load-test a running Tandem endpoint."""
-    not_available("bench", "serving, issue 6")
+def bench(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    url: Annotated[str | None, typer.Option("--url", help="Endpoint (default: the config's serving host and port).")] = None,
+    requests: Annotated[int, typer.Option("--requests")] = 500,
+    concurrency: Annotated[list[int] | None, typer.Option("--concurrency", help="Repeatable.")] = None,
+) -> None:
+    """Load-test a running Tandem endpoint on loopback from a separate client process."""
+    from serving.app import base_url
+    from serving.loadgen import load_from_process
+    from training.data import load_dataset
 
-
-@app.command()
-@friendly_errors
-def profile(config: ConfigArg = None, set_: SetOpt = None, from_: Annotated[str | None, typer.Option("--from")] = None) -> None:
-    """Compare training and inference cost of the model on this hardware (HTML report)."""
-    not_available("profile", "issue 8")
-
-
-@app.command()
-@friendly_errors
-def run(config: ConfigArg = None, set_: SetOpt = None) -> None:
-    """The whole lifecycle: train -> export -> serve -> load test -> summary."""
     cfg = load(config, set_)
-    try:
-        from training.trainer import train as run_training
-    except ImportError:
-        not_available("run", "distributed training, issue 3")
+    target = url or base_url(cfg)
+    examples = load_dataset(cfg).x[:256].tolist()
+    for c in concurrency or [1, 8, 32]:
+        r = load_from_process(target, examples, requests, c, cfg.serving.auth.token_env)
+        console.print(f"c={c:<3} {r['requests_per_s']:8.0f} req/s  p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms  ok {r['ok']}  shed {r['shed']}  failed {r['failed']}")
+
+
+@app.command()
+@friendly_errors
+def profile(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    from_: Annotated[str | None, typer.Option("--from", help="A run or artifacts folder, or 'latest' (default: latest if any).")] = None,
+    out: Annotated[Path | None, typer.Option("--out", help="Report folder (default: <run>/profile).")] = None,
+    url: Annotated[str | None, typer.Option("--url", help="A running Tandem endpoint, for served latency.")] = None,
+    quick: Annotated[bool, typer.Option("--quick", help="Fewer repetitions and batch sizes.")] = False,
+) -> None:
+    """Training cost versus inference cost of the model on this hardware: terminal summary, JSON, HTML with plots."""
+    from serving.profile import profile as run_profile
+
+    report = run_profile(load(config, set_), source=from_, out_dir=out, serve_url=url, quick=quick)
+    console.print(f"report: {report.html}")
+
+
+@app.command()
+@friendly_errors
+def run(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    tune_: Annotated[bool, typer.Option("--tune", help="Tune first (needs a tuning section) and serve the best trial.")] = False,
+    keep_serving: Annotated[bool, typer.Option("--keep-serving", help="Keep the endpoint up after the summary.")] = False,
+    requests: Annotated[int, typer.Option("--requests", help="Requests of the closing load test.")] = 300,
+) -> None:
+    """The whole lifecycle: train (or tune) -> export -> serve -> load test -> summary."""
+    from cluster.pipeline import run_lifecycle
+
+    cfg = load(config, set_)
+    if tune_ and cfg.tuning is None:
+        raise UserFacingError("--tune needs a `tuning:` section in the config")
     console.print(f"[bold]tandem run[/] {config or 'packaged example'}\n{summary(cfg)}", highlight=False)
-    result = run_training(cfg)
-    console.print(f"[bold]trained[/] artifact: {result.artifact_dir}")
-    for key in ("val_accuracy", "val_loss", "epoch", "step"):
-        if key in result.metrics:
-            console.print(f"  {key}: {result.metrics[key]}")
-    console.print("next stages (export, serve, load test) are not available yet: issues 5, 6 and 7.")
+    run_lifecycle(cfg, use_tune=tune_, keep_serving=keep_serving, requests=requests)
+
+
+AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray dashboard address, e.g. http://HEAD:8265 (default: RAY_ADDRESS).")]
 
 
 @app.command()
@@ -176,31 +235,68 @@ def submit(
     config: ConfigArg = None,
     stage: Annotated[str, typer.Argument(help="train | tune | export | serve | run")] = "train",
     set_: SetOpt = None,
-    address: Annotated[str | None, typer.Option("--address")] = None,
+    address: AddressOpt = None,
+    no_follow: Annotated[bool, typer.Option("--no-follow", help="Return after submitting instead of streaming the logs.")] = False,
 ) -> None:
-    """Submit a stage to a running Ray cluster with `ray job submit`."""
-    not_available("submit", "cluster submission, issue 7")
+    """Submit a stage to a running Ray cluster as a Ray job; exits with the job's status."""
+    from cluster.submit import submit as run_submit
+
+    code = run_submit(load(config, set_), stage, address, config, set_ or [], follow=not no_follow)
+    raise typer.Exit(code)
 
 
 @app.command()
 @friendly_errors
-def k8s(config: ConfigArg = None, set_: SetOpt = None, out: Annotated[Path, typer.Option("--out")] = Path("k8s")) -> None:
-    """Render KubeRay RayCluster / RayJob / RayService manifests."""
-    not_available("k8s", "KubeRay rendering, issue 7")
+def k8s(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    out: Annotated[Path, typer.Option("--out", help="Folder for the manifests.")] = Path("k8s"),
+) -> None:
+    """Render KubeRay RayCluster / RayJob / RayService manifests and a kustomization.yaml."""
+    from cluster.checks import format_findings, has_errors, predeploy_checks
+    from cluster.k8s import write_manifests
+
+    cfg = load(config, set_)
+    findings = predeploy_checks(cfg, "kubernetes")
+    err.print(format_findings(findings), soft_wrap=True)
+    if has_errors(findings):
+        raise typer.Exit(1)
+    for path in write_manifests(cfg, out):
+        console.print(f"wrote {path}")
 
 
 @app.command()
 @friendly_errors
 def check(config: ConfigArg = None, set_: SetOpt = None) -> None:
-    """Pre-deploy checks for a cluster or Kubernetes."""
-    not_available("check", "issue 7")
+    """Pre-deploy checks for job submission and Kubernetes (exit 1 on an error)."""
+    from cluster.checks import format_findings, has_errors, predeploy_checks
+
+    findings = predeploy_checks(load(config, set_))
+    console.print(format_findings(findings), soft_wrap=True)
+    raise typer.Exit(1 if has_errors(findings) else 0)
 
 
 @app.command()
 @friendly_errors
-def jobs(action: Annotated[str, typer.Argument(help="list | status | logs | stop")] = "list", job_id: str | None = None) -> None:
-    """Inspect jobs submitted to a Ray cluster."""
-    not_available("jobs", "cluster submission, issue 7")
+def jobs(
+    action: Annotated[str, typer.Argument(help="list | status | logs | stop")] = "list",
+    job_id: Annotated[str | None, typer.Argument(help="Job (submission) id, for status, logs and stop.")] = None,
+    address: AddressOpt = None,
+) -> None:
+    """Inspect or stop jobs on a Ray cluster."""
+    from cluster import submit as jobs_api
+
+    if action == "list":
+        console.print(jobs_api.format_jobs(jobs_api.list_jobs(address)))
+        return
+    if action not in ("status", "logs", "stop") or job_id is None:
+        raise UserFacingError("usage: tandem jobs list | tandem jobs status|logs|stop JOB_ID")
+    if action == "status":
+        console.print(jobs_api.job_status(address, job_id))
+    elif action == "logs":
+        sys.stdout.write(jobs_api.job_logs(address, job_id))
+    else:
+        console.print("stopped" if jobs_api.stop_job(address, job_id) else "not running")
 
 
 def main() -> None:
