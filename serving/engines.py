@@ -186,6 +186,20 @@ def _require_listed(folder: Path, manifest: dict[str, Any], name: str, fix: str)
         raise ArtifactError(f"{folder / name} is not part of this artifact (not in {folder / MANIFEST}); {fix}")
 
 
+def check_engine_args(engine: str, precision: str, quantize: str, pruned: bool) -> None:
+    """Refuse contradictory settings before touching any file; each message names the fix."""
+    if engine not in ("torch", "onnxruntime"):
+        raise ValueError(f"engine '{engine}' is not one of torch, onnxruntime")
+    if quantize not in ("none", "int8"):
+        raise ValueError(f"quantize '{quantize}' is not one of none, int8")
+    if engine == "torch" and quantize != "none":
+        raise ValueError(f"quantize '{quantize}' is for engine 'onnxruntime'; the torch engine serves model.pt (set quantize: none or engine: onnxruntime)")
+    if engine == "onnxruntime" and precision != "fp32":
+        raise ValueError(f"precision '{precision}' is for engine 'torch'; onnxruntime serves fp32 or int8 (set quantize: int8 for int8)")
+    if quantize == "int8" and pruned:
+        raise ValueError("there is no pruned int8 model; serve the pruned model with quantize: none")
+
+
 def load_engine(
     artifact_dir: Path,
     engine: str = "onnxruntime",
@@ -196,32 +210,25 @@ def load_engine(
     *,
     pruned: bool = False,
 ) -> Engine:
-    """An engine for a verified artifact; every file's sha256 is checked against the manifest first.
+    """An engine for a verified artifact; the file's sha256 is checked against the manifest first.
 
     engine: torch | onnxruntime; precision (torch): fp32 | bf16 | fp16; quantize (onnxruntime):
-    none | int8 (loads model.int8.onnx); pruned: load the pruned model written by export.prune.
+    none | int8 (model.int8.onnx); pruned: the pruned model written by export.prune
+    (model.pruned.pt / model.pruned.onnx). artifact_dir: an artifacts folder or its run folder.
     """
+    check_engine_args(engine, precision, quantize, pruned)
     folder = artifacts_folder(artifact_dir)
     manifest = read_manifest(folder)
     spec = manifest["model"]
     shape, classes = tuple(spec["input_shape"]), int(spec["num_classes"])
     if engine == "torch":
-        if quantize != "none":
-            raise ValueError(f"quantize '{quantize}' is for engine 'onnxruntime'; the torch engine serves model.pt (set quantize: none or engine: onnxruntime)")
         name = PRUNED_FILE if pruned else MODEL_FILE
         _require_listed(folder, manifest, name, "run `tandem export` with export.prune set")
         model, _ = load_model(folder, name)  # verifies sha256, torch.load(weights_only=True)
         return TorchEngine(model, input_shape=shape, num_classes=classes, precision=precision, device=device, threads=threads)
-    if engine == "onnxruntime":
-        if precision != "fp32":
-            raise ValueError(f"precision '{precision}' is for engine 'torch'; onnxruntime serves fp32 or int8 (set quantize: int8 for int8)")
-        if quantize not in ("none", "int8"):
-            raise ValueError(f"quantize '{quantize}' is not one of none, int8")
-        if quantize == "int8" and pruned:
-            raise ValueError("there is no pruned int8 model; serve the pruned model with quantize: none")
-        name = INT8_FILE if quantize == "int8" else PRUNED_ONNX_FILE if pruned else ONNX_FILE
-        _require_listed(folder, manifest, name, "run `tandem export` first" + (" with export.quantize other than none" if quantize == "int8" else ""))
-        path = verify_file(folder, name)
-        label = "onnx-int8" if quantize == "int8" else "onnx-pruned" if pruned else "onnx-fp32"
-        return OnnxEngine(path, input_shape=shape, num_classes=classes, name=label, threads=threads, device=device)
-    raise ValueError(f"engine '{engine}' is not one of torch, onnxruntime")
+    name = INT8_FILE if quantize == "int8" else PRUNED_ONNX_FILE if pruned else ONNX_FILE
+    fix = "run `tandem export` first" + (" with export.quantize other than none" if quantize == "int8" else " with export.prune set" if pruned else "")
+    _require_listed(folder, manifest, name, fix)
+    path = verify_file(folder, name)
+    label = "onnx-int8" if quantize == "int8" else "onnx-pruned" if pruned else "onnx-fp32"
+    return OnnxEngine(path, input_shape=shape, num_classes=classes, name=label, threads=threads, device=device)

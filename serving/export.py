@@ -61,6 +61,7 @@ DERIVED_FILES = (ONNX_FILE, INT8_FILE, PRUNED_FILE, PRUNED_ONNX_FILE)
 EXAMPLE_BATCH = 2  # torch.export specializes a dimension whose example size is 0 or 1
 SESSION_CHECK_BATCHES = (1, 3)  # neither is the example batch: proves the batch axis is dynamic
 ONNX_ATOL = ONNX_RTOL = 1e-4
+AUTO_SPEED_MARGIN = 0.10  # quantize: auto takes a slower int8 method if it is this close in speed and more faithful
 
 FineTune = Callable[[Any, TandemConfig], Any]
 
@@ -85,15 +86,25 @@ class ExportResult:
 @contextlib.contextmanager
 def _quiet_exporter() -> Iterator[None]:
     """The exporters warn about torchvision ops and deprecations on every call; none concern us."""
-    logger = logging.getLogger("torch.onnx")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
+    loggers = [logging.getLogger(name) for name in ("torch.onnx", "onnxscript")]
+    levels = [logger.level for logger in loggers]
+    for logger in loggers:
+        # CRITICAL: onnxscript logs a failed version conversion with a traceback, then carries on.
+        logger.setLevel(logging.CRITICAL)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         try:
             yield
         finally:
-            logger.setLevel(level)
+            for logger, level in zip(loggers, levels, strict=True):
+                logger.setLevel(level)
+
+
+def file_opset(path: Path) -> int:
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    return next(entry.version for entry in model.opset_import if entry.domain in ("", "ai.onnx"))
 
 
 def _export_dynamo(model: Any, example: Any, path: Path, opset: int) -> None:
@@ -159,10 +170,11 @@ def export_onnx(model: Any, input_shape: tuple[int, ...], path: Path, opset: int
     The dynamo exporter (torch.export + onnxscript) is tried first: it is torch 2.13's default,
     the legacy TorchScript exporter is deprecated, and dynamo's optimizer folds BatchNorm into
     Conv. With torch 2.13 / onnxscript 0.7.2 it exports all three built-in models (mlp, cnn,
-    transformer) within 3e-7 of torch; it costs 1-5 s per model against 0.1-0.3 s for the legacy
-    exporter (torch.export traces and onnxscript optimizes). The legacy exporter stays as the
-    fallback for models torch.export cannot trace (data-dependent control flow) or opsets the
-    dynamo exporter cannot convert to.
+    transformer) within 3e-7 of torch at opsets 18-23; it costs 2-5 s of CPU per model (about 8 s
+    more for the first export in a process) against 0.1-0.3 s for the legacy exporter, because
+    torch.export traces with fake tensors and onnxscript optimizes. The legacy exporter is the
+    fallback: for models torch.export cannot trace (data-dependent control flow) and for opsets
+    below 18, where dynamo builds opset 18, fails to convert it down and would keep 18.
     """
     import torch
 
@@ -173,8 +185,13 @@ def export_onnx(model: Any, input_shape: tuple[int, ...], path: Path, opset: int
             started = time.perf_counter()
             with _quiet_exporter():
                 run(model, example, path, opset)
+            written = file_opset(path)
+            if written != opset:
+                # Seen with dynamo below opset 18: the version converter fails, logs it, and keeps 18.
+                raise ExportError(f"wrote opset {written} instead of {opset}")
             max_diff = check_onnx_session(path, model, input_shape)
-            return {"exporter": exporter, "opset": opset, "seconds": round(time.perf_counter() - started, 3), "session_check_max_abs_diff": max_diff}
+            info = {"exporter": exporter, "opset": opset, "seconds": round(time.perf_counter() - started, 3), "session_check_max_abs_diff": max_diff}
+            return {**info, "fallback_because": problems[0]} if problems else info
         except Exception as exc:  # noqa: BLE001 - each exporter's failure is reported together below
             problems.append(f"{exporter} exporter: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
             path.unlink(missing_ok=True)
@@ -248,20 +265,29 @@ class Measure:
         return TorchEngine(model, input_shape=self.shape, num_classes=self.classes, precision="fp32", device="cpu", threads=self.threads)
 
 
-def _measure_candidate(mode: str, path: Path, measure: Measure, probe_batch: int | None) -> dict[str, Any]:
+def _measure_candidate(path: Path, measure: Measure, probe_batch: int | None) -> dict[str, Any]:
+    """Agreement and accuracy of one int8 candidate, and its latency at probe_batch when there is a choice to make."""
     engine = measure.onnx_engine(path, "onnx-int8")
     stats = measure.compare(engine)
     if probe_batch is not None:
-        stats["latency_ms"] = {str(probe_batch): round(median_latency_ms(engine, batch_of(measure.data.x_val, probe_batch), measure.budget_s), 5)}
+        stats["probe_latency_ms"] = round(median_latency_ms(engine, batch_of(measure.data.x_val, probe_batch), measure.budget_s), 5)
     return stats
 
 
-def _pick(candidates: dict[str, dict[str, Any]], gate: Any) -> str:
-    """The fastest candidate that passes the gate; if none does, the most faithful (the gate then fails on it)."""
+def pick_int8(candidates: dict[str, dict[str, Any]], gate: Any, margin: float = AUTO_SPEED_MARGIN) -> str:
+    """The fastest candidate that passes the gate, unless a more faithful one is within `margin` of
+    its speed (timings on a busy machine wobble by that much; fidelity does not). If none passes,
+    the most faithful one (the gate then fails on it and says so)."""
+    def fidelity(mode: str) -> tuple[float, float, float]:
+        stats = candidates[mode]
+        return (stats["argmax_agreement"], -stats["accuracy_drop"], -stats.get("max_abs_logit_diff", 0.0))
+
     passing = [mode for mode, stats in candidates.items() if not gate_failures({INT8_FILE: stats}, gate)]
-    if passing:
-        return min(passing, key=lambda mode: next(iter(candidates[mode].get("latency_ms", {"": 0.0}).values())))
-    return max(candidates, key=lambda mode: (candidates[mode]["argmax_agreement"], -candidates[mode]["accuracy_drop"]))
+    if not passing:
+        return max(candidates, key=fidelity)
+    fastest = min(candidates[mode].get("probe_latency_ms", 0.0) for mode in passing)
+    close = [mode for mode in passing if candidates[mode].get("probe_latency_ms", 0.0) <= fastest * (1 + margin)]
+    return max(close, key=fidelity)
 
 
 def quantize_stage(config: TandemConfig, onnx_path: Path, staging: Path, measure: Measure) -> dict[str, Any]:
@@ -277,14 +303,16 @@ def quantize_stage(config: TandemConfig, onnx_path: Path, staging: Path, measure
     candidates = {}
     for mode in modes:
         quantize_int8(mode, onnx_path, staging / f"int8-{mode}.onnx", calibration)
-        candidates[mode] = _measure_candidate(mode, staging / f"int8-{mode}.onnx", measure, probe)
-    chosen = _pick(candidates, config.export.gate)
+        candidates[mode] = _measure_candidate(staging / f"int8-{mode}.onnx", measure, probe)
+    chosen = pick_int8(candidates, config.export.gate)
     os.replace(staging / f"int8-{chosen}.onnx", staging / INT8_FILE)
     for mode in modes:
         (staging / f"int8-{mode}.onnx").unlink(missing_ok=True)
     info: dict[str, Any] = {"requested": config.export.quantize, "method": chosen, "calibration_examples": int(len(calibration)) if "static" in modes else 0}
     if len(modes) > 1:
-        info["candidates"] = {mode: {k: stats[k] for k in ("accuracy_drop", "argmax_agreement", "max_abs_logit_diff", "latency_ms")} for mode, stats in candidates.items()}
+        keep = ("accuracy_drop", "argmax_agreement", "max_abs_logit_diff", "probe_latency_ms")
+        info["probe_batch"] = probe
+        info["candidates"] = {mode: {k: stats[k] for k in keep} for mode, stats in candidates.items()}
     return info
 
 
@@ -327,41 +355,57 @@ def _versions() -> dict[str, str]:
     return {"torch": torch.__version__, "onnxruntime": onnxruntime.__version__, "onnx": onnx.__version__}
 
 
+def _export_info(config: TandemConfig, manifest: dict[str, Any], measure: Measure) -> dict[str, Any]:
+    data = config.data
+    return {
+        "source_version": manifest.get("version"),
+        "config_hash": config.config_hash(),
+        "threads": measure.threads,
+        "versions": _versions(),
+        "data": {"source": data.source, "args": data.args, "val_fraction": data.val_fraction, "seed": data.seed, "val_examples": int(len(measure.data.y_val))},
+        "gate": config.export.gate.model_dump(),
+    }
+
+
+def _onnx_artifacts(config: TandemConfig, model: Any, staging: Path, measure: Measure, report: dict[str, Any], info: dict[str, Any]) -> list[str]:
+    """model.onnx and model.int8.onnx into staging, with their parity entries; returns the files written."""
+    if not config.export.onnx:
+        if config.export.quantize != "none":
+            info["quantize"] = {"requested": config.export.quantize, "skipped": "export.onnx is false and int8 quantizes the ONNX model"}
+        return []
+    info["onnx"] = export_onnx(model, measure.shape, staging / ONNX_FILE, config.export.opset)
+    report[ONNX_FILE] = measure.entry(measure.onnx_engine(staging / ONNX_FILE, "onnx-fp32"), staging / ONNX_FILE)
+    info["quantize"] = quantize_stage(config, staging / ONNX_FILE, staging, measure)
+    if not (staging / INT8_FILE).exists():
+        return [ONNX_FILE]
+    report[INT8_FILE] = {**measure.entry(measure.onnx_engine(staging / INT8_FILE, "onnx-int8"), staging / INT8_FILE), "method": info["quantize"]["method"]}
+    return [ONNX_FILE, INT8_FILE]
+
+
+def _pruned_artifacts(config: TandemConfig, model: Any, staging: Path, measure: Measure, report: dict[str, Any], info: dict[str, Any], fine_tune: FineTune | None) -> list[str]:
+    """model.pruned.pt (and model.pruned.onnx) into staging, with their parity entries; returns the files written."""
+    if config.export.prune is None:
+        return []
+    pruned, result, info["prune"] = prune_stage(model, config, fine_tune)
+    atomic_save_torch({k: v.detach().contiguous() for k, v in pruned.state_dict().items()}, staging / PRUNED_FILE)
+    sparsity = {"sparsity": round(result.sparsity, 6)}
+    report[PRUNED_FILE] = {**measure.entry(measure.torch_engine(pruned), staging / PRUNED_FILE), **sparsity}
+    if not config.export.onnx:
+        return [PRUNED_FILE]
+    info["pruned_onnx"] = export_onnx(pruned, measure.shape, staging / PRUNED_ONNX_FILE, config.export.opset)
+    report[PRUNED_ONNX_FILE] = {**measure.entry(measure.onnx_engine(staging / PRUNED_ONNX_FILE, "onnx-pruned"), staging / PRUNED_ONNX_FILE), **sparsity}
+    return [PRUNED_FILE, PRUNED_ONNX_FILE]
+
+
 def _build(config: TandemConfig, folder: Path, staging: Path, model: Any, manifest: dict[str, Any], measure: Measure, fine_tune: FineTune | None):
     """Write every artifact into staging and measure it; returns (report, info, produced file names)."""
     source_engine = measure.torch_engine(model)
     measure.source_logits = predict_all(source_engine, measure.data.x_val)
     report = {SOURCE: measure.entry(source_engine, folder / MODEL_FILE)}
     measure.source_latency = report[SOURCE]["latency_ms"]
-    info: dict[str, Any] = {
-        "source_version": manifest.get("version"),
-        "config_hash": config.config_hash(),
-        "threads": measure.threads,
-        "versions": _versions(),
-        "data": {"source": config.data.source, "args": config.data.args, "val_fraction": config.data.val_fraction, "seed": config.data.seed, "val_examples": int(len(measure.data.y_val))},
-        "gate": config.export.gate.model_dump(),
-    }
-    produced: list[str] = []
-    if config.export.onnx:
-        info["onnx"] = export_onnx(model, measure.shape, staging / ONNX_FILE, config.export.opset)
-        produced.append(ONNX_FILE)
-        report[ONNX_FILE] = measure.entry(measure.onnx_engine(staging / ONNX_FILE, "onnx-fp32"), staging / ONNX_FILE)
-        info["quantize"] = quantize_stage(config, staging / ONNX_FILE, staging, measure)
-        if (staging / INT8_FILE).exists():
-            produced.append(INT8_FILE)
-            report[INT8_FILE] = {**measure.entry(measure.onnx_engine(staging / INT8_FILE, "onnx-int8"), staging / INT8_FILE), "method": info["quantize"]["method"]}
-    elif config.export.quantize != "none":
-        info["quantize"] = {"requested": config.export.quantize, "skipped": "export.onnx is false and int8 quantizes the ONNX model"}
-    if config.export.prune is not None:
-        pruned, result, info["prune"] = prune_stage(model, config, fine_tune)
-        atomic_save_torch({k: v.detach().contiguous() for k, v in pruned.state_dict().items()}, staging / PRUNED_FILE)
-        produced.append(PRUNED_FILE)
-        report[PRUNED_FILE] = {**measure.entry(measure.torch_engine(pruned), staging / PRUNED_FILE), "sparsity": round(result.sparsity, 6)}
-        if config.export.onnx:
-            info["pruned_onnx"] = export_onnx(pruned, measure.shape, staging / PRUNED_ONNX_FILE, config.export.opset)
-            produced.append(PRUNED_ONNX_FILE)
-            engine = measure.onnx_engine(staging / PRUNED_ONNX_FILE, "onnx-pruned")
-            report[PRUNED_ONNX_FILE] = {**measure.entry(engine, staging / PRUNED_ONNX_FILE), "sparsity": round(result.sparsity, 6)}
+    info = _export_info(config, manifest, measure)
+    produced = _onnx_artifacts(config, model, staging, measure, report, info)
+    produced += _pruned_artifacts(config, model, staging, measure, report, info, fine_tune)
     return report, info, produced
 
 

@@ -18,6 +18,7 @@ them. A short fine-tune after pruning recovers accuracy; it belongs to the train
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -59,13 +60,20 @@ def prunable_weights(model: nn.Module, structured: bool) -> list[tuple[str, nn.M
     return found
 
 
+def _at_least(sparsity: float, count: int) -> int:
+    """How many of `count` to prune so the fraction reaches `sparsity` (torch rounds a float amount to nearest, which can fall short)."""
+    return min(count, math.ceil(sparsity * count - 1e-9))
+
+
 def _prune_unstructured(weights: list[tuple[str, nn.Module, str]], sparsity: float) -> None:
-    prune.global_unstructured([(m, p) for _, m, p in weights], pruning_method=prune.L1Unstructured, amount=sparsity)
+    total = sum(getattr(m, p).numel() for _, m, p in weights)
+    prune.global_unstructured([(m, p) for _, m, p in weights], pruning_method=prune.L1Unstructured, amount=_at_least(sparsity, total))
 
 
 def _prune_structured(weights: list[tuple[str, nn.Module, str]], sparsity: float) -> None:
     for _, module, param in weights:
-        prune.ln_structured(module, param, amount=sparsity, n=1, dim=0)
+        rows = getattr(module, param).shape[0]
+        prune.ln_structured(module, param, amount=_at_least(sparsity, rows), n=1, dim=0)
 
 
 def _zero_bias_of_dead_rows(weights: list[tuple[str, nn.Module, str]]) -> None:

@@ -28,12 +28,22 @@ SPLIT_SEED = 0
 
 def train_artifact(folder: Path, builder: str = "training.models:mlp", args: dict[str, Any] | None = None, epochs: int = 20, lr: float = 3e-3, seed: int = 0) -> Path:
     """Train `builder(**args)` on the digits training split for `epochs` and save it under `folder`."""
+    threads = torch.get_num_threads()
     # One thread: on a shared 2-core machine a second torch thread waits on the first at every op.
     torch.set_num_threads(1)
+    try:
+        model, spec, accuracy = _train(builder, dict(args or {}), epochs, lr, seed)
+    finally:
+        torch.set_num_threads(threads)
+    save_model_artifact(folder, model.state_dict(), spec, info={"metrics": {"val_accuracy": accuracy}})
+    return Path(folder)
+
+
+def _train(builder: str, args: dict[str, Any], epochs: int, lr: float, seed: int) -> tuple[torch.nn.Module, dict[str, Any], float]:
     torch.manual_seed(seed)
     train, val = split(digits(), VAL_FRACTION, SPLIT_SEED)
-    spec = {"builder": builder, "args": dict(args or {}), "input_shape": list(train.input_shape), "num_classes": 10}
-    model = resolve_import_path(builder)(input_shape=train.input_shape, num_classes=10, **spec["args"])
+    spec = {"builder": builder, "args": args, "input_shape": list(train.input_shape), "num_classes": 10}
+    model = resolve_import_path(builder)(input_shape=train.input_shape, num_classes=10, **args)
     optimizer = torch.optim.AdamW(model.parameters(), lr=lr)
     x, y = torch.from_numpy(train.x), torch.from_numpy(train.y)
     generator = torch.Generator().manual_seed(seed)
@@ -49,8 +59,7 @@ def train_artifact(folder: Path, builder: str = "training.models:mlp", args: dic
     model.eval()
     with torch.inference_mode():
         accuracy = float((model(torch.from_numpy(val.x)).argmax(1).numpy() == val.y).mean())
-    save_model_artifact(folder, model.state_dict(), spec, info={"metrics": {"val_accuracy": accuracy}})
-    return Path(folder)
+    return model, spec, accuracy
 
 
 def export_config(storage: Path, builder: str = "training.models:mlp", args: dict[str, Any] | None = None, **export: Any) -> TandemConfig:

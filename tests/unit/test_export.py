@@ -7,6 +7,7 @@ tests that change an artifact work on a copy.
 from __future__ import annotations
 
 import json
+import math
 
 import numpy as np
 import pytest
@@ -15,7 +16,7 @@ from rich.console import Console
 
 from cluster.artifacts import ArtifactError, load_model, read_manifest, verify_artifact
 from serving.engines import INT8_FILE, ONNX_FILE, PRUNED_FILE, PRUNED_ONNX_FILE, load_engine
-from serving.export import ParityGateError, export, format_report
+from serving.export import ParityGateError, export, export_onnx, file_opset, format_report, pick_int8
 from serving.parity import gate_failures
 from serving.prune import prune_model
 from serving.quantize import candidate_modes
@@ -31,7 +32,7 @@ from tests.unit.artifact_helpers import (
     onnx_weight_sparsity,
     train_artifact,
 )
-from training.models import mlp, transformer
+from training.models import cnn, mlp, transformer
 
 
 def max_logit_diff(artifact, **engine) -> float:
@@ -67,9 +68,18 @@ def test_builtin_model_exports_round_trip(tmp_path, builder, args, epochs, quant
     assert result.artifact_dir == artifact
     assert max_logit_diff(artifact) <= 1e-4
     if quantize == "static":
+        assert candidate_modes("auto", artifact / ONNX_FILE) == ["static", "dynamic"]  # a conv graph
         assert result.info["quantize"]["method"] == "static"
         assert result.report[INT8_FILE]["argmax_agreement"] >= 0.95
     verify_artifact(artifact)  # every file, old and new, matches the refreshed manifest
+
+
+def test_opset_below_18_falls_back_to_the_legacy_exporter(tmp_path):
+    # dynamo builds opset 18 and, for ReduceMean, cannot convert it down (it would silently keep 18).
+    model = cnn((64,), 10, channels=[4]).eval()
+    info = export_onnx(model, (64,), tmp_path / "model.onnx", opset=17)
+    assert info["exporter"] == "legacy" and "instead of 17" in info["fallback_because"]
+    assert file_opset(tmp_path / "model.onnx") == 17
 
 
 # ---------------------------------------------------------------------------------------------
@@ -138,7 +148,7 @@ def test_structured_pruning_removes_whole_neurons_and_keeps_the_output_layer(tmp
     hidden = [m for m in pruned.modules() if isinstance(m, torch.nn.Linear)]
     for layer in hidden[:-1]:
         dead = layer.weight.abs().sum(dim=1) == 0
-        assert int(dead.sum()) == round(0.25 * layer.out_features)
+        assert int(dead.sum()) == math.ceil(0.25 * layer.out_features)
         assert torch.all(layer.bias[dead] == 0)  # a pruned neuron emits nothing, not its bias
     assert int((hidden[-1].weight.abs().sum(dim=1) == 0).sum()) == 0  # every class keeps its row
     assert result.report[PRUNED_FILE]["sparsity"] == pytest.approx(0.25, abs=1e-6)
@@ -211,12 +221,25 @@ def test_gate_failures_report_every_crossing_at_once():
     assert "export.gate.min_argmax_agreement: 0.99" in failures[1] and "export.quantize" in failures[1]
 
 
-def test_auto_quantize_tries_static_first_for_conv_models():
+def test_auto_quantize_tries_dynamic_first_without_convolutions():
     artifact = exported_mlp()
     assert candidate_modes("auto", artifact / ONNX_FILE) == ["dynamic", "static"]
     assert candidate_modes("none", artifact / ONNX_FILE) == []
     with pytest.raises(ValueError, match="export.quantize"):
         candidate_modes("int4", artifact / ONNX_FILE)
+
+
+def test_auto_picks_the_fastest_int8_that_passes_the_gate_else_the_most_faithful():
+    gate = export_config("/tmp/unused", args=MLP_ARGS).export.gate
+    good = {"accuracy": 0.97, "source_accuracy": 0.97, "accuracy_drop": 0.0, "argmax_agreement": 1.0, "max_abs_logit_diff": 0.2}
+    candidates = {"dynamic": {**good, "probe_latency_ms": 0.2}, "static": {**good, "probe_latency_ms": 0.1}}
+    assert pick_int8(candidates, gate) == "static"
+    candidates["static"].update(argmax_agreement=0.995, probe_latency_ms=0.19)  # within 10%: fidelity decides
+    assert pick_int8(candidates, gate) == "dynamic"
+    candidates["static"].update(argmax_agreement=0.9, probe_latency_ms=0.1)  # faster but crosses the gate
+    assert pick_int8(candidates, gate) == "dynamic"
+    candidates["dynamic"].update(argmax_agreement=0.95)  # neither passes: keep the closer one, the gate reports it
+    assert pick_int8(candidates, gate) == "dynamic"
 
 
 def test_manifest_records_the_export():
