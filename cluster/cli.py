@@ -204,7 +204,8 @@ def profile(
     from serving.profile import profile as run_profile
 
     report = run_profile(load(config, set_), source=from_, out_dir=out, serve_url=url, quick=quick)
-    console.print(f"report: {report.html}")
+    console.print(report.summary())
+    console.print(f"report: {report.html_path}")
 
 
 @app.command()

@@ -51,9 +51,13 @@ def human_seconds(value: float) -> str:
 
 
 def _save(fig: Figure, path: Path) -> Path:
-    fig.tight_layout()
-    fig.savefig(path, dpi=DPI, format="png")
+    # bbox_inches="tight" keeps legends placed outside the axes inside the image.
+    fig.savefig(path, dpi=DPI, format="png", bbox_inches="tight")
     return path
+
+
+def _legend_outside(ax: Any) -> None:
+    ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
 
 
 def _batch_axis(ax: Any) -> None:
@@ -65,7 +69,7 @@ def _batch_axis(ax: Any) -> None:
 def plot_latency(data: dict[str, Any], path: Path) -> Path:
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    for color, engine in zip(COLORS, data["inference"]["engines"]):
+    for color, engine in zip(COLORS, data["inference"]["engines"], strict=False):
         sizes = [row["batch"] for row in engine["latency"]]
         ax.plot(sizes, [row["p50_ms"] for row in engine["latency"]], "o-", color=color, label=f"{engine['label']} p50")
         ax.plot(sizes, [row["p99_ms"] for row in engine["latency"]], ":", color=color, alpha=0.7)
@@ -73,14 +77,14 @@ def plot_latency(data: dict[str, Any], path: Path) -> Path:
     ax.set_yscale("log")
     ax.set_ylabel("latency per batch (ms); dotted: p99")
     ax.set_title(f"Inference latency vs batch size ({_thread_note(data)})")
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     return _save(fig, path)
 
 
 def plot_throughput(data: dict[str, Any], path: Path) -> Path:
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
-    for color, engine in zip(COLORS, data["inference"]["engines"]):
+    for color, engine in zip(COLORS, data["inference"]["engines"], strict=False):
         rows = engine["latency"]
         ax.plot([r["batch"] for r in rows], [r["examples_per_s"] for r in rows], "o-", color=color, label=engine["label"])
     training = data["training"]
@@ -89,7 +93,7 @@ def plot_throughput(data: dict[str, Any], path: Path) -> Path:
     ax.set_yscale("log")
     ax.set_ylabel("examples per second")
     ax.set_title(f"Throughput vs batch size ({_thread_note(data)})")
-    ax.legend(fontsize=8)
+    _legend_outside(ax)
     return _save(fig, path)
 
 
@@ -99,12 +103,12 @@ def _thread_note(data: dict[str, Any]) -> str:
 
 
 def _roofs(data: dict[str, Any]) -> list[tuple[str, float, float, str]]:
-    """(label, peak FLOP/s, bandwidth B/s, line style) for every measured roof of a device used."""
+    """(label, peak FLOP/s, bandwidth B/s, line style) of every roof at a device and thread count the measurements used."""
     machine = data["machine"]
-    devices = {data["training"]["device"]} | {e["device"] for e in data["inference"]["engines"]}
+    used = {(data["training"]["device"], data["training"]["threads"])} | {(e["device"], e["threads"]) for e in data["inference"]["engines"]}
     roofs = []
     for peak in machine["peaks"]:
-        if peak["device"] not in devices:
+        if (peak["device"], peak["threads"]) not in used:
             continue
         bandwidth = next((b for b in machine["bandwidth"] if b["device"] == peak["device"] and b["threads"] == peak["threads"]), None)
         if bandwidth is None:
@@ -119,7 +123,7 @@ def plot_roofline(data: dict[str, Any], path: Path) -> Path:
     """Achieved FLOP/s against arithmetic intensity, under roofs of measured peak and triad bandwidth."""
     import numpy as np
 
-    fig = Figure(figsize=(7.5, 5))
+    fig = Figure(figsize=(8, 5))
     ax = fig.subplots()
     training = data["training"]
     points = [training["arithmetic_intensity"]] + [r["arithmetic_intensity"] for e in data["inference"]["engines"] for r in e["latency"]]
@@ -131,7 +135,7 @@ def plot_roofline(data: dict[str, Any], path: Path) -> Path:
     for i, (label, peak, bandwidth, style) in enumerate(roofs):
         ax.plot(x, np.minimum(peak, bandwidth * x), style, color="0.25" if i % 2 == 0 else "0.55", linewidth=1.2,
                 label=f"roof {label}: {human_flops(peak, 'FLOP/s')}, {human_bytes(bandwidth)}/s")
-    for color, engine in zip(COLORS, data["inference"]["engines"]):
+    for color, engine in zip(COLORS, data["inference"]["engines"], strict=False):
         rows = engine["latency"]
         ax.plot([r["arithmetic_intensity"] for r in rows], [r["achieved_flops_per_s"] for r in rows], "o-", color=color, markersize=4,
                 label=f"{engine['label']} (batch {rows[0]['batch']}..{rows[-1]['batch']})")
@@ -143,7 +147,7 @@ def plot_roofline(data: dict[str, Any], path: Path) -> Path:
     ax.set_ylabel("achieved FLOP/s")
     ax.set_title("Roofline: measured peaks and bandwidth")
     ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=7, loc="lower right")
+    _legend_outside(ax)
     return _save(fig, path)
 
 
@@ -158,7 +162,7 @@ def plot_zero_memory(data: dict[str, Any], path: Path) -> Path:
     for key, label, color in parts:
         values = [row[key] / 1e6 for row in zero["stages"]]
         ax.bar([s - 0.2 for s in stages], values, 0.38, bottom=bottom, color=color, label=f"{label} (formula)")
-        bottom = [b + v for b, v in zip(bottom, values)]
+        bottom = [b + v for b, v in zip(bottom, values, strict=True)]
     run = zero.get("run")
     if run and run.get("param_bytes") is not None:
         measured = [run["param_bytes"] / 1e6, (run.get("optimizer_bytes") or 0.0) / 1e6]
