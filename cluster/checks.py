@@ -86,9 +86,9 @@ def deployments_fit_their_groups(config: TandemConfig) -> list[Finding]:
         path = f"serving.deployments[{i}].gpus"
         candidates = {dep.node_group: groups[dep.node_group]} if dep.node_group in groups else groups
         most = max((g.gpus for g in candidates.values()), default=0)
-        where = f"cluster.node_groups.{dep.node_group}.gpus" if dep.node_group else "any node group"
         if dep.gpus > most:
-            findings.append(Finding("error", path, f"{dep.gpus:g} GPUs per replica, but {where} has at most {most} per node; the replica can never be placed. Lower gpus or add GPUs to the group."))
+            where = f"a node of cluster.node_groups.{dep.node_group} has {most}" if dep.node_group else f"no node group has more than {most} per node"
+            findings.append(Finding("error", path, f"{dep.gpus:g} GPUs per replica, but {where}; the replica can never be placed. Lower gpus or add GPUs to a node group."))
             continue
         if dep.node_group in groups:
             group = groups[dep.node_group]

@@ -98,6 +98,21 @@ class RuntimeEnv(Strict):
     pip: list[str] = Field(default_factory=list, description="Extra pip packages for a submitted job; leave empty when the image has them.")
 
 
+class KubernetesConfig(Strict):
+    upgrade_strategy: Literal["NewCluster", "None"] = Field(
+        "NewCluster", description="RayService upgrade: a second cluster, zero downtime, twice the resources meanwhile; None updates in place."
+    )
+    head_cpus: float = Field(2.0, gt=0, description="CPUs of the head pod (it runs no tasks).")
+    head_memory: str = Field("8Gi", pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti)?$", description="Memory of the head pod.")
+    job_ttl_s: int = Field(300, ge=0, description="Seconds a finished RayJob's cluster is kept.")
+    job_backoff_limit: int = Field(0, ge=0, description="Retries of a failed RayJob, each on a new cluster.")
+    job_deadline_s: int | None = Field(None, gt=0, description="RayJob activeDeadlineSeconds.")
+    autoscaler_idle_timeout_s: int = Field(60, ge=0, description="Seconds an idle worker pod is kept before the autoscaler removes it.")
+    auth_secret: str | None = Field(None, description="Secret holding the Ray token (key auth_token); default <name>-ray-token.")
+    storage_claim: str | None = Field(None, description="ReadWriteMany PVC mounted at cluster.storage in every pod; cluster.storage must then be absolute.")
+    ray_version: str | None = Field(None, pattern=r"^\d+\.\d+\.\d+$", description="Ray version of cluster.image when its tag does not say.")
+
+
 class ClusterConfig(Strict):
     address: str = Field("local", description="'local' (start Ray here), 'auto' (join RAY_ADDRESS or a running head) or 'ray://host:10001'.")
     storage: str = Field("./runs", description="Local path or URI where runs, checkpoints and artifacts are written.")
@@ -111,6 +126,7 @@ class ClusterConfig(Strict):
     auth: Literal["token", "disabled"] = Field(
         "token", description="Ray token authentication for clusters Tandem starts or submits to ('token' keeps Ray 2.60's default)."
     )
+    kubernetes: KubernetesConfig = Field(default_factory=KubernetesConfig, description="KubeRay settings for tandem k8s.")
 
     @field_validator("address")
     @classmethod

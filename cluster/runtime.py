@@ -114,6 +114,10 @@ def connect(config: TandemConfig) -> Iterator[RayHandle]:
         yield RayHandle(address="existing", started=False)
         return
     address = config.cluster.address
+    if address == "local" and os.environ.get("RAY_ADDRESS"):
+        # Inside `ray job submit` (or with RAY_ADDRESS set) a local config joins that cluster
+        # instead of starting a second Ray: the plain `ray job submit -- tandem train x.yaml` form.
+        address = "auto"
     handle: RayHandle
     if address == "local" and config.cluster.local.simulate_nodes:
         cluster, nodes = _start_simulated_cluster(config)

@@ -211,9 +211,10 @@ def follow_job(client: Any, job_id: str, out: TextIO | None = None) -> int:
     if status == "SUCCEEDED":
         print(f"job {job_id} SUCCEEDED", file=out, flush=True)
         return 0
-    reason = (info.message or "").strip().splitlines()
+    # Ray's message repeats the last logs, which were streamed already: keep its first sentence.
+    reason = (info.message or "no message").strip().splitlines()[0].split(", last available logs")[0]
     detail = f" ({info.error_type})" if getattr(info, "error_type", None) else ""
-    print(f"job {job_id} {status}{detail}: {reason[0] if reason else 'no message'}", file=sys.stderr, flush=True)
+    print(f"job {job_id} {status}{detail}: {reason}", file=sys.stderr, flush=True)
     return 1
 
 

@@ -3,8 +3,10 @@
 `build_serve_config(config)` returns the dict that `serve deploy FILE` takes and that a KubeRay
 RayService embeds as `serveConfigV2` (cluster/k8s.py dumps exactly this dict). One application,
 named after the config, built by `serving.app:build_app({"config": ..., "artifact": ...})`; its
-deployments are "Ingress" (the FastAPI entry) and one per `serving.deployments[i]`, each with
-replicas or autoscaling, request limits and the node-group pinning of cluster/runtime.py.
+deployments are one per `serving.deployments[i]` and, with several, an "Ingress" in front, each
+with replicas or autoscaling, request limits and the node-group pinning of cluster/runtime.py.
+`ingress_options` and `model_deployment_options` here are the one source of those options:
+serving.app.deployment_options builds on them, and this file takes them back from there.
 
 Ray validates this dict with `ray.serve.schema.ServeDeploySchema`; tests/unit/test_serve_config.py
 does the same, and also refuses keys that schema would silently accept (it allows extras).
@@ -12,6 +14,7 @@ does the same, and also refuses keys that schema would silently accept (it allow
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 from typing import Any
 
@@ -74,8 +77,16 @@ def ingress_options(config: TandemConfig) -> dict[str, Any]:
     if widest == 1:
         scaling = {"num_replicas": 1}
     else:
-        target = sum(d.autoscaling.target_ongoing_requests for d in deployments)
-        scaling = {"autoscaling_config": {"min_replicas": 1, "max_replicas": widest, "target_ongoing_requests": target}}
+        # Up as fast as the quickest deployment behind it, down as slowly as the slowest.
+        scaling = {
+            "autoscaling_config": {
+                "min_replicas": 1,
+                "max_replicas": widest,
+                "target_ongoing_requests": sum(d.autoscaling.target_ongoing_requests for d in deployments),
+                "upscale_delay_s": min(d.autoscaling.upscale_delay_s for d in deployments),
+                "downscale_delay_s": max(d.autoscaling.downscale_delay_s for d in deployments),
+            }
+        }
     return {
         "name": INGRESS,
         **scaling,
@@ -85,8 +96,24 @@ def ingress_options(config: TandemConfig) -> dict[str, Any]:
     }
 
 
-def application_runtime_env(config: TandemConfig) -> dict[str, Any]:
-    """env_vars and pip of cluster.runtime_env; a working_dir only when it is a remote URI.
+def serve_settings(config: TandemConfig) -> dict[str, str]:
+    """serving.app's Serve environment for the config's HTTP path (direct ingress, HAProxy, ...).
+
+    serve_env also passes on the RAY_SERVE_* variables of the calling process; a config file must
+    follow from the config alone (a variable in the shell that renders k8s/ must not land in a
+    RayService), so those are hidden while it runs.
+    """
+    from serving.app import serve_env
+
+    hidden = {k: os.environ.pop(k) for k in list(os.environ) if k.startswith("RAY_SERVE_")}
+    try:
+        return serve_env(config)
+    finally:
+        os.environ.update(hidden)
+
+
+def application_runtime_env(config: TandemConfig, settings: dict[str, str]) -> dict[str, Any]:
+    """The Serve settings and cluster.runtime_env's env_vars and pip; a working_dir only when remote.
 
     Serve config files refuse local working_dirs: the code must be in the image (Dockerfile) or
     in a zip the cluster can download.
@@ -95,30 +122,42 @@ def application_runtime_env(config: TandemConfig) -> dict[str, Any]:
     env: dict[str, Any] = {}
     if runtime.working_dir and "://" in runtime.working_dir:
         env["working_dir"] = runtime.working_dir
-    if runtime.env_vars:
-        env["env_vars"] = dict(runtime.env_vars)
+    env_vars = {**settings, **runtime.env_vars}
+    if env_vars:
+        env["env_vars"] = env_vars
     if runtime.pip:
         env["pip"] = list(runtime.pip)
     return env
 
 
 def build_serve_config(config: TandemConfig, artifact: str = "latest") -> dict[str, Any]:
-    """The Ray Serve config file (multi-application format) for `config`, serving `artifact`."""
+    """The Ray Serve config file (multi-application format) for `config`, serving `artifact`.
+
+    The deployments and their options are serving.app.deployment_options, the same that
+    build_app gives them in code ("Ingress" only when there are several model deployments).
+    """
+    from serving.app import deployment_options
+
     serving = config.serving
+    settings = serve_settings(config)
     application = {
         "name": config.name,
         "route_prefix": serving.route_prefix,
         "import_path": APP_BUILDER,
         "args": {"config": config.to_dict(), "artifact": artifact},
-        "runtime_env": application_runtime_env(config),
-        "deployments": [ingress_options(config)] + [model_deployment_options(config, d) for d in serving.deployments],
+        "runtime_env": application_runtime_env(config, settings),
+        "deployments": list(deployment_options(config).values()),
     }
-    return {
+    serve_config: dict[str, Any] = {
         # A proxy on every node with a replica: KubeRay's serve Service routes to all of them.
         "proxy_location": "EveryNode",
         "http_options": {"host": serving.host, "port": serving.port},
-        "applications": [application],
     }
+    if settings:
+        # Serve reads these at import, so the controller needs them too (applied when it starts).
+        serve_config["controller_options"] = {"runtime_env": {"env_vars": dict(settings)}}
+    serve_config["applications"] = [application]
+    return serve_config
 
 
 def dump_serve_config(serve_config: dict[str, Any]) -> str:

@@ -69,7 +69,7 @@ def test_deployment_with_more_gpus_than_any_node_is_an_error():
     ]
     (finding,) = findings_at(overrides, "serving.deployments[0].gpus")
     assert finding.level == "error"
-    assert "2 GPUs per replica" in finding.message and "at most 1 per node" in finding.message
+    assert "2 GPUs per replica" in finding.message and "no node group has more than 1 per node" in finding.message
 
 
 def test_more_gpu_replicas_than_the_group_holds_is_an_error():

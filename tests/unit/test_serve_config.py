@@ -6,6 +6,7 @@ it and be ignored; `unknown_keys` checks every level against the schema models' 
 
 from __future__ import annotations
 
+import os
 from typing import Any
 
 import pytest
@@ -13,7 +14,7 @@ import yaml
 
 from cluster.config import derived_max_ongoing_requests, load_config
 from cluster.runtime import pin_to_group
-from serving.serve_config import INGRESS, build_serve_config, write_serve_config
+from serving.serve_config import INGRESS, build_serve_config, serve_settings, write_serve_config
 
 TWO_DEPLOYMENTS = [
     "cluster.node_groups={gpu: {cpus: 8, gpus: 1, memory: 32Gi, min_replicas: 0, max_replicas: 4}, cpu: {cpus: 4, memory: 8Gi, max_replicas: 8}}",
@@ -28,12 +29,13 @@ TWO_DEPLOYMENTS = [
 
 
 def unknown_keys(value: dict[str, Any], model: Any, where: str = "") -> list[str]:
-    from ray.serve.config import AutoscalingConfig
+    from ray.serve.config import AutoscalingConfig, ControllerOptions
     from ray.serve.schema import DeploymentSchema, HTTPOptionsSchema, RayActorOptionsSchema, ServeApplicationSchema, ServeDeploySchema
 
     nested = {
         (ServeDeploySchema, "http_options"): HTTPOptionsSchema,
         (ServeDeploySchema, "applications"): ServeApplicationSchema,
+        (ServeDeploySchema, "controller_options"): ControllerOptions,
         (ServeApplicationSchema, "deployments"): DeploymentSchema,
         (DeploymentSchema, "autoscaling_config"): AutoscalingConfig,
         (DeploymentSchema, "ray_actor_options"): RayActorOptionsSchema,
@@ -65,8 +67,11 @@ def test_it_mirrors_the_serving_section():
     assert app["name"] == cfg.name and app["route_prefix"] == "/digits"
     assert app["import_path"] == "serving.app:build_app"
     assert app["args"] == {"config": cfg.to_dict(), "artifact": "/runs/digits/run-1"}
-    # A local working_dir cannot go into a Serve config file (the image carries the code).
-    assert app["runtime_env"] == {"env_vars": {"OMP_NUM_THREADS": "1"}, "pip": ["rich"]}
+    # A local working_dir cannot go into a Serve config file (the image carries the code). The
+    # HTTP-path settings reach the controller and, with the user's env_vars, every replica.
+    settings = serve_settings(cfg)
+    assert app["runtime_env"] == {"env_vars": {**settings, "OMP_NUM_THREADS": "1"}, "pip": ["rich"]}
+    assert serve_config["controller_options"] == {"runtime_env": {"env_vars": settings}}
     deployments = {d["name"]: d for d in app["deployments"]}
     assert list(deployments) == [INGRESS, "gpu", "cpu"]
 
@@ -86,10 +91,19 @@ def test_it_mirrors_the_serving_section():
     assert "resources" not in ingress["ray_actor_options"]
 
 
-def test_unpinned_deployment_asks_for_no_group_resource():
+def test_one_deployment_is_its_own_ingress_and_unpinned_asks_for_no_group():
     (app,) = build_serve_config(load_config(None))["applications"]
-    model = next(d for d in app["deployments"] if d["name"] == "cpu")
+    (model,) = app["deployments"]  # serving.app: no router hop with one deployment
+    assert model["name"] == "cpu"
     assert "resources" not in model["ray_actor_options"]
+
+
+def test_serve_settings_follow_the_config_not_the_shell(monkeypatch):
+    cfg = load_config(None)
+    before = build_serve_config(cfg)
+    monkeypatch.setenv("RAY_SERVE_SOMETHING_LOCAL", "1")
+    assert build_serve_config(cfg) == before
+    assert os.environ["RAY_SERVE_SOMETHING_LOCAL"] == "1"  # put back afterwards
 
 
 def test_write_serve_config_round_trips(tmp_path):
