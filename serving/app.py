@@ -17,7 +17,8 @@ Shape of the application
 - Several deployments: an "Ingress" deployment (FastAPI) validates, looks in the cache and routes
   each request through a DeploymentHandle to a model deployment chosen by serving/router.py
   (spillover, round_robin, least_loaded); a deployment that refuses (queue full, batcher shedding)
-  spills to the next one. Model deployments are named after `serving.deployments[i].name`.
+  spills to the next one. Model deployments are named after `serving.deployments[i].name`; they
+  are `ModelReplica`s without HTTP (Serve allows one FastAPI deployment per application).
   Bad input is refused in the ingress, so it never reaches a model replica.
 
 The HTTP path (`serving.http_path`, default "haproxy")
@@ -44,10 +45,10 @@ Every refusal is JSON `{"error": code, "message": ..., "expected_shape": [...], 
 400 not JSON, 401 missing or wrong bearer token, 413 body over limits.max_body_bytes or more than
 limits.max_inputs examples, 422 wrong shape / dtype / NaN or infinity / empty / unknown keys,
 503 with Retry-After when overloaded (the batcher predicts a missed deadline with its queue over
-the limit, every deployment refused, or Serve's own queue is full).
+the limit, or every deployment refused). When more requests wait for a replica slot than
+max_queued_requests, Serve itself answers 503 with Retry-After before Tandem's code runs (its body
+is the plain text "Request dropped due to backpressure").
 """
-
-from __future__ import annotations
 
 import hmac
 import json
@@ -225,7 +226,8 @@ def parse_predict(payload: Any, input_shape: tuple[int, ...], max_inputs: int) -
     if array.ndim != len(input_shape) + 1 or tuple(array.shape[1:]) != tuple(input_shape):
         got = list(array.shape if depth != len(input_shape) else array.shape[1:])
         raise RequestError(422, "wrong_shape", f'"inputs" has shape {got}; expected {expected} (shape [N, {", ".join(map(str, input_shape))}])')
-    batch = array.astype(np.float32)
+    with np.errstate(over="ignore"):  # a number beyond float32 becomes inf, refused just below
+        batch = array.astype(np.float32)
     finite = np.isfinite(batch).reshape(len(batch), -1).all(axis=1)
     if not finite.all():
         bad = int(np.argmin(finite))
@@ -267,6 +269,9 @@ def _backpressure(exc: BaseException) -> float | None:
     """Retry-After seconds when exc is a refusal (batcher shedding or Serve back-pressure), else None."""
     from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError
 
+    cause = getattr(exc, "cause", None)  # a RayTaskError from a handle call carries the replica's exception
+    if isinstance(cause, Overloaded):
+        exc = cause
     if isinstance(exc, Overloaded):
         return exc.retry_after_s
     if isinstance(exc, BackPressureError):
@@ -274,6 +279,91 @@ def _backpressure(exc: BaseException) -> float | None:
     if isinstance(exc, DeploymentUnavailableError):
         return 1.0
     return None
+
+
+# Everything TandemServer uses is defined above it, and this module does not use
+# `from __future__ import annotations`: Serve's ingress wrapper resolves the methods' globals and
+# FastAPI their annotations as the module is at decoration time (a later function was a NameError,
+# a string annotation `Request` became a query parameter).
+
+
+def batcher_queue_limit(config: TandemConfig) -> int:
+    """Requests a replica's batcher queues before it may shed: two full batches (or the configured
+    queue limit when lower). Beyond them a request waits at least two forward passes, which is
+    when a missed target becomes likely; it is still served unless the predicted finish is late."""
+    serving = config.serving
+    return max(1, min(serving.limits.max_queued_requests, 2 * serving.batching.max_batch_size))
+
+
+def tandem_metrics() -> Any:
+    """Tandem's Prometheus metrics, or None where they cannot register (they are an aid, never a
+    reason for a replica to fail)."""
+    try:
+        from serving.metrics import TandemMetrics
+
+        return TandemMetrics()
+    except Exception:
+        logger.exception("Tandem metrics are off: could not create them")
+        return None
+
+
+class LocalModel:
+    """The engine of one deployment behind its adaptive batcher, calibrated at start."""
+
+    def __init__(self, config: TandemConfig, artifact: Path, deployment: dict[str, Any], input_shape: tuple[int, ...], metrics: Any):
+        from serving.engines import load_engine
+
+        self.engine = load_engine(
+            artifact,
+            engine=deployment["engine"],
+            precision=deployment["precision"],
+            quantize=deployment["quantize"],
+            threads=deployment["threads"],
+            device="auto",
+        )
+        batching = config.serving.batching
+        settings = BatcherSettings(
+            max_batch_size=batching.max_batch_size,
+            target_p99_ms=batching.target_p99_ms,
+            max_queued=batcher_queue_limit(config),
+            adaptive=batching.adaptive,
+            max_wait_ms=batching.max_wait_ms,
+        )
+        self.batcher = AdaptiveBatcher(self.engine.predict, settings)
+        self.metrics = metrics
+        if metrics is not None:
+            self.batcher.on_batch = metrics.on_batch(self.batcher)
+        self.batcher.calibrate(np.zeros(input_shape, dtype=np.float32))
+
+    async def logits(self, x: np.ndarray) -> np.ndarray:
+        try:
+            return await self.batcher.submit(x)
+        except Overloaded:
+            if self.metrics is not None:
+                self.metrics.shed.inc()
+            raise
+
+
+@ray_serve.deployment
+class ModelReplica:
+    """A model deployment behind the router ingress: no HTTP of its own (Serve allows one FastAPI
+    deployment per application), called through a DeploymentHandle with validated arrays."""
+
+    def __init__(self, spec: dict[str, Any]):
+        config = validate_config(spec["config"])
+        manifest = read_manifest(Path(spec["artifact"]))
+        shape = tuple(int(s) for s in manifest["model"]["input_shape"])
+        self.name = spec["name"]
+        self.model = LocalModel(config, Path(spec["artifact"]), spec["deployment"], shape, tandem_metrics())
+
+    async def predict_array(self, x: np.ndarray) -> np.ndarray:
+        return await self.model.logits(x)
+
+    def stats(self) -> dict[str, Any]:
+        import ray
+
+        resources = ray.get_runtime_context().get_assigned_resources()
+        return {"deployment": self.name, "pid": os.getpid(), "resources": resources, "batcher": self.model.batcher.stats()}
 
 
 @ray_serve.deployment
@@ -298,40 +388,16 @@ class TandemServer:
         self.cache = ResultCache(serving.cache.max_entries, serving.cache.ttl_s) if serving.cache.enabled else None
         if self.cache is not None:
             self.cache.set_version(self.version)
-        self.metrics = self._metrics()
-        self.batcher: AdaptiveBatcher | None = None
+        self.metrics = tandem_metrics()
+        self.model: LocalModel | None = None
         self.router: Router | None = None
         if self.role == "model":
-            self._load_model(spec["deployment"])
+            self.model = LocalModel(self.config, self.artifact, spec["deployment"], self.input_shape, self.metrics)
         else:
             self.handles = spec["handles"]
             self.router = Router([d.name for d in serving.deployments], serving.router.policy, serving.router.spill_threshold)
 
     # ---------------------------------------------------------------- set-up
-
-    def _load_model(self, deployment: dict[str, Any]) -> None:
-        from serving.engines import load_engine
-
-        self.engine = load_engine(
-            self.artifact,
-            engine=deployment["engine"],
-            precision=deployment["precision"],
-            quantize=deployment["quantize"],
-            threads=deployment["threads"],
-            device="auto",
-        )
-        batching = self.config.serving.batching
-        settings = BatcherSettings(
-            max_batch_size=batching.max_batch_size,
-            target_p99_ms=batching.target_p99_ms,
-            max_queued=batcher_queue_limit(self.config),
-            adaptive=batching.adaptive,
-            max_wait_ms=batching.max_wait_ms,
-        )
-        self.batcher = AdaptiveBatcher(self.engine.predict, settings)
-        if self.metrics is not None:
-            self.batcher.on_batch = self.metrics.on_batch(self.batcher)
-        self.batcher.calibrate(np.zeros(self.input_shape, dtype=np.float32))
 
     @staticmethod
     def _bearer_token(token_env: str | None) -> str | None:
@@ -345,16 +411,6 @@ class TandemServer:
                 "set it where the replica runs (a Kubernetes Secret, or export it before `tandem serve`) or remove serving.auth.token_env"
             )
         return token
-
-    @staticmethod
-    def _metrics() -> Any:
-        try:
-            from serving.metrics import TandemMetrics
-
-            return TandemMetrics()
-        except Exception:  # metrics are an aid; a replica must not fail because they could not register
-            logger.exception("Tandem metrics are off: could not create them")
-            return None
 
     def _model_card(self, manifest: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -407,17 +463,16 @@ class TandemServer:
     async def healthz(self) -> dict[str, str]:
         return {"status": "ok", "version": self.version, "deployment": self.name}
 
-    @api.get("/v1/stats")
-    async def stats(self) -> dict[str, Any]:
+    @api.get("/v1/stats", responses={401: ERROR_RESPONSES[401]})
+    async def stats(self, request: Request) -> Any:
         """This replica's batcher, cache and router counters (one replica of possibly several)."""
+        try:
+            check_bearer(request.headers.get("authorization"), self.token)
+        except RequestError as exc:
+            return error_response(exc, None)
         return self.local_stats()
 
     # ---------------------------------------------------------------- handle methods and internals
-
-    async def predict_array(self, x: np.ndarray) -> np.ndarray:
-        """Logits for a validated float32 batch: the router ingress calls this through a handle."""
-        assert self.batcher is not None, "predict_array is a model deployment's method"
-        return await self.batcher.submit(x)
 
     def local_stats(self) -> dict[str, Any]:
         return {
@@ -425,7 +480,7 @@ class TandemServer:
             "role": self.role,
             "version": self.version,
             "pid": os.getpid(),
-            "batcher": self.batcher.stats() if self.batcher else None,
+            "batcher": self.model.batcher.stats() if self.model else None,
             "cache": self.cache.stats() if self.cache else None,
             "router": self.router.stats() if self.router else None,
         }
@@ -451,8 +506,8 @@ class TandemServer:
         return np.stack(found), served_by, hits
 
     async def _logits(self, x: np.ndarray) -> tuple[np.ndarray, str]:
-        if self.batcher is not None:
-            return await self.batcher.submit(x), self.name
+        if self.model is not None:
+            return await self.model.logits(x), self.name
         return await self._route(x)
 
     async def _route(self, x: np.ndarray) -> tuple[np.ndarray, str]:
@@ -479,14 +534,6 @@ class TandemServer:
         raise Overloaded(f"overloaded: every deployment refused the request ({names}); retry later", min(r for _, r, _ in refusals))
 
 
-def batcher_queue_limit(config: TandemConfig) -> int:
-    """Requests a replica's batcher queues before it may shed: two full batches (or the configured
-    queue limit when lower). Beyond them a request waits at least two forward passes, which is
-    when a missed target becomes likely; it is still served unless the predicted finish is late."""
-    serving = config.serving
-    return max(1, min(serving.limits.max_queued_requests, 2 * serving.batching.max_batch_size))
-
-
 # ---------------------------------------------------------------------------------------------
 # building the application
 # ---------------------------------------------------------------------------------------------
@@ -509,42 +556,49 @@ def ingress_deployment_name(config: TandemConfig) -> str:
     return INGRESS if has_router(config) else config.serving.deployments[0].name
 
 
-def serve_env(config: TandemConfig, *, local: bool = False) -> dict[str, str]:
-    """Environment variables for the Serve controller and every replica (see the module docstring).
-
-    local: the cluster was started on this machine: HAProxy's files go to a private temp folder and
-    its stats and metrics ports to free ports, so that several local clusters (tests, developers)
-    do not collide on /tmp/haproxy-serve, 8404 and 9101.
-    """
+def serve_env(config: TandemConfig) -> dict[str, str]:
+    """Environment variables for the Serve controller and every replica (see the module docstring)."""
     path = http_path(config)
     env: dict[str, str] = {}
     if path in ("haproxy", "direct"):
         env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
     if path == "haproxy":
         env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
-        if local:
-            # A loaded machine starts the HAProxy manager actor in more than Serve's 5 s readiness
-            # window; three misses get it killed and serve.start fails. Allow 30 s.
-            env["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] = "30"
-            state = tempfile.mkdtemp(prefix="tandem-haproxy-")
-            env.update(
-                RAY_SERVE_HAPROXY_CONFIG_FILE_LOC=f"{state}/haproxy.cfg",
-                RAY_SERVE_HAPROXY_SOCKET_PATH=f"{state}/admin.sock",
-                RAY_SERVE_HAPROXY_SERVER_STATE_BASE=state,
-                RAY_SERVE_HAPROXY_SERVER_STATE_FILE=f"{state}/server-state",
-                RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH=f"{state}/metrics.sock",
-                RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()),
-                RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()),
-            )
     # The user's own Serve settings win over ours (and travel to the replicas too).
     env.update({k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")})
     return env
 
 
-def look_back_period_s(upscale_delay_s: float) -> float:
-    """Serve averages ongoing requests over look_back_period_s (default 30 s); a window much longer
-    than the upscale delay makes short delays meaningless, so it follows the delay (2 s to 30 s)."""
-    return min(30.0, max(2.0, 2 * upscale_delay_s))
+_local_haproxy_env: dict[str, str] = {}
+
+
+def local_haproxy_env() -> dict[str, str]:
+    """Extra controller settings for a Serve that Tandem starts on this machine (one set per process).
+
+    HAProxy's files go to a private temp folder and its stats and metrics ports to free ports, so
+    that several local clusters (tests, developers) do not collide on /tmp/haproxy-serve, 8404
+    and 9101 (which HAProxy binds on every interface). The HAProxy manager is the controller's
+    child actor and inherits these; replicas do not need them.
+    """
+    if not _local_haproxy_env:
+        # Short: HAProxy refuses socket paths over 97 bytes and Serve adds the 56-character node id.
+        state = tempfile.mkdtemp(prefix="thap-", dir="/tmp")
+        _local_haproxy_env.update(
+            # A loaded machine starts the HAProxy manager actor in more than Serve's 5 s readiness
+            # window; three misses get it killed and serve.start fails. Allow 30 s.
+            RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S="30",
+            # HAProxy's 4 default threads compete with the replicas on a small machine; one thread
+            # forwards far more requests per second than a Python replica answers.
+            RAY_SERVE_HAPROXY_NBTHREAD="1",
+            RAY_SERVE_HAPROXY_CONFIG_FILE_LOC=f"{state}/haproxy.cfg",
+            RAY_SERVE_HAPROXY_SOCKET_PATH=f"{state}/admin.sock",
+            RAY_SERVE_HAPROXY_SERVER_STATE_BASE=state,
+            RAY_SERVE_HAPROXY_SERVER_STATE_FILE=f"{state}/server-state",
+            RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH=f"{state}/metrics.sock",
+            RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()),
+            RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()),
+        )
+    return {**_local_haproxy_env, **{k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}}
 
 
 def deployment_options(config: TandemConfig, replica_env: dict[str, str] | None = None) -> dict[str, dict[str, Any]]:
@@ -558,10 +612,9 @@ def deployment_options(config: TandemConfig, replica_env: dict[str, str] | None 
     if has_router(config):
         entries.insert(0, ingress_options(config))
     for entry in entries:
-        entry = dict(entry)
-        scaling = entry.get("autoscaling_config")
-        if scaling is not None:
-            entry["autoscaling_config"] = {**scaling, "look_back_period_s": look_back_period_s(scaling["upscale_delay_s"])}
+        # Serve's own refusals (more requests waiting for a slot than max_queued_requests) say when
+        # to retry too; without this they are 503s with no Retry-After.
+        entry = {**entry, "backpressure_config": {"status_code": 503, "retry_after_s": 1}}
         if env:
             actor = dict(entry.get("ray_actor_options", {}))
             actor["runtime_env"] = {"env_vars": env}
@@ -579,14 +632,13 @@ def build_app(args: dict[str, Any]) -> Any:
     options = deployment_options(config, replica_env)
     base = {"config": config.to_dict(), "artifact": str(Path(artifact).resolve())}
 
-    def model_app(index: int) -> Any:
+    def model_spec(index: int) -> dict[str, Any]:
         deployment = config.serving.deployments[index]
-        spec = {**base, "role": "model", "name": deployment.name, "deployment": deployment.model_dump(mode="json")}
-        return TandemServer.options(**options[deployment.name]).bind(spec)
+        return {**base, "role": "model", "name": deployment.name, "deployment": deployment.model_dump(mode="json")}
 
     if not has_router(config):
-        return model_app(0)
-    handles = {d.name: model_app(i) for i, d in enumerate(config.serving.deployments)}
+        return TandemServer.options(**options[config.serving.deployments[0].name]).bind(model_spec(0))
+    handles = {d.name: ModelReplica.options(**options[d.name]).bind(model_spec(i)) for i, d in enumerate(config.serving.deployments)}
     return TandemServer.options(**options[INGRESS]).bind({**base, "role": "router", "name": INGRESS, "handles": handles})
 
 
@@ -613,7 +665,7 @@ def _ensure_ray(config: TandemConfig) -> bool:
     if not ray.is_initialized():
         _ray_context = connect(config)
         _ray_context.__enter__()
-    return config.cluster.address == "local" or _ray_context is None
+    return config.cluster.address == "local"
 
 
 def _client_host(host: str) -> str:
@@ -674,8 +726,8 @@ def serve(config: TandemConfig, artifact: str = "latest", blocking: bool = False
     the old ones, so requests in flight during the rollout are answered.
     """
     local = _ensure_ray(config)
-    env = serve_env(config, local=local)
-    replica_env = dict(env)
+    replica_env = serve_env(config)
+    controller_env = {**local_haproxy_env(), **replica_env} if local and http_path(config) == "haproxy" else dict(replica_env)
     token_env = config.serving.auth.token_env
     if token_env and os.environ.get(token_env):
         # Local convenience: the replicas of an already running Ray do not see this process's env.
@@ -683,7 +735,7 @@ def serve(config: TandemConfig, artifact: str = "latest", blocking: bool = False
     serving = config.serving
     ray_serve.start(
         http_options={"host": serving.host, "port": serving.port, "location": "EveryNode"},
-        controller_options={"runtime_env": {"env_vars": env}},
+        controller_options={"runtime_env": {"env_vars": controller_env}},
     )
     path = resolve_artifact(artifact, storage_root(config), config.name)
     version = str(read_manifest(path).get("version"))
@@ -695,6 +747,7 @@ def serve(config: TandemConfig, artifact: str = "latest", blocking: bool = False
     wait_until_ready(url, version, token=os.environ.get(token_env) if token_env else None)
     logger.info("serving %s (model %s) at %s", config.name, version, url)
     if blocking:
+        print(f"serving {config.name} (model {version}) at {url}; Ctrl-C stops it", flush=True)
         try:
             while True:
                 time.sleep(1)
@@ -720,4 +773,4 @@ def status(config: TandemConfig) -> dict[str, Any]:
     app = ray_serve.status().applications.get(config.name)
     if app is None:
         return {}
-    return {name: dict(d.replica_states) for name, d in app.deployments.items()}
+    return {name: {getattr(state, "value", str(state)): count for state, count in d.replica_states.items()} for name, d in app.deployments.items()}

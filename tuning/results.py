@@ -41,7 +41,8 @@ class TrialSummary:
     trial_id: str
     params: dict[str, Any]
     status: str
-    epochs_trained: int
+    epochs_trained: int  # epochs the trial's Train runs completed (train-*/metrics.jsonl)
+    epochs_reported: int  # of those, the ones Tune received before it stopped the trial
     last_epoch: int
     metric: float | None
     best_metric: float | None
@@ -62,7 +63,8 @@ def summarize_result(result: Any, space: SearchSpace, metric: str, mode: str, ep
     """One Tune Result -> a TrialSummary (history from its reports, starts from segments.jsonl)."""
     frame = result.metrics_dataframe
     rows = [] if frame is None else frame.to_dict("records")
-    history = [{"epoch": int(r["epoch"]), metric: _finite(r.get(metric))} for r in rows if _finite(r.get("epoch")) is not None]
+    history = [{"epoch": int(r["epoch"]), metric: _finite(r.get(metric)), "time": _finite(r.get("reported_at"))}
+               for r in rows if _finite(r.get("epoch")) is not None]
     values = [h[metric] for h in history if h[metric] is not None]
     last_epoch = history[-1]["epoch"] if history else 0
     if result.error is not None:
@@ -79,18 +81,28 @@ def summarize_result(result: Any, space: SearchSpace, metric: str, mode: str, ep
         trial_id=trial_id,
         params=space.decode(sampled),
         status=status,
-        epochs_trained=len(history),
+        epochs_trained=max(len(history), trained_epochs(Path(result.path))),
+        epochs_reported=len(history),
         last_epoch=last_epoch,
         metric=values[-1] if values else None,
         best_metric=(min(values) if mode == "min" else max(values)) if values else None,
         path=str(result.path),
         history=history,
         starts=len(starts),
-        exploited_from=[s["from_trial"] for s in starts if s.get("from_trial") and s["from_trial"] != trial_id],
+        exploited_from=list(dict.fromkeys(s["from_trial"] for s in starts if s.get("from_trial") and s["from_trial"] != trial_id)),
         error=None if result.error is None else f"{type(result.error).__name__}: {str(result.error).splitlines()[0] if str(result.error) else ''}",
         sampled=sampled,
         checkpoint=result.checkpoint.path if result.checkpoint is not None else None,
     )
+
+
+def trained_epochs(trial_dir: Path) -> int:
+    """Epochs every Train run of the trial completed, from each run's metrics.jsonl.
+
+    More than Tune received when a trial was stopped: its workers keep training while Tune
+    decides, until the stop aborts the run. This is the search's real cost.
+    """
+    return sum(len([line for line in p.read_text().splitlines() if line.strip()]) for p in Path(trial_dir).glob("train-*/metrics.jsonl"))
 
 
 def pick_best(trials: list[TrialSummary], mode: str) -> TrialSummary | None:
@@ -156,9 +168,9 @@ def write_csv(path: Path, trials: list[TrialSummary], metric: str, mode: str) ->
     paths = list(trials[0].params) if trials else []
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["trial_id", "status", "epochs_trained", "last_epoch", metric, f"best_{metric}", *paths, "starts", "exploited_from", "path"])
+    writer.writerow(["trial_id", "status", "epochs_trained", "epochs_reported", "last_epoch", metric, f"best_{metric}", *paths, "starts", "exploited_from", "path"])
     for t in ordered(trials, mode):
-        writer.writerow([t.trial_id, t.status, t.epochs_trained, t.last_epoch, t.metric, t.best_metric,
+        writer.writerow([t.trial_id, t.status, t.epochs_trained, t.epochs_reported, t.last_epoch, t.metric, t.best_metric,
                          *(format_value(t.params.get(p)) for p in paths), t.starts, " ".join(t.exploited_from), t.path])
     atomic_write_text(path, buffer.getvalue())
 
@@ -183,6 +195,7 @@ def plot_trials(path: Path, trials: list[TrialSummary], best: TrialSummary | Non
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    from matplotlib.ticker import MaxNLocator
 
     fig, ax = plt.subplots(figsize=(8, 5), dpi=110)
     styles = {"completed": "-", "stopped": "--", "error": ":"}
@@ -197,6 +210,7 @@ def plot_trials(path: Path, trials: list[TrialSummary], best: TrialSummary | Non
                        label=("* " if is_best else "") + label + ("" if t.status == "completed" else f" [{t.status}]"))[0]
         if t.status != "completed":
             ax.plot(xs[-1], ys[-1], "x", color=line.get_color(), markersize=10, markeredgewidth=2)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.set_xlabel("epoch")
     ax.set_ylabel(metric)
     ax.set_title(title, fontsize=10)

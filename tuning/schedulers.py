@@ -38,6 +38,15 @@ def _check_metric(config: TandemConfig, space: SearchSpace) -> list[Problem]:
     return [Problem(path="tuning.metric", value=metric, message=f"the training loop does not report it; {hint}reported: {', '.join(REPORTED_METRICS)}")]
 
 
+def _check_mode(config: TandemConfig, space: SearchSpace) -> list[Problem]:
+    metric, mode = config.tuning.metric, config.tuning.mode
+    better = {"val_accuracy": "max", "samples_per_s": "max"}.get(metric, "min" if metric.endswith("loss") else None)
+    if better is None or better == mode:
+        return []
+    direction = "higher" if better == "max" else "lower"
+    return [Problem(path="tuning.mode", value=mode, message=f"{direction} {metric} is better, so mode {mode} would pick the worst trial; set tuning.mode: {better}")]
+
+
 def _check_asha(config: TandemConfig, space: SearchSpace) -> list[Problem]:
     scheduler = config.tuning.scheduler
     if scheduler.name not in ("asha", "median"):
@@ -85,7 +94,7 @@ def _check_search(config: TandemConfig, space: SearchSpace) -> list[Problem]:
     return problems
 
 
-PLAN_CHECKS = (_check_metric, _check_asha, _check_pbt, _check_search)
+PLAN_CHECKS = (_check_metric, _check_mode, _check_asha, _check_pbt, _check_search)
 
 
 def plan_problems(config: TandemConfig, space: SearchSpace) -> list[Problem]:
@@ -124,7 +133,7 @@ def _pbt(config: TandemConfig, space: SearchSpace) -> Any:
     for entry in space.entries:
         domain = tune_domain(entry)
         if entry.kind == "grid":
-            # A grid cannot be resampled; PBT mutates it as a choice among the same values.
+            # A grid sets the starting values; PBT mutates it as a choice among the same values.
             domain = tune.choice(list(range(len(entry.args))) if entry.encoded else list(entry.args))
         mutations[entry.path] = domain
     return PopulationBasedTraining(time_attr=TIME_ATTR, perturbation_interval=config.tuning.scheduler.perturbation_interval, hyperparam_mutations=mutations)

@@ -30,6 +30,7 @@ from pydantic import BaseModel
 
 from cluster.config import ConfigError, Problem, TandemConfig, config_with, parse_override
 
+SEARCHABLE = ("model", "data", "training")  # what a trial trains; cluster/serving/export do not change it
 CONTINUOUS = ("uniform", "loguniform")
 DISCRETE = ("choice", "grid")
 # A value well inside a continuous range: catches an int field given a float range, which
@@ -104,6 +105,8 @@ def _parse_entry(config: TandemConfig, path: str, spec: dict[str, Any]) -> tuple
     ((kind, args),) = spec.items()  # TuningConfig already checked: exactly one known kind
     if kind not in DISCRETE and isinstance(args, list):
         args = [_yaml_number(a) for a in args]
+    if path.split(".")[0] not in SEARCHABLE:
+        return None, [space_problem(path, f"only {', '.join(SEARCHABLE[:-1])} or {SEARCHABLE[-1]} change what a trial trains; search a path under one of them")]
     shape_problem = _argument_problem(kind, args)
     if shape_problem:
         return None, [space_problem(path, shape_problem, args)]
@@ -226,19 +229,11 @@ def tune_domain(entry: SpaceEntry) -> Any:
     return tune.grid_search(values)
 
 
-def param_space(space: SearchSpace, search: str = "random", scheduler: str = "fifo") -> dict[str, Any]:
-    """Tune's param_space: one flat key per dotted path.
-
-    search 'grid' enumerates choices too (every entry is then a grid); scheduler 'pbt' mutates
-    values by resampling, which a grid cannot do, so there a grid entry is sampled like a choice.
-    """
+def param_space(space: SearchSpace, search: str = "random") -> dict[str, Any]:
+    """Tune's param_space: one flat key per dotted path (search 'grid' enumerates choices too)."""
     out = {}
     for entry in space.entries:
-        kind = entry.kind
-        if search == "grid" and kind == "choice":
-            kind = "grid"
-        elif scheduler == "pbt" and kind == "grid":
-            kind = "choice"
+        kind = "grid" if search == "grid" and entry.kind == "choice" else entry.kind
         out[entry.path] = tune_domain(SpaceEntry(entry.path, kind, entry.args, entry.encoded))
     return out
 
@@ -248,11 +243,9 @@ def trial_config(config: TandemConfig, space: SearchSpace, sampled: dict[str, An
     return config_with(config, {**(fixed or {}), **space.decode(sampled)})
 
 
-def count_trials(space: SearchSpace, samples: int, search: str, scheduler: str = "fifo") -> int:
+def count_trials(space: SearchSpace, samples: int, search: str) -> int:
     """Trials the search will run: Tune repeats the whole grid `samples` times; grid search
     enumerates every grid and choice combination once."""
     if search == "grid":
         return math.prod(len(e.args) for e in space.entries)
-    if scheduler == "pbt":
-        return samples
     return samples * space.grid_points

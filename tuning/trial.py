@@ -1,42 +1,54 @@
 """One Tune trial: the same Ray Train + DeepSpeed run `tandem train` makes, reporting every epoch to Tune.
 
 Ray 2.60 runs Ray Train V2, where `Tuner(TorchTrainer)` is gone: a trial is a function trainable
-that builds a TorchTrainer (training.trainer.build_trainer) and fits it. Three things here go
+that builds a TorchTrainer (training.trainer.build_trainer) and fits it. Four things here go
 beyond Ray's `TuneReportCallback`:
 
 1. **Checkpoints reach Tune.** TuneReportCallback forwards only metrics and the checkpoint's
    *path*, so Tune never registers a checkpoint: PBT has nothing to exploit and a restored tune
-   restarts unfinished trials from scratch. `ForwardReports` sends each report (metrics and
-   checkpoint folder) from the Train controller to the trial through a Ray queue, and the trial
-   calls `tune.report(metrics, checkpoint=...)` itself. The checkpoint folder is the Train run's
-   own: DeepSpeed shards of every rank, a `latest` tag file and rank 0's model_fp32.pt.
-2. **A trial starts from the checkpoint Tune gives it** (`tune.get_checkpoint()`: a PBT donor's
-   or its own after a restore) by passing it to the trainer as `resume_from`; each start is a
-   fresh Train run ("segment") in the trial folder, so Train never silently prefers an older
-   checkpoint of its own.
-3. **A stopped trial releases its workers.** When ASHA, PBT or the time budget ends a trial, Tune
-   kills the trial's actor, and with it the Train controller; the worker group's placement group
-   is owned by the job, not the controller, so it outlives both. Ray Train's detached
+   restarts unfinished trials from scratch. Here `ForwardReports` (in the Train controller) sends
+   each report to the trial through a `TrialChannel` actor, and the trial calls
+   `tune.report(metrics, checkpoint=...)` itself with the Train run's checkpoint folder (every
+   rank's DeepSpeed shards, the `latest` tag file, rank 0's model_fp32.pt).
+2. **Tune decides before the next epoch starts.** Train's workers do not wait for anyone after a
+   report, so by the time ASHA stops a trial its workers have trained on (with 5-step epochs, to
+   the end). `WaitForTune` runs inside every worker's `ray.train.report` and holds the worker
+   until Tune has taken that report and let the trial continue: a stopped trial trains exactly
+   the epochs Tune saw, and a checkpoint is never replaced while Tune copies it. The wait costs one
+   Tune round trip per epoch.
+3. **A trial starts from the checkpoint Tune gives it** (`tune.get_checkpoint()`: a PBT donor's,
+   or its own after a restore) by passing it to the trainer as `resume_from`; every start is a
+   fresh Train run ("segment", `train-N/`) in the trial folder, so Train never silently prefers an
+   older checkpoint of its own.
+4. **A stopped trial releases its workers.** When a scheduler or the time budget ends a trial,
+   Tune ends the trial's actor, and with it the Train controller; the worker group's placement
+   group belongs to the job, not the controller, so it outlives both. Ray Train's detached
    PlacementGroupCleaner would remove it, but it asks the State API, which needs the dashboard;
-   without it (Tandem's default, and the tests'), the CPUs stay reserved and the next wave of
+   without one (Tandem's default, and the tests') the CPUs stay reserved and the next wave of
    trials waits for ever ("worker group startup timed out"). `StopTrainRunOnCleanup` aborts the
-   Train run gracefully (controller.abort(): workers stopped, placement group removed, cleaner
-   stopped) inside the trainable's cleanup, which Tune runs before it ends the actor.
-   tuning/housekeeping.py sweeps whatever an ungraceful end still leaves.
+   Train run (controller.abort(): workers stopped, placement group removed, cleaner stopped) in
+   the trainable's cleanup, which Tune runs before it ends the actor; tuning/housekeeping.py
+   sweeps what an ungraceful end still leaves.
 
+The Train callbacks other than ForwardReports use Ray Train's internal callback interfaces
+(ControllerCallback, TrainContextCallback); RunConfig passes such callbacks through unchanged.
 Each trial folder holds `segments.jsonl` (tuning/segments.py): one line per start and per end.
 """
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack
 from pathlib import Path
 from typing import Any
 
+import ray
 from ray.train import UserCallback
-from ray.train.v2._internal.execution.callback import ControllerCallback
+from ray.train.v2._internal.execution.callback import ControllerCallback, TrainContextCallback
 
 from cluster.config import validate_config
 from tuning.segments import donor_trial, log_segment
@@ -48,8 +60,39 @@ POLL_S = 1.0
 
 
 # ---------------------------------------------------------------------------------------------
-# Train -> trial: callbacks that run inside the Train controller
+# the channel between a trial and its Train run
 # ---------------------------------------------------------------------------------------------
+
+
+@ray.remote(num_cpus=0)
+class TrialChannel:
+    """Reports flow from the Train controller to the trial; permits flow from the trial to the workers.
+
+    An async actor owned by the trial: it ends with the trial, and so do the waits on it.
+    """
+
+    def __init__(self) -> None:
+        self.messages: asyncio.Queue = asyncio.Queue()
+        self.permitted = 0
+        self.changed = asyncio.Condition()
+
+    async def put(self, message: tuple) -> None:
+        self.messages.put_nowait(message)
+
+    async def get(self, timeout_s: float) -> tuple | None:
+        try:
+            return await asyncio.wait_for(self.messages.get(), timeout_s)
+        except asyncio.TimeoutError:
+            return None
+
+    async def permit(self, reports: int) -> None:
+        async with self.changed:
+            self.permitted = max(self.permitted, reports)
+            self.changed.notify_all()
+
+    async def wait_for_permit(self, reports: int) -> None:
+        async with self.changed:
+            await self.changed.wait_for(lambda: self.permitted >= reports)
 
 
 def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
@@ -58,29 +101,45 @@ def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
 
 
 class ForwardReports(UserCallback):
-    """Sends rank 0's metrics and the registered checkpoint folder of every report to the trial."""
+    """Controller side: sends rank 0's metrics and the registered checkpoint folder of every report."""
 
-    def __init__(self, reports: Any):
-        self.reports = reports
+    def __init__(self, channel: Any):
+        self.channel = channel
+        self.reports = 0
 
     def after_report(self, run_context, metrics, checkpoint):
-        self.reports.put(("report", numeric_metrics(metrics[0]), checkpoint.path if checkpoint is not None else None))
+        self.reports += 1
+        # Fire and forget: the controller's event loop must never wait on the trial.
+        self.channel.put.remote(("report", self.reports, numeric_metrics(metrics[0]), checkpoint.path if checkpoint is not None else None))
 
 
 class AnnounceController(ControllerCallback):
-    """Sends the controller's handle to the trial as soon as it starts, so a stop can abort it.
+    """Controller side: sends the controller's handle as soon as it starts, so a stop can abort it."""
 
-    A ControllerCallback is Ray Train's internal interface; RunConfig passes non-UserCallback
-    callbacks through unchanged for exactly this kind of extension.
-    """
-
-    def __init__(self, reports: Any):
-        self.reports = reports
+    def __init__(self, channel: Any):
+        self.channel = channel
 
     def after_controller_start(self, train_run_context):
-        import ray
+        self.channel.put.remote(("controller", ray.get_runtime_context().current_actor))
 
-        self.reports.put(("controller", ray.get_runtime_context().current_actor))
+
+class WaitForTune(TrainContextCallback):
+    """Worker side: after each `ray.train.report`, wait until Tune took the report and let the trial go on.
+
+    Every rank waits for the same permit, so no rank starts the next epoch early. After a worker
+    group restart (training.max_failures) the counts start again at 1 and the first reports pass
+    at once: the run is then a few epochs ahead of Tune, as without this gate, never stuck.
+    """
+
+    def __init__(self, channel: Any):
+        self.channel = channel
+        self.reports = 0
+
+    @contextlib.contextmanager
+    def on_report(self):
+        yield
+        self.reports += 1
+        ray.get(self.channel.wait_for_permit.remote(self.reports))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -93,45 +152,40 @@ class _ActiveRun:
 
     def __init__(self) -> None:
         self.controller: Any = None
-        self.reports: Any = None
+        self.channel: Any = None
         self.trial_dir: Path | None = None
         self.stopping = False
+        self.reports = 0  # reports handed to Tune by this run
 
-    def reset(self, reports: Any, trial_dir: Path) -> None:
-        self.controller, self.reports, self.trial_dir, self.stopping = None, reports, trial_dir, False
+    def reset(self, channel: Any, trial_dir: Path) -> None:
+        self.controller, self.channel, self.trial_dir, self.stopping, self.reports = None, channel, trial_dir, False, 0
 
 
 ACTIVE = _ActiveRun()
 
 
-def _controller_from_queue() -> Any:
-    """The controller handle if it is still waiting in the queue (a stop right after the start)."""
-    if ACTIVE.reports is None:
+def _controller_from_channel() -> Any:
+    """The controller handle if it is still waiting in the channel (a stop right after the start)."""
+    if ACTIVE.channel is None:
         return None
-    try:
-        while not ACTIVE.reports.empty():
-            message = ACTIVE.reports.get_nowait()
+    with contextlib.suppress(Exception):  # the channel may be gone already; nothing left to find
+        while (message := ray.get(ACTIVE.channel.get.remote(0.0), timeout=5)) is not None:
             if message[0] == "controller":
                 return message[1]
-    except Exception:  # the queue actor may be gone already; nothing left to find
-        return None
     return None
 
 
 def stop_active_train_run(timeout_s: float = ABORT_TIMEOUT_S) -> None:
     """Abort this process's Train run: workers stop and their placement group is removed."""
-    import ray
-
     ACTIVE.stopping = True
-    controller = ACTIVE.controller or _controller_from_queue()
+    controller = ACTIVE.controller or _controller_from_channel()
     if controller is None:
         return
     if ACTIVE.trial_dir is not None:
-        log_segment(ACTIVE.trial_dir, {"event": "end", "outcome": "stopped"})
-    try:
+        log_segment(ACTIVE.trial_dir, {"event": "end", "outcome": "stopped", "reports": ACTIVE.reports})
+    # abort() ends the controller actor, so the call itself "fails" by design.
+    with contextlib.suppress(Exception):
         ray.get(controller.abort.remote(), timeout=timeout_s)
-    except Exception:  # noqa: BLE001 - abort ends the controller actor, so its call "fails" by design
-        pass
     ACTIVE.controller = None
 
 
@@ -170,30 +224,30 @@ def _fit_in_background(trainer: Any) -> tuple[threading.Thread, dict[str, Any]]:
     return thread, outcome
 
 
-def _messages(reports: Any, fit_thread: threading.Thread) -> Iterator[tuple]:
-    """Messages from the Train controller until the run ends and the queue is drained."""
-    from ray.util.queue import Empty
-
+def _messages(channel: Any, fit_thread: threading.Thread) -> Iterator[tuple]:
+    """Messages from the Train controller until the run ends and the channel is drained."""
     while True:
-        try:
-            yield reports.get(timeout=POLL_S)
-        except Empty:
-            if not fit_thread.is_alive():
-                # Every report happens before fit() returns, so what is left is already queued.
-                while not reports.empty():
-                    yield reports.get_nowait()
-                return
+        message = ray.get(channel.get.remote(POLL_S))
+        if message is not None:
+            yield message
+        elif not fit_thread.is_alive():
+            # Every report happens before fit() returns, so what is left is already in the channel.
+            while (message := ray.get(channel.get.remote(0.0))) is not None:
+                yield message
+            return
 
 
-def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], space: SearchSpace, updates: dict[str, Any], use_gpu: bool) -> None:
+def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], space: SearchSpace, updates: dict[str, Any], use_gpu: bool, experiment_dir: str) -> None:
     """Tune's function trainable: train one sampled configuration, reporting each epoch to Tune."""
     from ray import tune
-    from ray.util.queue import Queue
 
     from training.trainer import build_trainer
 
     config = trial_config(validate_config(base), space, sampled, updates)
-    trial_dir = Path(tune.get_context().get_trial_dir())
+    # The trial's folder in the run's storage (not Tune's scratch working directory): Train runs,
+    # their checkpoints and segments.jsonl stay beside Tune's own checkpoint copies.
+    trial_dir = Path(experiment_dir) / tune.get_context().get_trial_id()
+    trial_dir.mkdir(parents=True, exist_ok=True)
     start = tune.get_checkpoint()
     with ExitStack() as stack:
         # Local storage: the persisted folder itself; remote storage: a local copy for this start.
@@ -201,17 +255,22 @@ def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], space: SearchSpa
         segment = next_segment_dir(trial_dir)
         log_segment(trial_dir, {"event": "start", "segment": segment.name, "params": space.decode(sampled),
                                 "resume_from": start.path if start else None, "from_trial": donor_trial(start.path if start else None)})
-        reports = Queue(actor_options={"num_cpus": 0})
-        ACTIVE.reset(reports, trial_dir)
-        trainer = build_trainer(config, segment, use_gpu, resume_from, callbacks=[ForwardReports(reports), AnnounceController(reports)])
+        channel = TrialChannel.remote()
+        ACTIVE.reset(channel, trial_dir)
+        callbacks = [ForwardReports(channel), AnnounceController(channel), WaitForTune(channel)]
+        trainer = build_trainer(config, segment, use_gpu, resume_from, callbacks=callbacks)
         fit_thread, outcome = _fit_in_background(trainer)
-        for message in _messages(reports, fit_thread):
+        for message in _messages(channel, fit_thread):
             if message[0] == "controller":
                 ACTIVE.controller = message[1]
                 continue
-            _, metrics, checkpoint_path = message
+            _, index, metrics, checkpoint_path = message
             checkpoint = tune.Checkpoint.from_directory(checkpoint_path) if checkpoint_path else None
-            tune.report(metrics, checkpoint=checkpoint)
+            # Wall-clock time of the report: time-to-target across trials needs one clock.
+            ACTIVE.reports = index
+            tune.report({**metrics, "reported_at": time.time()}, checkpoint=checkpoint)
+            # Tune has taken the report and let this trial continue: the workers may go on.
+            channel.permit.remote(index)
         fit_thread.join()
         ACTIVE.controller = None  # the run is over; holding its handle would keep the controller alive
     if ACTIVE.stopping:

@@ -25,7 +25,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from cluster.artifacts import ArtifactError, atomic_write_text, new_run_dir, write_manifest
+from cluster.artifacts import ArtifactError, atomic_write_text, new_run_dir, read_manifest, write_manifest
 from cluster.config import ConfigError, Problem, TandemConfig, config_with, read_yaml
 from cluster.runtime import connect, storage_root
 from tuning.resources import TRIAL_FUNCTION_CPU, TrialPlan, plan_trials
@@ -43,8 +43,8 @@ from tuning.results import (
     write_json,
     write_tuning_manifest,
 )
-from tuning.schedulers import build_scheduler, build_search, plan_problems
-from tuning.space import SearchSpace, count_trials, param_space, parse_space, probe_values
+from tuning.schedulers import REPORTED_METRICS, build_scheduler, build_search, plan_problems
+from tuning.space import SearchSpace, count_trials, param_space, parse_space, probe_values, trial_config
 
 TUNE_PREFIX = "tune-"
 EXPERIMENT = "trials"
@@ -52,6 +52,7 @@ PEAK_FILE = ".peak_running_trials.json"
 # Tune snapshots its experiment state every >= 10 s by default; an interrupted tune then forgets
 # trials that finished in the last 10 s and runs them again. The state of a Tandem tune is small.
 EXPERIMENT_SNAPSHOT_S = "2"
+SEARCHED_SECTIONS = ("model", "data", "training", "tuning")
 
 
 @dataclass
@@ -64,6 +65,7 @@ class TuneResult:
     total_epochs: int
     wall_s: float
     peak_running_trials: int
+    best_metrics: dict[str, Any] = field(default_factory=dict)  # the artifact's: the best trial's last checkpoint
     files: dict[str, Path] = field(default_factory=dict)
 
     @property
@@ -117,7 +119,7 @@ def find_tuning_run(config: TandemConfig, resume: bool | str | Path) -> Path:
     """The tuning run to resume: the newest `tune-*` folder under <storage>/<name>, or the one named."""
     from ray.tune import Tuner
 
-    if resume is True:
+    if resume is True or resume == "latest":
         base = storage_root(config) / config.name
         runs = sorted((p for p in base.glob(f"{TUNE_PREFIX}*") if (p / EXPERIMENT).is_dir()), key=lambda p: p.stat().st_mtime)
         if not runs:
@@ -130,17 +132,12 @@ def find_tuning_run(config: TandemConfig, resume: bool | str | Path) -> Path:
     return run_dir
 
 
-def _searched_sections(config: TandemConfig) -> dict[str, Any]:
-    """The parts of a config that decide what a tune computes (not where it runs)."""
-    raw = config.to_dict()
-    return {k: raw[k] for k in ("model", "data", "training", "tuning")}
-
-
 def check_same_search(config: TandemConfig, run_dir: Path) -> None:
+    """A resumed tune must search what it started with; where it runs (cluster, storage) may change."""
     stored = read_yaml(run_dir / "config.yaml")
-    before = {k: stored.get(k) for k in ("model", "data", "training", "tuning")}
-    if before != _searched_sections(config):
-        changed = sorted(k for k in before if before[k] != _searched_sections(config)[k])
+    now = config.to_dict()
+    changed = [k for k in SEARCHED_SECTIONS if stored.get(k) != now[k]]
+    if changed:
         raise ConfigError([Problem(path=", ".join(changed), message=(
             f"--resume continues {run_dir}, which was started with different {', '.join(changed)}; "
             "resume with the config it was started with, or start a new tune without --resume"))])
@@ -155,13 +152,14 @@ def trial_name(trial: Any) -> str:
     return trial.trial_id
 
 
-def make_trainable(config: TandemConfig, space: SearchSpace, plan: TrialPlan) -> Any:
+def make_trainable(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_dir: Path) -> Any:
     """The trial function with its fixed arguments and its own (tiny) resource request."""
     from ray import tune
 
     from tuning.trial import run_trial
 
-    trainable = tune.with_parameters(run_trial, base=config.to_dict(), space=space, updates=plan.trial_updates(), use_gpu=plan.use_gpu)
+    trainable = tune.with_parameters(run_trial, base=config.to_dict(), space=space, updates=plan.trial_updates(), use_gpu=plan.use_gpu,
+                                     experiment_dir=str(run_dir / EXPERIMENT))
     # The trial function only waits on its Train run; the workers ask for the real resources.
     return tune.with_resources(trainable, {"CPU": TRIAL_FUNCTION_CPU})
 
@@ -176,7 +174,9 @@ def make_tuner(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_di
         num_samples=1 if tuning.search.name == "grid" else tuning.samples,
         search_alg=build_search(config, plan.max_concurrent),
         scheduler=build_scheduler(config, space),
-        max_concurrent_trials=plan.max_concurrent,
+        # The searchers enforce plan.max_concurrent themselves (BasicVariantGenerator(max_concurrent),
+        # ConcurrencyLimiter); Tune ignores max_concurrent_trials for a basic generator, with a warning.
+        max_concurrent_trials=None,
         time_budget_s=tuning.time_budget_s,
         reuse_actors=False,  # one trial per actor: a stop aborts exactly that trial's Train run
         trial_name_creator=trial_name,
@@ -185,15 +185,15 @@ def make_tuner(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_di
     run_config = tune.RunConfig(
         name=EXPERIMENT,
         storage_path=str(run_dir),
-        # Keep two: PBT may still be copying the older one while the newer one arrives.
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=2),
+        # Tune's copies of each trial's checkpoints: the last for the artifact and a restore; PBT
+        # keeps more, since a donor's checkpoint must outlive the exploiting trial's restart.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if tuning.scheduler.name == "pbt" else 2),
         # Worker failures are retried inside the Train run (training.max_failures).
         failure_config=tune.FailureConfig(max_failures=0),
         callbacks=callbacks,
         verbose=1,
     )
-    grid = tuning.search.name == "grid"
-    return tune.Tuner(make_trainable(config, space, plan), param_space=param_space(space, "grid" if grid else "random", tuning.scheduler.name),
+    return tune.Tuner(make_trainable(config, space, plan, run_dir), param_space=param_space(space, tuning.search.name),
                       tune_config=tune_config, run_config=run_config)
 
 
@@ -202,7 +202,7 @@ def restore_tuner(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run
 
     # Finished trials are kept as they are; unfinished and errored ones continue from their last
     # Tune checkpoint. Tune restores the scheduler, the searcher and the callbacks it pickled.
-    return Tuner.restore(str(run_dir / EXPERIMENT), trainable=make_trainable(config, space, plan), resume_unfinished=True, resume_errored=True)
+    return Tuner.restore(str(run_dir / EXPERIMENT), trainable=make_trainable(config, space, plan, run_dir), resume_unfinished=True, resume_errored=True)
 
 
 @contextlib.contextmanager
@@ -226,8 +226,8 @@ def _env(**values: str) -> Iterator[None]:
 def tune(config: TandemConfig, resume: bool | str | Path = False, callbacks: list | None = None) -> TuneResult:
     """Search `config.tuning.space`; every trial is a Ray Train + DeepSpeed run of the same trainer.
 
-    resume: True continues the newest tuning run of this config (a path: that run) without running
-    its finished trials again. callbacks: extra ray.tune Callbacks (on resume, Tune restores the
+    resume: True (or "latest") continues the newest tuning run of this config, a path continues that
+    run; finished trials are not run again, unfinished ones continue from their last checkpoint. callbacks: extra ray.tune Callbacks (on resume, Tune restores the
     callbacks the run started with instead).
     """
     import ray
@@ -238,7 +238,7 @@ def tune(config: TandemConfig, resume: bool | str | Path = False, callbacks: lis
     space = check_tuning(config)
     with connect(config):
         use_gpu = resolve_use_gpu(config)
-        n_trials = count_trials(space, config.tuning.samples, config.tuning.search.name, config.tuning.scheduler.name)
+        n_trials = count_trials(space, config.tuning.samples, config.tuning.search.name)
         plan = plan_trials(config, ray.nodes(), use_gpu, n_trials)
         if resume:
             run_dir = find_tuning_run(config, resume)
@@ -260,62 +260,68 @@ def tune(config: TandemConfig, resume: bool | str | Path = False, callbacks: lis
 
 
 def report(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_dir: Path, grid: Any, wall_s: float, peak: int) -> TuneResult:
-    """Summaries, table, files, the best trial's artifact and the tuning manifest."""
-    from tuning.space import trial_config
-
+    """Summaries, table, result files, the best trial's artifact and the tuning manifest."""
     tuning = config.tuning
     trials = [summarize_result(r, space, tuning.metric, tuning.mode, config.training.epochs) for r in grid]
     best = pick_best(trials, tuning.mode)
     total_epochs = sum(t.epochs_trained for t in trials)
-    title = (f"{config.name}: {len(trials)} trials, {tuning.scheduler.name} + {tuning.search.name}, "
-             f"{total_epochs} epochs trained, {sum(t.status == 'stopped' for t in trials)} stopped early")
-    print_table(trials, best, tuning.metric, tuning.mode, title)
-    files = {"results_csv": run_dir / RESULTS_CSV, "results_json": run_dir / RESULTS_JSON, "plot": run_dir / RESULTS_PNG}
     summary = {"name": config.name, "metric": tuning.metric, "mode": tuning.mode, "scheduler": tuning.scheduler.name, "search": tuning.search.name,
                "total_epochs": total_epochs, "wall_s": round(wall_s, 2), "peak_running_trials": peak, "plan": plan.__dict__}
-    write_csv(files["results_csv"], trials, tuning.metric, tuning.mode)
-    write_json(files["results_json"], trials, best, summary)
-    plot_trials(files["plot"], trials, best, tuning.metric, title)
+    files = write_results(config, run_dir, trials, best, summary)
     if best is None:
         errors = "; ".join(f"{t.trial_id}: {t.error}" for t in trials if t.error) or "no trial reported a checkpoint"
         raise ArtifactError(f"no trial of {run_dir} finished with a checkpoint, so there is no best model ({errors}); see {files['results_csv']}")
 
     best_trial_config = trial_config(config, space, best.sampled, plan.trial_updates())
+    # To retrain the winner at full size: the user's config with the best values, not the trial's worker plan.
     atomic_write_text(run_dir / "best_config.yaml", config_with(config, best.params).to_yaml())
-    artifact_dir = consolidate_best(best_trial_config, run_dir, best)
+    artifact_dir, best_metrics = consolidate_best(best_trial_config, run_dir, best)
     files["manifest"] = run_dir / TUNING_MANIFEST
     write_tuning_manifest(run_dir, {
         **summary,
         "best": {"trial_id": best.trial_id, "params": best.params, "metric": best.metric, "epochs": best.last_epoch,
                  "checkpoint": best.checkpoint, "trial_config_hash": best_trial_config.config_hash()},
-        "artifact": {"path": "artifacts", "version": json.loads((artifact_dir / "manifest.json").read_text())["version"]},
+        "artifact": {"path": "artifacts", "version": read_manifest(artifact_dir)["version"]},
         "config_hash": config.config_hash(),
         "trials": {t.trial_id: {"status": t.status, "epochs_trained": t.epochs_trained, "metric": t.metric} for t in trials},
     }, ["config.yaml", "best_config.yaml", "metrics.jsonl", RESULTS_CSV, RESULTS_JSON, RESULTS_PNG])
     print(f"[tandem] best trial {best.trial_id}: {tuning.metric} {best.metric:.4f} with {best.params}; results in {run_dir}", flush=True)
     return TuneResult(run_dir=run_dir, artifact_dir=artifact_dir, best=best, trials=trials, plan=plan, total_epochs=total_epochs,
-                      wall_s=wall_s, peak_running_trials=peak, files=files)
+                      wall_s=wall_s, peak_running_trials=peak, best_metrics=best_metrics, files=files)
 
 
-def consolidate_best(best_config: TandemConfig, run_dir: Path, best: TrialSummary) -> Path:
+def write_results(config: TandemConfig, run_dir: Path, trials: list[TrialSummary], best: TrialSummary | None, summary: dict[str, Any]) -> dict[str, Path]:
+    """The table on stdout; results.csv, results.json and the plot in the run folder."""
+    tuning = config.tuning
+    title = (f"{config.name}: {len(trials)} trials, {tuning.scheduler.name} + {tuning.search.name}, "
+             f"{summary['total_epochs']} epochs trained, {sum(t.status == 'stopped' for t in trials)} stopped early")
+    print_table(trials, best, tuning.metric, tuning.mode, title)
+    files = {"results_csv": run_dir / RESULTS_CSV, "results_json": run_dir / RESULTS_JSON, "plot": run_dir / RESULTS_PNG}
+    write_csv(files["results_csv"], trials, tuning.metric, tuning.mode)
+    write_json(files["results_json"], trials, best, summary)
+    plot_trials(files["plot"], trials, best, tuning.metric, title)
+    return files
+
+
+def consolidate_best(best_config: TandemConfig, run_dir: Path, best: TrialSummary) -> tuple[Path, dict[str, Any]]:
     """The best trial's last checkpoint -> <run>/artifacts, through training's own consolidate()."""
-    from training.trainer import consolidate
-
-    # consolidate() records the run's epochs from metrics.jsonl: the best trial's, here.
-    history = _full_history(Path(best.path))
-    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in history))
     from ray.tune import Checkpoint
 
+    from training.trainer import consolidate
+
+    # consolidate() counts the run's epochs from metrics.jsonl: here the best trial's reports, in
+    # order (after a PBT exploit they continue from the donor's epoch).
+    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in reported_metrics(Path(best.path))))
     result = consolidate(best_config, run_dir, SimpleNamespace(checkpoint=Checkpoint.from_directory(best.checkpoint)))
     write_manifest(result.artifact_dir, {"lineage": {"tuning_run": str(run_dir), "trial_id": best.trial_id, "params": best.params}})
-    return result.artifact_dir
+    return result.artifact_dir, result.metrics
 
 
-def _full_history(trial_dir: Path) -> list[dict[str, Any]]:
-    """The trial's reported metrics, one dict per epoch, from Tune's result.json."""
+def reported_metrics(trial_dir: Path) -> list[dict[str, Any]]:
+    """The training loop's metrics of every report of a trial, from Tune's result.json."""
     path = trial_dir / "result.json"
     if not path.exists():
         return []
-    keep = ("epoch", "step", "train_loss", "val_loss", "val_accuracy", "samples_per_s", "step_time_s", "peak_memory_mb", "lr", "world_size")
+    keep = ("epoch", "step", *REPORTED_METRICS, "world_size")
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
     return [{k: r[k] for k in keep if k in r} for r in rows]

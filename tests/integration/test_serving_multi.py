@@ -1,0 +1,123 @@
+"""Two model deployments behind the router ingress: torch ("gpu" group) and ONNX int8 ("cpu" group).
+
+On this machine the "gpu" deployment runs torch on CPU; what is tested is routing, placement by
+node-group resources, spillover, bearer-token auth at the ingress, and that each deployment's
+answers equal its own engine's.
+"""
+
+from __future__ import annotations
+
+import os
+
+import httpx
+import numpy as np
+import pytest
+
+from tests.integration.test_serving import digits_inputs, load, make_artifact, replica_stats, serving_config
+
+pytestmark = pytest.mark.integration
+
+NAME = "digits-two"
+TOKEN_ENV = "TANDEM_TEST_SERVING_TOKEN"
+TOKEN = "test-token-5b0c"
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+
+
+@pytest.fixture(scope="module")
+def artifact(tmp_path_factory):
+    storage = tmp_path_factory.mktemp("serving-two")
+    return storage, make_artifact(storage, NAME, seed=3, run="run-1")
+
+
+@pytest.fixture(scope="module")
+def config(artifact):
+    storage, _ = artifact
+    return serving_config(
+        storage,
+        NAME,
+        {
+            "deployments": [
+                {"name": "gpu", "engine": "torch", "node_group": "gpu", "cpus": 0.5},
+                {"name": "cpu", "engine": "onnxruntime", "quantize": "int8", "node_group": "cpu", "cpus": 0.5},
+            ],
+            "batching": {"max_batch_size": 16, "target_p99_ms": 100},
+            "router": {"policy": "spillover", "spill_threshold": 2},
+            "auth": {"token_env": TOKEN_ENV},
+        },
+    )
+
+
+@pytest.fixture(scope="module")
+def url(ray_session, config, artifact):
+    from ray import serve
+
+    from serving.app import serve as deploy
+
+    os.environ[TOKEN_ENV] = TOKEN
+    try:
+        base = deploy(config, artifact=str(artifact[1]))
+        yield base
+        serve.delete(config.name)
+    finally:
+        os.environ.pop(TOKEN_ENV, None)
+
+
+@pytest.fixture(scope="module")
+def engines(artifact):
+    from serving.engines import load_engine
+
+    _, folder = artifact
+    return {"gpu": load_engine(folder, engine="torch", threads=1), "cpu": load_engine(folder, engine="onnxruntime", quantize="int8", threads=1)}
+
+
+def test_replicas_are_placed_on_their_node_groups(url, config):
+    from ray import serve
+
+    for name, group in (("gpu", "group_gpu"), ("cpu", "group_cpu")):
+        stats = serve.get_deployment_handle(name, app_name=NAME).stats.remote().result(timeout_s=60)
+        assert stats["resources"].get(group) == 1, stats["resources"]
+        assert stats["resources"].get("CPU") == 0.5
+
+
+def test_auth_is_required_with_a_constant_time_token_check(url):
+    x = [0.5] * 64
+    assert httpx.post(f"{url}/v1/predict", json={"inputs": x}, timeout=30).status_code == 401
+    wrong = httpx.post(f"{url}/v1/predict", json={"inputs": x}, headers={"Authorization": "Bearer nope"}, timeout=30)
+    assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer" and wrong.json()["error"] == "unauthorized"
+    assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 401
+    assert httpx.post(f"{url}/v1/predict", json={"inputs": x}, headers=AUTH, timeout=30).status_code == 200
+
+
+def test_idle_traffic_stays_on_the_first_deployment_and_equals_torch(url, engines):
+    x = digits_inputs(12, seed=21)
+    served = []
+    with httpx.Client(headers=AUTH, timeout=30) as client:
+        for row in x:
+            body = client.post(f"{url}/v1/predict", json={"inputs": row.tolist()}).json()
+            served.append(body["deployment"])
+            assert body["predictions"] == engines["gpu"].predict(row[None]).argmax(axis=1).tolist()
+    assert set(served) == {"gpu"}
+
+
+def test_a_saturated_first_deployment_spills_to_the_second_and_each_answers_like_its_engine(url, engines):
+    before = replica_stats(url, AUTH)["router"]
+    records = load(url, clients=16, requests_each=6, seed=22, token=TOKEN)
+    after = replica_stats(url, AUTH)["router"]
+    assert {r["status"] for r in records} == {200}
+    by = {name: [r for r in records if r["body"]["deployment"] == name] for name in ("gpu", "cpu")}
+    assert by["cpu"], "nothing spilled to the cpu deployment under load"
+    assert after["spilled"] - before["spilled"] == len(by["cpu"])
+    inputs = digits_inputs(16 * 6, seed=22)
+    for name, rows in by.items():
+        if not rows:
+            continue
+        x = inputs[[r["index"] for r in rows]]
+        expected = engines[name].predict(x).argmax(axis=1)
+        got = np.array([r["body"]["predictions"][0] for r in rows])
+        assert (got == expected).mean() == 1.0, name
+
+
+def test_bad_input_is_refused_at_the_ingress_and_serving_goes_on(url):
+    bad = httpx.post(f"{url}/v1/predict", json={"inputs": [[0.5] * 10]}, headers=AUTH, timeout=30)
+    assert bad.status_code == 422 and bad.json()["expected_shape"] == [64]
+    assert httpx.post(f"{url}/v1/predict", json={"inputs": [0.5] * 64}, headers=AUTH, timeout=30).status_code == 200

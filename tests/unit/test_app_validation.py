@@ -1,0 +1,177 @@
+"""Request decoding, auth, routing and the derived Serve options, without Ray or HTTP."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from cluster.config import validate_config
+from serving.app import (
+    RequestError,
+    batcher_queue_limit,
+    build_app,
+    check_bearer,
+    deployment_options,
+    has_router,
+    ingress_deployment_name,
+    parse_json,
+    parse_predict,
+    serve_env,
+)
+from serving.router import Router
+
+SHAPE = (64,)
+
+
+def refused(payload, shape=SHAPE, max_inputs=8) -> RequestError:
+    with pytest.raises(RequestError) as caught:
+        parse_predict(payload, shape, max_inputs)
+    return caught.value
+
+
+def test_one_example_or_a_list():
+    x, probabilities = parse_predict({"inputs": [0.5] * 64}, SHAPE, 8)
+    assert x.shape == (1, 64) and x.dtype == np.float32 and probabilities is False
+    x, probabilities = parse_predict({"inputs": [[1] * 64, [0] * 64], "probabilities": True}, SHAPE, 8)
+    assert x.shape == (2, 64) and probabilities is True
+    image, _ = parse_predict({"inputs": [[[0.0] * 8] * 8]}, (1, 8, 8), 8)
+    assert image.shape == (1, 1, 8, 8)
+
+
+@pytest.mark.parametrize(
+    "payload, status, code",
+    [
+        ({"inputs": []}, 422, "empty_inputs"),
+        ({"inputs": [[0.5] * 63]}, 422, "wrong_shape"),
+        ({"inputs": [[0.5] * 64, [0.5]]}, 422, "wrong_shape"),
+        ({"inputs": 3}, 422, "wrong_shape"),
+        ({"inputs": [["x"] * 64]}, 422, "wrong_dtype"),
+        ({"inputs": [[True] * 64]}, 422, "wrong_dtype"),
+        ({"inputs": [[None] * 64]}, 422, "wrong_dtype"),
+        ({"inputs": [[float("nan")] + [0.0] * 63]}, 422, "not_finite"),
+        ({"inputs": [[1e39] + [0.0] * 63]}, 422, "not_finite"),
+        ({"inputs": [[0.5] * 64] * 9}, 413, "too_many_inputs"),
+        ({"input": [0.5] * 64}, 422, "unknown_keys"),
+        ({}, 422, "missing_inputs"),
+        ([1, 2], 422, "wrong_body"),
+        ({"inputs": [0.5] * 64, "probabilities": 1}, 422, "wrong_type"),
+    ],
+)
+def test_bad_payloads_are_refused_with_a_message_naming_the_fix(payload, status, code):
+    error = refused(payload)
+    assert (error.status, error.code) == (status, code)
+    assert error.message
+
+
+def test_shape_errors_name_the_expected_shape():
+    error = refused({"inputs": [[0.5] * 10]})
+    assert "[64]" in error.message and "[1, 10]" in error.message
+    assert "not_finite" == refused({"inputs": [[0.0] * 64, [float("inf")] * 64]}).code
+    assert "example 1" in refused({"inputs": [[0.0] * 64, [float("inf")] * 64]}).message
+
+
+def test_json_errors():
+    assert parse_json(b'{"inputs": [1]}') == {"inputs": [1]}
+    for raw in (b"", b"{nope", b"\xff\xfe"):
+        with pytest.raises(RequestError) as caught:
+            parse_json(raw)
+        assert caught.value.status == 400 and caught.value.code == "not_json"
+
+
+def test_bearer_token_is_compared_and_required():
+    check_bearer(None, None)  # auth off
+    check_bearer("Bearer s3cret", "s3cret")
+    check_bearer("bearer s3cret", "s3cret")
+    for header in (None, "", "Bearer wrong", "Basic s3cret", "s3cret"):
+        with pytest.raises(RequestError) as caught:
+            check_bearer(header, "s3cret")
+        assert caught.value.status == 401 and caught.value.headers == {"WWW-Authenticate": "Bearer"}
+
+
+def test_router_policies():
+    spill = Router(["gpu", "cpu"], "spillover", spill_threshold=2)
+    assert spill.order() == ["gpu", "cpu"]
+    spill.started("gpu")
+    spill.started("gpu")
+    assert spill.order() == ["cpu", "gpu"]
+    spill.finished("gpu", served=True)
+    assert spill.order() == ["gpu", "cpu"]
+    spill.started("cpu")
+    spill.finished("cpu", served=True)
+    assert spill.stats()["spilled"] == 1 and spill.stats()["served"] == {"gpu": 1, "cpu": 1}
+
+    robin = Router(["a", "b", "c"], "round_robin")
+    assert [robin.order()[0] for _ in range(4)] == ["a", "b", "c", "a"]
+
+    least = Router(["a", "b"], "least_loaded")
+    least.started("a")
+    assert least.order() == ["b", "a"]
+    with pytest.raises(ValueError, match="not one of"):
+        Router(["a"], "random")
+
+
+def one_deployment():
+    return validate_config({"serving": {"deployments": [{"name": "cpu", "cpus": 0.5, "autoscaling": {"max_replicas": 2, "upscale_delay_s": 1}}]}})
+
+
+def two_deployments():
+    return validate_config(
+        {
+            "cluster": {"node_groups": {"cpu": {"cpus": 2}, "gpu": {"cpus": 2}}},
+            "serving": {
+                "deployments": [
+                    {"name": "gpu", "engine": "torch", "node_group": "gpu"},
+                    {"name": "cpu", "engine": "onnxruntime", "quantize": "int8", "node_group": "cpu"},
+                ]
+            },
+        }
+    )
+
+
+def test_one_deployment_is_its_own_ingress_several_get_a_router():
+    assert not has_router(one_deployment()) and ingress_deployment_name(one_deployment()) == "cpu"
+    assert has_router(two_deployments()) and ingress_deployment_name(two_deployments()) == "Ingress"
+    assert list(deployment_options(one_deployment())) == ["cpu"]
+    assert list(deployment_options(two_deployments())) == ["Ingress", "gpu", "cpu"]
+
+
+def test_deployment_options_carry_limits_resources_and_the_fast_path_env():
+    config = one_deployment()
+    options = deployment_options(config, {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"})["cpu"]
+    assert options["max_ongoing_requests"] == 4 * config.serving.batching.max_batch_size
+    assert options["max_queued_requests"] == config.serving.limits.max_queued_requests
+    assert options["autoscaling_config"]["upscale_delay_s"] == 1
+    assert options["ray_actor_options"]["num_cpus"] == 0.5
+    assert options["ray_actor_options"]["runtime_env"] == {"env_vars": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}
+    pinned = deployment_options(two_deployments())["gpu"]["ray_actor_options"]
+    assert pinned["resources"] == {"group_gpu": 1}
+
+
+def test_serve_env_turns_on_the_fast_path_and_keeps_local_haproxy_files_private(monkeypatch):
+    from serving.app import local_haproxy_env
+
+    monkeypatch.delenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", raising=False)
+    env = serve_env(one_deployment())
+    assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    assert "RAY_SERVE_HAPROXY_STATS_PORT" not in env  # replicas get no per-machine settings
+    local = local_haproxy_env()
+    assert len(local["RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH"]) + 57 < 97  # HAProxy's limit, node id included
+    assert local["RAY_SERVE_HAPROXY_STATS_PORT"] != "8404"
+    assert local_haproxy_env() == local  # stable within a process: a second serve() changes nothing
+    monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "3")
+    assert serve_env(one_deployment())["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "3"
+
+
+def test_batcher_queue_limit_is_two_batches_or_the_configured_limit():
+    config = one_deployment()
+    assert batcher_queue_limit(config) == 2 * config.serving.batching.max_batch_size
+    small = validate_config({"serving": {"limits": {"max_queued_requests": 5}}})
+    assert batcher_queue_limit(small) == 5
+
+
+def test_build_app_refuses_a_missing_artifact_with_the_fix(tmp_path):
+    from cluster.artifacts import ArtifactError
+
+    config = validate_config({"cluster": {"storage": str(tmp_path)}})
+    with pytest.raises(ArtifactError, match="tandem train"):
+        build_app({"config": config.to_dict(), "artifact": "latest"})
