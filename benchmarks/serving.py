@@ -21,8 +21,15 @@ Arms
 Reported per arm and concurrency: requests/s, p50, p99, mean batch size, and the CPU time of the
 server processes per request (every process Ray or uvicorn started, HAProxy included; not the
 client), each also as a ratio against the plain arm. Writes benchmarks/results/serving.{json,md,png}.
-Run: `python -m benchmarks serving [--quick]` (about 15-25 minutes on a 2-core machine; --quick
-uses fewer requests and only the wide model).
+
+The machine this runs on may be shared: every fast-path arm and the plain server are deployed at
+once and measured interleaved, arm after arm at each concurrency, in two rounds (the second in
+reverse order); per arm the round with the higher throughput is kept, and each row records the
+load average it saw. Ray Serve's default path needs its own Serve (a controller setting), so it
+runs first, alone, in one round.
+
+Run: `python -m benchmarks serving [--quick]` (about 20-30 minutes on a 2-core machine; --quick
+is one round with fewer requests and only the wide model).
 """
 
 # No `from __future__ import annotations`: FastAPI must see the real `Request` class of the
@@ -34,6 +41,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -46,6 +54,7 @@ CONCURRENCY = (1, 8, 32)
 REQUESTS = {1: 300, 8: 1000, 32: 2000}
 QUICK_REQUESTS = {1: 150, 8: 400, 32: 800}
 WARMUP = 100
+ROUNDS = 2  # interleaved rounds; the best round per arm is kept (see measure_interleaved)
 GRID = [(32, 1.0), (32, 5.0), (16, 2.0)]  # @serve.batch (max_batch_size, batch_wait_timeout ms)
 RAY_DEFAULT_BATCH = (10, 10.0)
 TARGET_P99_MS = 50.0
@@ -241,10 +250,17 @@ def run_client(url: str, concurrency: int, requests: int, seed: int = 0) -> dict
     return json.loads(done.stdout.strip().splitlines()[-1])
 
 
-def server_cpu_seconds(roots: list[int]) -> float:
-    """User + system CPU of the given processes and all their descendants (Ray's workers, HAProxy)."""
+def server_cpu_seconds(roots: list[int], exclude: tuple[int, ...] = ()) -> float:
+    """User + system CPU of the given processes and their descendants (Ray's workers, HAProxy),
+    leaving out the `exclude` processes and theirs (the plain servers when Ray's are measured)."""
     import psutil
 
+    skipped: set[int] = set()
+    for pid in exclude:
+        try:
+            skipped |= {pid} | {c.pid for c in psutil.Process(pid).children(recursive=True)}
+        except psutil.NoSuchProcess:
+            pass
     total = 0.0
     seen: set[int] = set()
     for pid in roots:
@@ -254,7 +270,7 @@ def server_cpu_seconds(roots: list[int]) -> float:
         except psutil.NoSuchProcess:
             continue
         for process in processes:
-            if process.pid in seen:
+            if process.pid in seen or process.pid in skipped:
                 continue
             seen.add(process.pid)
             try:
@@ -275,29 +291,58 @@ def batch_counts(url: str) -> tuple[int, int] | None:
         return None
 
 
-def measure_arm(model: str, arm: str, url: str, cpu_roots: list[int], requests: dict[int, int], stats_url: str | None = None) -> list[dict[str, Any]]:
-    """Warm up, then one closed-loop run per concurrency; a row per run."""
-    stats_url = stats_url or url
-    run_client(url, 8, WARMUP, seed=99)
-    rows = []
-    for concurrency in CONCURRENCY:
-        before_cpu, before_batches = server_cpu_seconds(cpu_roots), batch_counts(stats_url)
-        summary = run_client(url, concurrency, requests[concurrency], seed=concurrency)
-        after_cpu, after_batches = server_cpu_seconds(cpu_roots), batch_counts(stats_url)
-        mean_batch = 1.0 if arm == "plain" else float("nan")  # nan: the arm's replica is not reachable for stats
-        if before_batches and after_batches and after_batches[0] > before_batches[0]:
-            mean_batch = (after_batches[1] - before_batches[1]) / (after_batches[0] - before_batches[0])
-        row = {
-            "model": model,
-            "arm": arm,
-            "concurrency": concurrency,
-            **summary,
-            "mean_batch_size": mean_batch,
-            "server_cpu_ms_per_request": 1000 * (after_cpu - before_cpu) / max(1, summary["requests"]),
-        }
-        print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-        rows.append(row)
-    return rows
+@dataclass
+class Target:
+    """One arm of one model, ready to take load."""
+
+    model: str
+    arm: str
+    url: str
+    cpu_roots: list[int]
+    cpu_exclude: tuple[int, ...] = ()
+    stats_url: str | None = None
+
+
+def measure_once(target: Target, concurrency: int, requests: int, seed: int) -> dict[str, Any]:
+    """One closed-loop run against one arm: a row with throughput, latency, batch size and CPU."""
+    stats_url = target.stats_url or target.url
+    before_cpu, before_batches = server_cpu_seconds(target.cpu_roots, target.cpu_exclude), batch_counts(stats_url)
+    summary = run_client(target.url, concurrency, requests, seed=seed)
+    after_cpu, after_batches = server_cpu_seconds(target.cpu_roots, target.cpu_exclude), batch_counts(stats_url)
+    mean_batch = 1.0 if target.arm == "plain" else float("nan")  # nan: the arm's replica is not reachable for stats
+    if before_batches and after_batches and after_batches[0] > before_batches[0]:
+        mean_batch = (after_batches[1] - before_batches[1]) / (after_batches[0] - before_batches[0])
+    return {
+        "model": target.model,
+        "arm": target.arm,
+        "concurrency": concurrency,
+        **summary,
+        "mean_batch_size": mean_batch,
+        "server_cpu_ms_per_request": 1000 * (after_cpu - before_cpu) / max(1, summary["requests"]),
+        "load_average_1m": os.getloadavg()[0],
+    }
+
+
+def measure_interleaved(targets: list[Target], requests: dict[int, int], rounds: int) -> list[dict[str, Any]]:
+    """Every arm at each concurrency, arm after arm, for `rounds` rounds (the order reversed every
+    other round); per arm and concurrency the round with the highest throughput is kept.
+
+    The machine is shared: a neighbour's burst during one arm's run would otherwise decide the
+    comparison. Interleaving spreads such bursts over all arms, and the best of the rounds is the
+    least disturbed one.
+    """
+    for target in targets:
+        run_client(target.url, 8, WARMUP, seed=99)
+    runs: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
+    for round_index in range(rounds):
+        order = targets if round_index % 2 == 0 else targets[::-1]
+        for concurrency in CONCURRENCY:
+            for target in order:
+                row = measure_once(target, concurrency, requests[concurrency], seed=concurrency + 100 * round_index)
+                row["round"] = round_index
+                print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+                runs.setdefault((target.model, target.arm, concurrency), []).append(row)
+    return [max(rows, key=lambda r: r["requests_per_s"]) for rows in runs.values()]
 
 
 def wait_http(url: str, timeout_s: float = 120.0) -> None:
@@ -319,19 +364,15 @@ def wait_http(url: str, timeout_s: float = 120.0) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def arm_plain(model: str, artifact: Path, requests: dict[int, int]) -> list[dict[str, Any]]:
+def start_plain_server(artifact: Path) -> tuple[subprocess.Popen, str]:
     from serving.app import free_port
 
     port = free_port()
     code = f"from benchmarks.serving import run_plain_server; run_plain_server({str(artifact)!r}, {port})"
     server = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    try:
-        url = f"http://127.0.0.1:{port}"
-        wait_http(url)
-        return measure_arm(model, "plain", url, [server.pid], requests)
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    url = f"http://127.0.0.1:{port}"
+    wait_http(url)
+    return server, url
 
 
 def replica_url(app_name: str, route_prefix: str) -> str:
@@ -348,8 +389,9 @@ def replica_url(app_name: str, route_prefix: str) -> str:
     raise RuntimeError(f"no direct-ingress replica port for {app_name}; is RAY_SERVE_THROUGHPUT_OPTIMIZED on?")
 
 
-def session_serve_default(artifacts: dict[str, Path], requests: dict[int, int], roots: list[int]) -> list[dict[str, Any]]:
-    """Ray Serve with its defaults: the proxy actor in the path."""
+def session_serve_default(artifacts: dict[str, Path], requests: dict[int, int], roots: list[int], exclude: tuple[int, ...]) -> list[dict[str, Any]]:
+    """Ray Serve with its defaults: the proxy actor in the path (5 to 30 times the others' cost
+    here, so one round, on its own)."""
     from ray import serve
 
     from serving.app import free_port
@@ -363,45 +405,46 @@ def session_serve_default(artifacts: dict[str, Path], requests: dict[int, int], 
             deploy_baseline(name, artifact, None, {})
             url = f"http://127.0.0.1:{port}/{name}"
             wait_http(url)
-            rows += measure_arm(model, "serve_default", url, roots, requests)
+            rows += measure_interleaved([Target(model, "serve_default", url, roots, exclude)], requests, rounds=1)
             serve.delete(name)
     finally:
         serve.shutdown()
     return rows
 
 
-def session_fast_path(storage: Path, artifacts: dict[str, Path], requests: dict[int, int], roots: list[int]) -> list[dict[str, Any]]:
-    """Throughput-optimized Serve with HAProxy: Tandem's app and the static baselines."""
+def session_fast_path(
+    storage: Path, artifacts: dict[str, Path], requests: dict[int, int], roots: list[int], plain: list[Target], rounds: int
+) -> list[dict[str, Any]]:
+    """Throughput-optimized Serve with HAProxy: Tandem's apps and the static baselines, all
+    deployed at once, measured interleaved with the plain servers."""
     from ray import serve
 
     from serving import app as tandem
     from serving.app import free_port
 
     port = free_port()
-    rows = []
+    exclude = tuple(t.cpu_roots[0] for t in plain)
     static = [("fast", None), (f"fast_batch_{RAY_DEFAULT_BATCH[0]}_{RAY_DEFAULT_BATCH[1]:g}ms", RAY_DEFAULT_BATCH)]
     static += [(f"fast_batch_{size}_{wait:g}ms", (size, wait)) for size, wait in GRID]
+    targets = list(plain)
     try:
         for model, artifact in artifacts.items():
             config = tandem_config(storage, f"tandem-{model}", MODELS[model], port)
             url = tandem.serve(config, artifact=str(artifact))  # starts Serve (fast path env) on first use
-            rows += measure_arm(model, "tandem", url, roots, requests)
-            rows += measure_arm(model, "tandem_direct", replica_url(config.name, f"/tandem-{model}"), roots, requests)
-            serve.delete(config.name)
+            targets.append(Target(model, "tandem", url, roots, exclude))
+            targets.append(Target(model, "tandem_direct", replica_url(config.name, f"/tandem-{model}"), roots, exclude))
             routed = tandem_config(storage, f"routed-{model}", MODELS[model], port, router=True)
-            rows += measure_arm(model, "tandem_router_hop", tandem.serve(routed, artifact=str(artifact)), roots, requests)
-            serve.delete(routed.name)
+            targets.append(Target(model, "tandem_router_hop", tandem.serve(routed, artifact=str(artifact)), roots, exclude))
             env = tandem.serve_env(config)
             for arm, batch in static:
                 name = f"{arm.replace('_', '-')}-{model}"
                 deploy_baseline(name, artifact, batch, env)
                 url = replica_url(name, f"/{name}")
                 wait_http(url)
-                rows += measure_arm(model, arm, url, roots, requests)
-                serve.delete(name)
+                targets.append(Target(model, arm, url, roots, exclude))
+        return measure_interleaved(targets, requests, rounds)
     finally:
         serve.shutdown()
-    return rows
 
 
 # ---------------------------------------------------------------------------------------------
@@ -504,7 +547,7 @@ def start_ray(attempts: int = 3) -> None:
 
     for attempt in range(attempts):
         try:
-            ray.init(num_cpus=16, include_dashboard=False, log_to_driver=False)
+            ray.init(num_cpus=32, include_dashboard=False, log_to_driver=False)
             return
         except Exception:
             ray.shutdown()
@@ -519,6 +562,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     argv = list(argv or [])
     quick = "--quick" in argv
     requests = QUICK_REQUESTS if quick else REQUESTS
+    rounds = 1 if quick else ROUNDS
     models = {"wide": MODELS["wide"]} if quick else MODELS
     RESULTS.mkdir(exist_ok=True)
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
@@ -531,16 +575,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         artifacts = {name: make_artifact(storage, name, hidden) for name, hidden in models.items()}
         engines = {name: engine_latency_ms(path) for name, path in artifacts.items()}
         print(json.dumps({"engines": engines}), flush=True)
+        servers = {model: start_plain_server(artifact) for model, artifact in artifacts.items()}
+        plain = [Target(model, "plain", url, [server.pid]) for model, (server, url) in servers.items()]
+        exclude = tuple(server.pid for server, _ in servers.values())
         rows: list[dict[str, Any]] = []
-        for model, artifact in artifacts.items():
-            rows += arm_plain(model, artifact, requests)
-        start_ray()
-        roots = [os.getpid()]  # the local Ray's processes are this process's descendants
         try:
-            rows += session_serve_default(artifacts, requests, roots)
-            rows += session_fast_path(storage, artifacts, requests, roots)
+            start_ray()
+            roots = [os.getpid()]  # the local Ray's processes are this process's descendants
+            rows += session_serve_default(artifacts, requests, roots, exclude)
+            rows += session_fast_path(storage, artifacts, requests, roots, plain, rounds)
         finally:
             ray.shutdown()
+            for server, _ in servers.values():
+                server.terminate()
+                server.wait(timeout=30)
     add_ratios(rows)
     report = {
         "rows": rows,
@@ -551,6 +599,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             "concurrency": CONCURRENCY,
             "requests": requests,
             "grid": GRID,
+            "rounds": rounds,
             "cpus": os.cpu_count(),
             "load_average_at_end": os.getloadavg(),
             "minutes": (time.time() - started) / 60,
