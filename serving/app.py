@@ -11,9 +11,10 @@ Shape of the application
 ------------------------
 - One deployment (the common case): the model deployment *is* the FastAPI ingress. It decodes and
   validates the request, looks in the cache, queues the examples in its adaptive batcher
-  (serving/batching.py) and answers. There is no router hop: a second deployment behind a handle
-  costs about 4 ms at concurrency 1 and 18% of throughput at 32 on this machine (stack notes),
-  and a router with one choice decides nothing.
+  (serving/batching.py) and answers. There is no router hop, and a router with one choice
+  decides nothing. Measured (benchmarks/serving.py, arm tandem_router_hop: HAProxy -> "Ingress"
+  -> handle -> model replica, against the model replica as ingress): the hop cut throughput to
+  0.2-0.35x and multiplied p50 by 3-6 (about 11-17 ms of server CPU per request instead of 2-3).
 - Several deployments: an "Ingress" deployment (FastAPI) validates, looks in the cache and routes
   each request through a DeploymentHandle to a model deployment chosen by serving/router.py
   (spillover, round_robin, least_loaded); a deployment that refuses (queue full, batcher shedding)
@@ -30,8 +31,10 @@ between deployments) lets the ingress replica serve HTTP on its own port, skippi
 - "haproxy": direct ingress with Ray's HAProxy mode (`RAY_SERVE_ENABLE_HA_PROXY=1`) in front:
   HAProxy listens on serving.host:port and balances over the ingress replicas' own ports, so the
   URL is stable across autoscaling and rollouts (HAProxy retries a refused connection while a
-  replica drains). Measured on a trivial endpoint at concurrency 1: 4-5 ms through HAProxy, 3.3 ms
-  straight to the replica port, 28 ms through Serve's proxy.
+  replica drains). Measured: the fast path served 2-17x the requests/s of Serve's default proxy
+  path; HAProxy in front cost 0.6-0.9x of the throughput and 1.2-1.5x the p50 of a client on the
+  replica's own port (on 2 shared cores HAProxy competes with the replica for CPU). The stable URL
+  is worth that by default; "direct" is there when one replica is enough.
 - "direct": direct ingress without HAProxy; Serve's proxy stays on serving.port, and `serve()`
   returns the one ingress replica's own port. Fastest, for one replica (benchmarks, sidecars).
 - "proxy": Ray Serve's defaults.
