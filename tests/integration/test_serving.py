@@ -327,11 +327,6 @@ def test_an_overloading_burst_gets_fast_503s_while_accepted_requests_finish(url)
     assert all(len(a["predictions"]) == MAX_INPUTS for a in answered)
 
 
-@pytest.mark.xfail(
-    reason="known bug, open in issue 6: while serve.run rolls the app out to a new artifact the proxy answers 404 "
-    "'Path /v1/predict not found' for about half the requests in flight (seen 199 x 200, 180 x 404)",
-    strict=False,
-)
 def test_cache_hits_then_a_rollout_under_load_invalidates_and_loses_no_request(url, config, artifacts):
     from cluster.artifacts import model_version
     from serving.app import serve as deploy
