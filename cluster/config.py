@@ -402,6 +402,14 @@ class ServingConfig(Strict):
     route_prefix: str = Field("/", pattern=r"^/", description="HTTP route prefix of the application.")
     host: str = Field("127.0.0.1", description="HTTP host of the Serve proxy.")
     port: int = Field(8000, ge=1, le=65535, description="HTTP port of the Serve proxy.")
+    http_path: Literal["haproxy", "direct", "proxy"] = Field(
+        "haproxy",
+        description=(
+            "How HTTP reaches the replicas: 'haproxy' (Ray's direct ingress behind its HAProxy on host:port; stable URL, "
+            "several replicas), 'direct' (direct ingress on the one replica's own port; fastest, one replica), "
+            "'proxy' (Ray Serve's default proxy; slowest)."
+        ),
+    )
     artifact: str = Field("latest", description="Artifact to serve: a run folder, an artifacts folder or 'latest'.")
     deployments: list[Deployment] = Field(
         default_factory=lambda: [Deployment(name="cpu", engine="onnxruntime", cpus=0.5)],
