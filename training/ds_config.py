@@ -15,12 +15,18 @@ op on first use (~40 s on a fresh machine), and DeepSpeed's schedulers have no s
 
 from __future__ import annotations
 
+import logging
 import math
+import os
+import time
+from pathlib import Path
 from typing import Any
 
 import torch
 
 from cluster.config import ConfigError, Problem, TandemConfig
+
+logger = logging.getLogger("tandem.training")
 
 
 def _zero_section(config: TandemConfig) -> dict[str, Any]:
@@ -175,3 +181,37 @@ def zero_memory_formula(num_params: int, world_size: int, zero_stage: int, preci
         "grads": grads / n if zero_stage >= 2 else grads,
         "optimizer": optim / n if zero_stage >= 1 else optim,
     }
+
+
+# A first-use build of DeepSpeed's ops takes about a minute here (several under load); a build
+# lock older than this belongs to a process that died while building.
+STALE_EXTENSION_LOCK_S = 15 * 60
+
+
+def extension_dirs() -> list[Path]:
+    """Where torch builds C++ extensions for this process: TORCH_EXTENSIONS_DIR, else torch's default."""
+    configured = os.environ.get("TORCH_EXTENSIONS_DIR")
+    return [Path(configured)] if configured else [Path.home() / ".cache" / "torch_extensions"]
+
+
+def clear_stale_extension_locks(max_age_s: float = STALE_EXTENSION_LOCK_S, now: float | None = None) -> list[Path]:
+    """Remove build locks left by a process killed while DeepSpeed compiled its ops; returns them.
+
+    torch's extension builder waits, forever and silently, for another process's `lock` file in
+    the build folder to vanish. A worker SIGKILLed during that first-use build (a fault test, an
+    OOM kill, a preempted node) leaves the file behind, and every later run on the machine then
+    hangs at DeepSpeed initialization with idle CPUs. Seen here: a 24-minute hang of a tuning run.
+    """
+    now = time.time() if now is None else now
+    removed = []
+    for root in extension_dirs():
+        for lock in [*root.glob("*/lock"), *root.glob("*/*/lock")]:
+            try:
+                if now - lock.stat().st_mtime > max_age_s:
+                    lock.unlink()
+                    removed.append(lock)
+            except FileNotFoundError:  # its owner finished meanwhile
+                continue
+    for lock in removed:
+        logger.warning("removed a stale torch extension build lock %s (its builder died; it would hang DeepSpeed)", lock)
+    return removed

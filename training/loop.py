@@ -13,6 +13,7 @@ rank a disjoint, seeded shard and the same order again after a resume (set_epoch
 
 from __future__ import annotations
 
+import json
 import math
 import os
 import resource
@@ -37,6 +38,10 @@ TAG_FILE = "latest"
 FAULT_STEP_ENV = "TANDEM_FAULT_AT_STEP"  # test-only: a worker dies at this global step ...
 FAULT_RANK_ENV = "TANDEM_FAULT_RANK"  # ... on this rank (default 1) ...
 FAULT_MARKER_ENV = "TANDEM_FAULT_MARKER"  # ... once: the marker file records that it happened.
+# Test-only: each rank writes {rank, pid, step} to <dir>/rank-<r>.json after every step, so a test
+# can SIGKILL a worker from outside mid-epoch and count the steps the restart re-did; Ray Train's
+# reports come once an epoch and carry neither the worker's pid nor the step inside the epoch.
+PROGRESS_DIR_ENV = "TANDEM_PROGRESS_DIR"
 
 
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
@@ -70,6 +75,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, world)
     )
     start_epoch = _restore(engine, loop_config.get("resume_from"))
+    if loop_config.get("resume_from") and loop_config.get("hparams_from_config"):
+        _apply_config_hparams(engine, config)
     augment = build_augmentation(config.data.augment)
     dtype = _compute_dtype(config)
     loss_fn = _loss_function(config, loop_config.get("teacher_dir"), device)
@@ -151,6 +158,20 @@ def _restore(engine: Any, resume_from: str | None) -> int:
     return 0
 
 
+def _apply_config_hparams(engine: Any, config: TandemConfig) -> None:
+    """Override the checkpoint's lr and weight decay with the config's, keeping the schedule's position.
+
+    load_checkpoint restores the optimizer's param_groups and the LambdaLR's base_lrs; a PBT trial
+    that exploited another's checkpoint must train on with its own mutated values instead.
+    """
+    opt, scheduler = config.training.optimizer, engine.lr_scheduler
+    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
+    scheduler.base_lrs = [opt.lr] * len(scheduler.base_lrs)
+    for group in engine.optimizer.param_groups:
+        group["initial_lr"], group["lr"], group["weight_decay"] = opt.lr, opt.lr * factor, opt.weight_decay
+    scheduler._last_lr = [group["lr"] for group in engine.optimizer.param_groups]
+
+
 def _load_engine_checkpoint(engine: Any, folder: Path) -> int:
     tag = (folder / TAG_FILE).read_text().strip()
     _, client_state = engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
@@ -170,6 +191,17 @@ def _maybe_inject_fault(engine: Any, rank: int) -> None:
         os._exit(1)
 
 
+def _write_progress(engine: Any, rank: int) -> None:
+    """Test-only progress file (see PROGRESS_DIR_ENV); a rename, so a reader never sees half a file."""
+    folder = os.environ.get(PROGRESS_DIR_ENV)
+    if not folder:
+        return
+    path = Path(folder) / f"rank-{rank}.json"
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps({"rank": rank, "pid": os.getpid(), "step": int(engine.global_steps)}))
+    os.replace(tmp, path)
+
+
 def _train_epoch(engine, loader, augment, generator, device, dtype, config, rank, steps_per_epoch, loss_fn) -> tuple[float, int]:
     engine.train()
     total_loss, batches, samples = 0.0, 0, 0
@@ -187,6 +219,7 @@ def _train_epoch(engine, loader, augment, generator, device, dtype, config, rank
         batches += 1
         samples += len(y)
         _maybe_inject_fault(engine, rank)
+        _write_progress(engine, rank)
     return total_loss / max(1, batches), samples
 
 

@@ -28,7 +28,7 @@ from training.ds_config import deepspeed_config
 
 CHECKPOINTS = "checkpoints"
 PLACEMENT = {"pack": "PACK", "spread": "SPREAD", "strict_pack": "STRICT_PACK", "strict_spread": "STRICT_SPREAD"}
-PASS_THROUGH_ENV = ("TORCH_EXTENSIONS_DIR", "TANDEM_FAULT_AT_STEP", "TANDEM_FAULT_RANK", "TANDEM_FAULT_MARKER", "OMP_NUM_THREADS")
+PASS_THROUGH_ENV = ("TORCH_EXTENSIONS_DIR", "TANDEM_FAULT_AT_STEP", "TANDEM_FAULT_RANK", "TANDEM_FAULT_MARKER", "TANDEM_PROGRESS_DIR", "OMP_NUM_THREADS")
 
 
 @dataclass
@@ -100,7 +100,11 @@ def teacher_dir(config: TandemConfig) -> str | None:
     return str(folder.resolve())
 
 
-def build_trainer(config: TandemConfig, run_dir: Path, use_gpu: bool, resume_from: str | None = None, callbacks: list | None = None):
+def build_trainer(
+    config: TandemConfig, run_dir: Path, use_gpu: bool, resume_from: str | None = None, callbacks: list | None = None, hparams_from_config: bool = False
+):
+    """hparams_from_config: after loading `resume_from`, take lr and weight decay from `config`
+    rather than from the checkpoint (PBT: an exploiting trial keeps its own mutated values)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
@@ -119,7 +123,8 @@ def build_trainer(config: TandemConfig, run_dir: Path, use_gpu: bool, resume_fro
         worker_runtime_env={"env_vars": worker_env(use_gpu)},
         callbacks=[MetricsLog(run_dir)] + list(callbacks or []),
     )
-    loop_config = {"config": config.to_dict(), "use_gpu": use_gpu, "resume_from": resume_from, "teacher_dir": teacher_dir(config)}
+    loop_config = {"config": config.to_dict(), "use_gpu": use_gpu, "resume_from": resume_from, "teacher_dir": teacher_dir(config),
+                   "hparams_from_config": hparams_from_config}
     return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run)
 
 

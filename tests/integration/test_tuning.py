@@ -1,0 +1,210 @@
+"""Ray Tune around the real trainer, for real: every trial is a Ray Train + DeepSpeed run on CPU.
+
+Trials are tiny (1 worker, hidden [16], batch 64, 5 steps per epoch) and few, because each one
+starts a Train run (controller, worker, DeepSpeed) and the CI machine has two cores.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from ray.tune import Callback
+
+from cluster.artifacts import load_model, read_manifest, verify_artifact
+from cluster.config import ConfigError, config_with, load_config
+from training.data import digits, split
+from training.ds_config import lr_factor
+from training.trainer import read_history
+from tuning import tune
+from tuning.results import RESULTS_CSV, RESULTS_JSON, RESULTS_PNG, TUNING_MANIFEST
+from tuning.segments import read_segments
+
+pytestmark = pytest.mark.integration
+# Every trial starts a Train run (a controller, a worker, DeepSpeed): minutes each on a loaded 2-core machine.
+SLOW_TUNE_TIMEOUT_S = 3600
+
+# Shuffled, as a random search would meet them; a constant schedule keeps the ranking by lr the
+# same at every epoch, so the best configuration is not a coin toss between close values.
+LR_GRID = "[1.0e-3, 1.0e-4, 3.0e-2, 3.0e-4, 1.0e-2, 3.0e-3]"
+
+
+def tiny(tmp_path: Path, tuning: str, *overrides: str):
+    return load_config(None, [
+        f"cluster.storage={tmp_path}", "model.args.hidden=[16]", "data.batch_size=64", "data.augment=[]",
+        "training.max_steps_per_epoch=5", "training.epochs=4", "training.checkpoint.every_epochs=1",
+        "training.schedule.name=constant", "training.schedule.warmup_steps=0", f"tuning={tuning}", *overrides,
+    ])
+
+
+def artifact_accuracy(artifact_dir: Path, config) -> float:
+    model, _ = load_model(artifact_dir)  # verified sha256, torch.load(weights_only=True)
+    _, val = split(digits(), config.data.val_fraction, config.data.seed)
+    with torch.no_grad():
+        return float((model(torch.from_numpy(val.x)).argmax(1).numpy() == val.y).mean())
+
+
+def test_a_config_whose_trials_cannot_fit_fails_before_any_trial(ray_session, tmp_path):
+    space = "space: {training.optimizer.lr: {loguniform: [1.0e-4, 1.0e-2]}}"
+    with pytest.raises(ConfigError, match=r"tuning.workers_per_trial.*one trial needs 3 worker\(s\) of 3 CPU"):
+        tune(tiny(tmp_path, f"{{workers_per_trial: 3, cpus_per_worker: 3, {space}}}"))
+    with pytest.raises(ConfigError, match=r"tuning.max_concurrent_trials.*lower max_concurrent_trials to 2"):
+        tune(tiny(tmp_path, f"{{max_concurrent_trials: 3, cpus_per_worker: 3, {space}}}"))
+    with pytest.raises(ConfigError, match=r"tuning.space\['model.args.widths'\].*unexpected keyword"):
+        tune(tiny(tmp_path, "{space: {model.args.widths: {choice: [1, 2]}}}"))
+    assert not list(tmp_path.rglob("tune-*")), "a tuning run was started for a config that cannot run"
+
+
+def test_placement_groups_left_by_dead_actors_are_released_and_no_others(ray_session):
+    # What a trial's Train controller leaves when it is killed: a placement group whose creator
+    # actor is dead. Ray keeps it until the job ends; the sweep removes it, and only it.
+    import ray
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    from tuning.housekeeping import release_orphaned_placement_groups
+
+    @ray.remote(num_cpus=0)
+    class Creator:
+        def make(self):
+            group = placement_group([{"CPU": 0.5}])
+            ray.get(group.ready())
+            return group.id.hex()
+
+    own = placement_group([{"CPU": 0.5}])  # the driver's, like Tune's own trial groups
+    ray.get(own.ready())
+    creator = Creator.remote()
+    orphan = ray.get(creator.make.remote())
+    ray.kill(creator)
+    deadline = time.monotonic() + 60
+    while placement_group_table()[orphan]["state"] != "REMOVED" and time.monotonic() < deadline:
+        release_orphaned_placement_groups()
+        time.sleep(0.5)
+    assert placement_group_table()[orphan]["state"] == "REMOVED"
+    assert placement_group_table(own)["state"] == "CREATED"
+    remove_placement_group(own)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SLOW_TUNE_TIMEOUT_S)
+def test_asha_stops_poor_trials_early_and_finds_fifos_best(ray_session, tmp_path):
+    search = f"search: {{name: grid}}, max_concurrent_trials: 3, space: {{training.optimizer.lr: {{grid: {LR_GRID}}}}}"
+    fifo = tune(tiny(tmp_path / "fifo", f"{{scheduler: {{name: fifo}}, {search}}}"))
+    asha = tune(tiny(tmp_path / "asha", f"{{scheduler: {{name: asha, grace_period: 1, reduction_factor: 2}}, {search}}}"))
+
+    assert len(fifo.trials) == len(asha.trials) == 6
+    assert fifo.total_epochs == 6 * 4 and all(t.status == "completed" for t in fifo.trials)
+    stopped = [t for t in asha.trials if t.status == "stopped"]
+    assert len(stopped) >= 2, [(t.params, t.status, t.epochs_trained) for t in asha.trials]
+    assert asha.total_epochs <= 0.75 * fifo.total_epochs, (asha.total_epochs, fifo.total_epochs)
+    assert asha.best.params == fifo.best.params
+    assert asha.best.status == "completed"
+
+    # Results on disk: table rows, CSV, JSON, plot, and a manifest linking the artifact.
+    run = asha.run_dir
+    rows = (run / RESULTS_CSV).read_text().splitlines()
+    assert len(rows) == 7 and rows[0].startswith("trial_id,status,epochs_trained")
+    table = json.loads((run / RESULTS_JSON).read_text())
+    assert table["best_trial"] == asha.best.trial_id and len(table["trials"]) == 6
+    assert (run / RESULTS_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    manifest = json.loads((run / TUNING_MANIFEST).read_text())
+    assert manifest["artifact"]["path"] == "artifacts" and manifest["best"]["trial_id"] == asha.best.trial_id
+    assert set(manifest["files"]) >= {RESULTS_CSV, RESULTS_JSON, RESULTS_PNG, "config.yaml", "best_config.yaml"}
+
+    # The best trial's artifact: consolidated like a training run's, loads with weights_only, predicts.
+    artifact = verify_artifact(asha.artifact_dir)
+    assert artifact["lineage"]["trial_id"] == asha.best.trial_id and artifact["epochs"] == 4
+    history = read_history(run)
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4]
+    config = load_config(run / "best_config.yaml")
+    assert config.training.optimizer.lr == asha.best.params["training.optimizer.lr"]
+    accuracy = artifact_accuracy(asha.artifact_dir, config)
+    assert accuracy > 0.5 and abs(accuracy - history[-1]["val_accuracy"]) < 1e-6
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SLOW_TUNE_TIMEOUT_S)
+def test_pbt_trials_exploit_each_others_checkpoints(ray_session, tmp_path):
+    # Two trials far apart, perturbing every epoch: whichever of them reports second at an epoch
+    # (or first, against the other's previous epoch) the slow one is the lower half and exploits.
+    config = tiny(tmp_path, "{samples: 1, max_concurrent_trials: 2, scheduler: {name: pbt, perturbation_interval: 1},"
+                            " space: {training.optimizer.lr: {grid: [1.0e-4, 3.0e-2]}}}", "training.epochs=3")
+    result = tune(config)
+    assert len(result.trials) == 2
+    exploiters = [t for t in result.trials if t.exploited_from]
+    assert exploiters, [(t.trial_id, t.params, t.metric) for t in result.trials]
+    trained_from_a_donor = 0
+    for trial in exploiters:
+        assert trial.last_epoch == 3
+        for start in [s for s in read_segments(Path(trial.path)) if s.get("from_trial") in trial.exploited_from]:
+            assert Path(start["resume_from"]).parent.name != trial.trial_id
+            # That start's Train run began where the donor's checkpoint left off, not at epoch 1.
+            log = Path(trial.path) / start["segment"] / "metrics.jsonl"
+            epochs = [json.loads(line)["epoch"] for line in log.read_text().splitlines()] if log.exists() else []
+            assert not epochs or epochs[0] > 1, epochs
+            trained_from_a_donor += bool(epochs)
+            # The exploiter trains on with its own (mutated) learning rate, not the donor's.
+            for line in log.read_text().splitlines() if log.exists() else []:
+                m = json.loads(line)
+                own = config_with(config, {"training.optimizer.lr": start["params"]["training.optimizer.lr"]})
+                total = (m["step"] // m["epoch"]) * own.training.epochs
+                expected = own.training.optimizer.lr * lr_factor(own, m["step"], total)
+                assert m["lr"] == pytest.approx(expected, rel=1e-6, abs=1e-12), (m["lr"], expected, start["params"])
+    assert trained_from_a_donor, "no exploiting trial trained on from its donor's checkpoint"
+    verify_artifact(result.artifact_dir)
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SLOW_TUNE_TIMEOUT_S)
+def test_optuna_search_respects_max_concurrent_trials(ray_session, tmp_path):
+    config = tiny(tmp_path, "{samples: 4, max_concurrent_trials: 2, search: {name: optuna, seed: 1},"
+                            " space: {training.optimizer.lr: {loguniform: [1.0e-4, 5.0e-2]}, model.args.hidden: {choice: [[16], [32]]}}}",
+                  "training.epochs=2")
+    result = tune(config)
+    assert len(result.trials) == 4 and all(t.status == "completed" for t in result.trials)
+    assert result.plan.max_concurrent == 2
+    assert result.peak_running_trials == 2  # reached, never exceeded
+    assert {json.dumps(t.params["model.args.hidden"]) for t in result.trials} <= {"[16]", "[32]"}
+    assert len({t.params["training.optimizer.lr"] for t in result.trials}) == 4
+
+
+class InterruptOnce(Callback):
+    """Fails the tune (as a crashed driver would) once `finished` trials are done and Tune has had
+    time to snapshot that; a marker file keeps the restored copy of this callback from firing again."""
+
+    def __init__(self, marker: Path, finished: int, settle_s: float = 5.0):
+        self.marker, self.finished, self.settle_s = Path(marker), finished, settle_s
+        self.done_at: float | None = None
+
+    def on_step_begin(self, iteration, trials, **info):
+        if self.marker.exists():
+            return
+        done = [t.trial_id for t in trials if t.status == "TERMINATED"]
+        if len(done) >= self.finished and self.done_at is None:
+            self.done_at = time.monotonic()
+        if self.done_at is not None and time.monotonic() - self.done_at >= self.settle_s:
+            self.marker.write_text(json.dumps(done))
+            raise RuntimeError("simulated interruption")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(SLOW_TUNE_TIMEOUT_S)
+def test_restore_after_an_interruption_does_not_rerun_finished_trials(ray_session, tmp_path):
+    config = tiny(tmp_path, "{max_concurrent_trials: 2, search: {name: grid}, space: {training.optimizer.lr: {grid: [1.0e-3, 1.0e-2, 3.0e-3, 3.0e-2]}}}",
+                  "training.epochs=2")
+    marker = tmp_path / "interrupted.json"
+    with pytest.raises(Exception):  # noqa: B017 - Tune may wrap the callback's error
+        tune(config, callbacks=[InterruptOnce(marker, finished=2)])
+    assert marker.exists(), "the tune failed before the simulated interruption"
+    finished_before = json.loads(marker.read_text())
+    assert len(finished_before) >= 2
+
+    result = tune(config, resume=True)
+    assert len(result.trials) == 4 and all(t.status == "completed" for t in result.trials)
+    by_id = {t.trial_id: t for t in result.trials}
+    for trial_id in finished_before:
+        assert by_id[trial_id].starts == 1, f"{trial_id} finished before the interruption but ran again"
+    assert len(list(result.run_dir.parent.glob("tune-*"))) == 1, "resume continued the same run folder"
+    assert read_manifest(result.artifact_dir)["lineage"]["trial_id"] == result.best.trial_id
