@@ -20,6 +20,7 @@ from typing import Any
 
 import yaml
 
+from cluster.artifacts import atomic_write_text
 from cluster.config import Deployment, TandemConfig, derived_max_ongoing_requests
 from cluster.runtime import pin_to_group
 
@@ -130,6 +131,20 @@ def application_runtime_env(config: TandemConfig, settings: dict[str, str]) -> d
     return env
 
 
+# Serve gives the HAProxy manager actor 5 s to report ready and kills it after three misses; a
+# head that is busy starting (a pod on a loaded node; here, 2 shared cores) misses that, and
+# `serve deploy` then fails with "HAProxyManager ... killed by ray.kill".
+HAPROXY_READY_TIMEOUT_S = "30"
+
+
+def controller_settings(settings: dict[str, str]) -> dict[str, str]:
+    """The Serve controller's environment: the app's settings, plus HAProxy's readiness window."""
+    env = dict(settings)
+    if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        env.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", HAPROXY_READY_TIMEOUT_S)
+    return env
+
+
 def build_serve_config(config: TandemConfig, artifact: str = "latest") -> dict[str, Any]:
     """The Ray Serve config file (multi-application format) for `config`, serving `artifact`.
 
@@ -155,7 +170,7 @@ def build_serve_config(config: TandemConfig, artifact: str = "latest") -> dict[s
     }
     if settings:
         # Serve reads these at import, so the controller needs them too (applied when it starts).
-        serve_config["controller_options"] = {"runtime_env": {"env_vars": dict(settings)}}
+        serve_config["controller_options"] = {"runtime_env": {"env_vars": controller_settings(settings)}}
     serve_config["applications"] = [application]
     return serve_config
 
@@ -168,6 +183,6 @@ def dump_serve_config(serve_config: dict[str, Any]) -> str:
 def write_serve_config(config: TandemConfig, path: str | Path, artifact: str = "latest") -> Path:
     """Write the Serve config file for `serve deploy PATH`; returns the path."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(dump_serve_config(build_serve_config(config, artifact)))
+    # Atomic: `serve deploy` or a RayService watching the file never reads half of it.
+    atomic_write_text(path, dump_serve_config(build_serve_config(config, artifact)))
     return path

@@ -71,7 +71,8 @@ def test_it_mirrors_the_serving_section():
     # HTTP-path settings reach the controller and, with the user's env_vars, every replica.
     settings = serve_settings(cfg)
     assert app["runtime_env"] == {"env_vars": {**settings, "OMP_NUM_THREADS": "1"}, "pip": ["rich"]}
-    assert serve_config["controller_options"] == {"runtime_env": {"env_vars": settings}}
+    # The controller also gets a longer HAProxy readiness window (a busy head misses Serve's 5 s).
+    assert serve_config["controller_options"] == {"runtime_env": {"env_vars": {**settings, "RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S": "30"}}}
     deployments = {d["name"]: d for d in app["deployments"]}
     assert list(deployments) == [INGRESS, "gpu", "cpu"]
 

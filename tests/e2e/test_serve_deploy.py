@@ -1,0 +1,79 @@
+"""`serve deploy` of the file `tandem serve-config` writes, against a real `ray start --head`.
+
+The same file is the RayService's serveConfigV2 (cluster/k8s.py), so this is the closest a test
+here gets to what KubeRay runs: Ray's own CLI applies it through the head's dashboard (with the
+head's auth token), Serve builds the app from `serving.app:build_app` in the cluster's processes,
+and the model answers over HTTP on the config's port with the artifact's version.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.error
+import urllib.request
+
+import numpy as np
+import pytest
+
+from cluster.artifacts import model_version
+from cluster.config import load_config
+from tests.e2e.conftest import free_ports
+from tests.unit.artifact_helpers import copy_artifact, digits_val, exported_mlp
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1200)]
+
+CLI_TIMEOUT_S = 180
+READY_TIMEOUT_S = 420  # the head starts Serve, the controller, HAProxy and an ONNX replica on 2 shared cores
+
+
+def post_json(url: str, body: dict, timeout: float = 10.0) -> tuple[int, dict]:
+    request = urllib.request.Request(url, data=json.dumps(body).encode(), headers={"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=timeout) as reply:
+            return reply.status, json.loads(reply.read())
+    except urllib.error.HTTPError as exc:
+        return exc.code, {"raw": exc.read()[:500].decode(errors="replace")}
+
+
+def wait_for_predictions(url: str, inputs: list, deadline_s: float) -> dict:
+    deadline = time.monotonic() + deadline_s
+    last: object = None
+    while time.monotonic() < deadline:
+        try:
+            status, body = post_json(url, {"inputs": inputs})
+            if status == 200:
+                return body
+            last = (status, body)
+        except OSError as exc:  # not listening yet
+            last = exc
+        time.sleep(2)
+    raise AssertionError(f"{url} did not serve within {deadline_s} s; last answer: {last}")
+
+
+def test_serve_deploy_of_the_generated_config_serves_the_model(ray_head, tmp_path):
+    storage = tmp_path / "runs"
+    artifact = copy_artifact(exported_mlp(), storage)  # model.pt + model.onnx (+ int8) with a manifest
+    (port,) = free_ports(1)
+    config = load_config(None, [f"cluster.storage={storage}", "cluster.address=auto", f"serving.port={port}"])
+    config_file = tmp_path / "tandem.yaml"
+    config_file.write_text(config.to_yaml())
+    serve_file = tmp_path / "serve_config.yaml"
+
+    written = ray_head.run(["tandem", "serve-config", str(config_file), "--out", str(serve_file), "--from", str(artifact)], timeout=CLI_TIMEOUT_S)
+    assert written.returncode == 0, (written.stdout + written.stderr)[-4000:]
+
+    deployed = ray_head.run(["serve", "deploy", str(serve_file), "--address", ray_head.address], timeout=CLI_TIMEOUT_S)
+    assert deployed.returncode == 0, (deployed.stdout + deployed.stderr)[-4000:]
+    try:
+        x, y = digits_val()
+        body = wait_for_predictions(f"http://127.0.0.1:{port}/v1/predict", x[:64].tolist(), READY_TIMEOUT_S)
+        assert body["model_version"] == model_version(artifact)
+        assert body["deployment"] == config.serving.deployments[0].name
+        accuracy = float(np.mean(np.asarray(body["predictions"]) == y[:64]))
+        assert accuracy >= 0.9, f"served accuracy {accuracy:.3f} on 64 validation digits"
+
+        status = ray_head.run(["serve", "status", "--address", ray_head.address], timeout=CLI_TIMEOUT_S)
+        assert status.returncode == 0 and "RUNNING" in status.stdout, status.stdout + status.stderr
+    finally:
+        ray_head.run(["serve", "shutdown", "-y", "--address", ray_head.address], timeout=CLI_TIMEOUT_S)
