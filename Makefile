@@ -6,7 +6,7 @@ STAMP   := .venv/.installed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test test-fast lint bench clean install
+.PHONY: demo test test-fast lint bench reliability clean install
 
 $(PY):
 	python3 -m venv .venv
@@ -34,6 +34,10 @@ lint: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) -m benchmarks
+
+# Rerun the fault, fuzz, overload and soak tests and rewrite RELIABILITY.md from their figures.
+reliability: $(STAMP)
+	$(PY) -m benchmarks reliability
 
 clean:
 	rm -rf .venv .cache runs

@@ -9,15 +9,21 @@
             model.onnx ...   added by export
             manifest.json    model spec, metrics, lineage, sha256 of every file
 
-Every write is atomic (a temp file in the same folder, then rename), and every load checks the
-file's sha256 against the manifest first: a truncated or altered file is refused, never loaded.
+Every write is atomic (a temp file in the same folder, fsync, rename, fsync of the folder): a
+crash mid-write leaves the old file or none, never a partial one. Every load checks the file's
+sha256 against the manifest and loads the very bytes it checked: a truncated or altered file is
+refused, never loaded. A manifest entry must name a file inside its folder (no "../x", absolute
+path or symlink out); torch.load only ever runs with weights_only=True.
 """
 
 from __future__ import annotations
 
 import hashlib
+import io
 import json
 import os
+import pickle
+import re
 import tempfile
 import time
 from pathlib import Path
@@ -25,6 +31,7 @@ from typing import Any
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.pt"
+_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
 class ArtifactError(RuntimeError):
@@ -39,11 +46,21 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
 def atomic_write_bytes(path: Path, data: bytes) -> None:
+    """Write `data` to `path` so that a reader (or a crash) sees the old file or the new one, whole."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        # mkstemp makes the file 0600; give it the mode a plain open() would (replicas and
+        # Kubernetes pods may read artifacts as another user).
+        os.fchmod(fd, 0o666 & ~_umask())
         with os.fdopen(fd, "wb") as handle:
             handle.write(data)
             handle.flush()
@@ -52,6 +69,21 @@ def atomic_write_bytes(path: Path, data: bytes) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename durable: without this a power loss can bring back the old directory entry."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems (and all of Windows) refuse fsync on a directory
+    finally:
+        os.close(fd)
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -63,8 +95,6 @@ def atomic_write_json(path: Path, value: Any) -> None:
 
 
 def atomic_save_torch(obj: Any, path: Path) -> None:
-    import io
-
     import torch
 
     buffer = io.BytesIO()
@@ -86,11 +116,17 @@ def new_run_dir(storage: Path, name: str, prefix: str = "") -> Path:
     raise ArtifactError(f"could not create a run folder under {base}")
 
 
-def _inside(folder: Path, name: str) -> Path:
-    """The path of a manifest entry, refusing entries that point outside the folder."""
-    candidate = (folder / name).resolve()
-    if Path(name).is_absolute() or folder.resolve() not in candidate.parents:
-        raise ArtifactError(f"{folder / MANIFEST}: entry '{name}' points outside its artifact folder; refusing to load it")
+def _inside(folder: Path, name: Any) -> Path:
+    """The path of a manifest entry, refusing entries that point outside the folder.
+
+    Resolving follows symlinks, so a link inside the folder that points out is refused too."""
+    where = f"{Path(folder) / MANIFEST}: entry {name!r}"
+    if not isinstance(name, str) or not name or "\x00" in name:
+        raise ArtifactError(f"{where} is not a file name; the manifest is damaged, export or train again")
+    root = Path(folder).resolve()
+    candidate = (root / name).resolve()
+    if Path(name).is_absolute() or root not in candidate.parents:
+        raise ArtifactError(f"{where} points outside its artifact folder ({candidate}); refusing to load it. Keep every file of an artifact inside its folder")
     return candidate
 
 
@@ -99,49 +135,72 @@ def write_manifest(folder: Path, info: dict[str, Any]) -> dict[str, Any]:
     folder = Path(folder)
     manifest: dict[str, Any] = {}
     if (folder / MANIFEST).exists():
-        manifest = json.loads((folder / MANIFEST).read_text())
+        manifest = _load_manifest_json(folder / MANIFEST)
     manifest.update(info)
-    manifest["files"] = {
-        p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size}
-        for p in sorted(folder.iterdir())
-        if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")
-    }
+    files = [p for p in sorted(folder.iterdir()) if p.is_file() and p.name != MANIFEST and not p.name.startswith(".")]
+    for p in files:
+        _inside(folder, p.name)  # never record a symlink that points out of the folder
+    manifest["files"] = {p.name: {"sha256": sha256_file(p), "bytes": p.stat().st_size} for p in files}
     manifest.setdefault("created", time.strftime("%Y-%m-%dT%H:%M:%S%z"))
     manifest["updated"] = time.strftime("%Y-%m-%dT%H:%M:%S%z")
     atomic_write_json(folder / MANIFEST, manifest)
     return manifest
 
 
-def read_manifest(folder: Path) -> dict[str, Any]:
-    path = Path(folder) / MANIFEST
-    if not path.exists():
-        raise ArtifactError(f"{path} does not exist; train a model first (tandem train) or point at an artifacts folder")
+def _load_manifest_json(path: Path) -> dict[str, Any]:
     try:
-        manifest = json.loads(path.read_text())
-    except json.JSONDecodeError as exc:
+        manifest = json.loads(path.read_bytes())
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path} is not valid JSON ({exc}); the artifact is damaged, export or train again") from None
-    for name in manifest.get("files", {}):
-        _inside(Path(folder), name)
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{path} is not a JSON object; the artifact is damaged, export or train again")
     return manifest
 
 
-def verify_file(folder: Path, name: str) -> Path:
-    """Check one file of an artifact against its manifest checksum and return its path."""
+def read_manifest(folder: Path) -> dict[str, Any]:
+    """The manifest of an artifacts folder, after checking that every entry is well formed and
+    names a file inside the folder (its checksums are checked when a file is loaded)."""
+    path = Path(folder) / MANIFEST
+    if not path.exists():
+        raise ArtifactError(f"{path} does not exist; train a model first (tandem train) or point at an artifacts folder")
+    manifest = _load_manifest_json(path)
+    files = manifest.get("files", {})
+    if not isinstance(files, dict):
+        raise ArtifactError(f"{path}: 'files' is not a mapping of file name to checksum; the artifact is damaged, export or train again")
+    for name, entry in files.items():
+        _inside(Path(folder), name)
+        if not isinstance(entry, dict) or not isinstance(entry.get("sha256"), str) or not _SHA256.match(entry["sha256"]):
+            raise ArtifactError(f"{path}: entry '{name}' has no valid sha256; the artifact is damaged, export or train again")
+    return manifest
+
+
+def read_verified(folder: Path, name: str) -> bytes:
+    """The bytes of one file of an artifact, after checking them against the manifest's sha256.
+
+    Hashing and loading the same bytes leaves no window for the file to change in between."""
     folder = Path(folder)
     manifest = read_manifest(folder)
     entry = manifest.get("files", {}).get(name)
     if entry is None:
         raise ArtifactError(f"{folder / name} is not listed in {folder / MANIFEST}; refusing an unverified file")
     path = _inside(folder, name)
-    if not path.exists():
-        raise ArtifactError(f"{path} is missing; the manifest lists it with sha256 {entry['sha256']}")
-    actual = sha256_file(path)
+    if not path.is_file():
+        raise ArtifactError(f"{path} is missing; the manifest lists it with sha256 {entry['sha256']}. Copy the whole artifacts folder, or train or export again")
+    data = path.read_bytes()
+    actual = hashlib.sha256(data).hexdigest()
     if actual != entry["sha256"]:
+        size = f" ({len(data)} bytes, the manifest records {entry['bytes']})" if isinstance(entry.get("bytes"), int) and entry["bytes"] != len(data) else ""
         raise ArtifactError(
-            f"{path} fails its checksum: sha256 {actual} but {folder / MANIFEST} records {entry['sha256']}; "
-            "the file was truncated or altered, train or export it again"
+            f"{path} fails its checksum{size}: sha256 {actual} but {folder / MANIFEST} records {entry['sha256']}; "
+            "the file was truncated or altered, refusing to load it. Train or export it again (or copy the artifact again)"
         )
-    return path
+    return data
+
+
+def verify_file(folder: Path, name: str) -> Path:
+    """Check one file of an artifact against its manifest checksum and return its path."""
+    read_verified(folder, name)
+    return _inside(Path(folder), name)
 
 
 def verify_artifact(folder: Path) -> dict[str, Any]:
@@ -155,14 +214,24 @@ def verify_artifact(folder: Path) -> dict[str, Any]:
 def load_state_dict(folder: Path, name: str = MODEL_FILE) -> dict[str, Any]:
     import torch
 
-    path = verify_file(folder, name)
-    # weights_only=True: an artifact is tensors, never pickled code.
-    return torch.load(path, map_location="cpu", weights_only=True)
+    data = read_verified(folder, name)
+    try:
+        # weights_only=True: an artifact is tensors, never pickled code.
+        return torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ArtifactError(
+            f"{Path(folder) / name} holds more than tensors, so torch.load(weights_only=True) refused it ({first}); "
+            "an artifact is a plain state_dict. Do not load this file; train or export the model again"
+        ) from None
 
 
 def model_version(folder: Path) -> str:
     """The model version: the first 12 hex digits of model.pt's sha256 (changes with the weights)."""
-    return read_manifest(folder)["files"][MODEL_FILE]["sha256"][:12]
+    entry = read_manifest(folder).get("files", {}).get(MODEL_FILE)
+    if entry is None:
+        raise ArtifactError(f"{Path(folder) / MANIFEST} lists no {MODEL_FILE}; train a model first (tandem train)")
+    return entry["sha256"][:12]
 
 
 def save_model_artifact(folder: Path, state_dict: dict[str, Any], model_spec: dict[str, Any], info: dict[str, Any] | None = None) -> dict[str, Any]:

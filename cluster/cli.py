@@ -15,6 +15,7 @@ from typing import Annotated, Any
 
 import typer
 from rich.console import Console
+from rich.text import Text
 
 from cluster.artifacts import ArtifactError
 from cluster.config import ConfigError, TandemConfig, load_config
@@ -25,8 +26,10 @@ app = typer.Typer(
     add_completion=False,
     pretty_exceptions_enable=False,
 )
-console = Console(stderr=False)
-err = Console(stderr=True)
+# markup=False, emoji=False: what these print holds user text (config values, paths, error
+# messages); "[/]", "[a-z]" or ":x:" in it must print as written, not as Rich markup or an emoji.
+console = Console(stderr=False, markup=False, emoji=False)
+err = Console(stderr=True, markup=False, emoji=False)
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="Tandem YAML config (default: the packaged digits example).", show_default=False)]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config value: --set training.epochs=3 (repeatable).")]
@@ -44,15 +47,15 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         try:
             return fn(*args, **kwargs)
         except ConfigError as exc:
-            err.print(f"[bold red]config error[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            err.print(Text("config error", style="bold red"), str(exc), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
         except (ArtifactError, UserFacingError) as exc:
-            err.print(f"[bold red]error[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            err.print(Text("error", style="bold red"), str(exc), highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
         except Exception as exc:
             if not isinstance(exc, _stage_errors()):
                 raise
-            err.print(f"[bold red]error[/] {exc}", markup=True, highlight=False, soft_wrap=True)
+            err.print(Text("error", style="bold red"), str(exc), highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
@@ -92,7 +95,7 @@ def summary(cfg: TandemConfig) -> str:
 def validate(config: ConfigArg = None, set_: SetOpt = None) -> None:
     """Check a config; print a short summary (exit 0) or every problem (exit 2)."""
     cfg = load(config, set_)
-    console.print(f"[green]valid[/] {config or 'packaged example'}\n{summary(cfg)}", highlight=False)
+    console.print(Text("valid", style="green"), f"{config or 'packaged example'}\n{summary(cfg)}", highlight=False)
 
 
 @app.command("show-config")
@@ -127,7 +130,7 @@ def tune(
     from tuning.tuner import tune as run_tune
 
     result = run_tune(load(config, set_), resume=resume)
-    console.print(f"best trial artifact: {result.artifact_dir}\nresults: {result.run_dir}")
+    console.print(f"best trial {result.best.trial_id}: {result.best.params}\nartifact: {result.artifact_dir}\nresults: {result.run_dir}")
 
 
 FromOpt = Annotated[str, typer.Option("--from", help="Artifact to use: 'latest', a run folder or an artifacts folder.")]
@@ -223,7 +226,7 @@ def run(
     cfg = load(config, set_)
     if tune_ and cfg.tuning is None:
         raise UserFacingError("--tune needs a `tuning:` section in the config")
-    console.print(f"[bold]tandem run[/] {config or 'packaged example'}\n{summary(cfg)}", highlight=False)
+    console.print(Text("tandem run", style="bold"), f"{config or 'packaged example'}\n{summary(cfg)}", highlight=False)
     run_lifecycle(cfg, use_tune=tune_, keep_serving=keep_serving, requests=requests)
 
 
@@ -300,8 +303,9 @@ def jobs(
         console.print("stopped" if jobs_api.stop_job(address, job_id) else "not running")
 
 
-def main() -> None:
-    app()
+def main(argv: list[str] | None = None) -> None:
+    """The `tandem` entry point; argv defaults to sys.argv[1:]."""
+    app(args=argv)
 
 
 if __name__ == "__main__":

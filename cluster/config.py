@@ -15,6 +15,7 @@ import hashlib
 import importlib
 import json
 import os
+import reprlib
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
@@ -465,7 +466,10 @@ class Problem(BaseModel):
 
     def __str__(self) -> str:
         shown = "" if self.value is None else f": {_short(self.value)}"
-        return f"{self.path or '<root>'}{shown} — {self.message}"
+        path = self.path or "<root>"
+        # A key with control characters (a stray \r, an escape sequence) is shown escaped: printed
+        # raw it would be invisible, or rewrite the user's terminal.
+        return f"{path if path.isprintable() else ascii(path)}{shown} — {self.message}"
 
 
 class ConfigError(ValueError):
@@ -481,7 +485,10 @@ class ConfigError(ValueError):
 
 
 def _short(value: Any, limit: int = 80) -> str:
-    text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    try:
+        text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
+    except (ValueError, RecursionError):  # a YAML alias that contains itself, or very deep nesting
+        text = reprlib.repr(value)
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
@@ -723,24 +730,68 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     if not path.exists():
         raise ConfigError([Problem(path="<file>", value=str(path), message="no such file; give the path of a Tandem YAML config")])
     try:
-        raw = yaml.safe_load(path.read_text())
+        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
         raise ConfigError([Problem(path="<file>", value=str(path), message=f"not valid YAML{where}: {getattr(exc, 'problem', exc)}")]) from None
     except UnicodeDecodeError:
-        raise ConfigError([Problem(path="<file>", value=str(path), message="not a text file; give a YAML config")]) from None
+        raise ConfigError([Problem(path="<file>", value=str(path), message="not a text file (not UTF-8); give a YAML config")]) from None
+    except OSError as exc:  # a folder, no permission, ...
+        raise ConfigError([Problem(path="<file>", value=str(path), message=f"cannot be read ({exc.strerror or exc}); give the path of a Tandem YAML config")]) from None
+    except RecursionError:
+        raise ConfigError([Problem(path="<file>", value=str(path), message="nested too deeply to parse; a Tandem config is a few levels of sections")]) from None
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError([Problem(path="<root>", value=raw, message="a config is a YAML mapping of sections (cluster, model, data, training, ...)")])
+        raise ConfigError([Problem(path="<root>", value=raw, message="a config is a YAML mapping of sections (cluster, model, data, training, ...)")], str(path))
     return raw
+
+
+MAX_CONFIG_VALUES = 100_000
+
+
+def _alias_problems(tree: Any) -> list[Problem]:
+    """YAML aliases gone wrong: a value that contains itself (an alias inside its own anchor), or
+    aliases of aliases that expand to more values than any config holds ("billion laughs"). Both
+    pass a field typed Any and then hang or crash whatever prints or serializes the config. Each
+    shared value is walked once, so the check costs the distinct values, not the expansion."""
+    problems: list[Problem] = []
+    sizes: dict[int, int] = {}
+
+    def walk(node: Any, loc: tuple[Any, ...], ancestors: set[int]) -> int:
+        if not isinstance(node, (dict, list)):
+            return 1
+        if id(node) in sizes:
+            return sizes[id(node)]
+        if id(node) in ancestors:
+            problems.append(Problem(path=_dotted(loc), message="contains itself (a YAML alias used inside its own anchor); write the value out"))
+            return 1
+        ancestors.add(id(node))
+        size = 1 + sum(
+            walk(value, loc + (key if isinstance(key, (str, int)) else str(key),), ancestors)
+            for key, value in (node.items() if isinstance(node, dict) else enumerate(node))
+        )
+        ancestors.discard(id(node))
+        sizes[id(node)] = size
+        return size
+
+    total = walk(tree, (), set())
+    if total > MAX_CONFIG_VALUES:
+        problems.append(Problem(path="<root>", message=f"expands to {total:,} values (YAML aliases of aliases), over {MAX_CONFIG_VALUES:,}; a config is small, write it without nested aliases"))
+    return problems
 
 
 def validate_config(raw: Any, source: str | None = None) -> TandemConfig:
     """Validate a plain dict; every problem (field and cross-field) is reported in one ConfigError."""
     if not isinstance(raw, dict):
         raise ConfigError([Problem(path="<root>", value=raw, message="a config is a mapping of sections (cluster, model, data, training, ...)")], source)
+    try:
+        aliases = _alias_problems(raw)
+    except RecursionError:
+        aliases = [Problem(path="<root>", message="nested too deeply; a Tandem config is a few levels of sections")]
+    if aliases:
+        raise ConfigError(aliases, source)
     problems: list[Problem] = []
     sections: dict[str, Any] = {}
     for key in raw:
@@ -755,7 +806,8 @@ def validate_config(raw: Any, source: str | None = None) -> TandemConfig:
         if name not in raw:
             sections[name] = field.get_default(call_default_factory=True)
             continue
-        adapter = TypeAdapter(field.annotation)
+        # The field's own constraints (name's pattern) live in its metadata, not its annotation.
+        adapter = TypeAdapter(Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation)
         try:
             sections[name] = adapter.validate_python(raw[name])
         except ValidationError as exc:
@@ -765,7 +817,10 @@ def validate_config(raw: Any, source: str | None = None) -> TandemConfig:
     problems += cross_field_problems({k: v for k, v in sections.items() if v is not None})
     if problems or not valid:
         raise ConfigError(problems, source)
-    return TandemConfig(**sections)
+    try:
+        return TandemConfig(**sections)
+    except ValidationError as exc:  # a check the per-section pass could not see
+        raise ConfigError(problems_from_validation(exc, (), TandemConfig, source), source) from None
 
 
 def _validate_without_errors(adapter: TypeAdapter, raw: Any, error: ValidationError, rounds: int = 3) -> Any:

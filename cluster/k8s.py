@@ -41,6 +41,7 @@ from typing import Any
 
 import yaml
 
+from cluster.artifacts import atomic_write_text
 from cluster.config import NodeGroup, TandemConfig, config_with, load_config
 from cluster.runtime import node_group_resources
 
@@ -475,7 +476,7 @@ def write_manifests(config: TandemConfig, out_dir: str | Path) -> list[Path]:
     written = []
     for name, text in files.items():
         path = out / name
-        path.write_text(text)
+        atomic_write_text(path, text)  # `kubectl apply -k` never sees half a manifest
         written.append(path)
     return written
 

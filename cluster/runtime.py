@@ -12,6 +12,7 @@ do that). KubeRay's `rayStartParams` uses the same two functions.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import secrets
 import tempfile
@@ -22,6 +23,7 @@ from typing import Any
 
 from cluster.config import TandemConfig
 
+logger = logging.getLogger("tandem.cluster")
 NODE_GROUP_CAPACITY = 1000
 
 
@@ -128,7 +130,7 @@ def connect(config: TandemConfig) -> Iterator[RayHandle]:
         # A single node plays every node group, so pinned workers and replicas still place.
         for name in config.cluster.node_groups:
             resources.update(node_group_resources(name))
-        ray.init(
+        start_local_ray(
             num_cpus=local_num_cpus(config),
             resources=resources,
             include_dashboard=config.cluster.local.include_dashboard,
@@ -146,6 +148,29 @@ def connect(config: TandemConfig) -> Iterator[RayHandle]:
             ray.shutdown()
             if handle.simulated_cluster is not None:
                 handle.simulated_cluster.shutdown()
+
+
+LOCAL_START_ATTEMPTS = 3
+
+
+def start_local_ray(**init_kwargs: Any) -> None:
+    """ray.init of a new local Ray, tried again when the node misses Ray's start-up deadline.
+
+    Ray gives a new raylet a fixed 30 s to register; on a loaded machine (a laptop compiling, a CI
+    runner running other jobs) it sometimes misses it and ray.init raises "The current node timed
+    out during startup". A second try almost always starts; any other error is raised at once.
+    """
+    import ray
+
+    for attempt in range(1, LOCAL_START_ATTEMPTS + 1):
+        try:
+            ray.init(**init_kwargs)
+            return
+        except Exception as exc:
+            ray.shutdown()
+            if "timed out during startup" not in str(exc) or attempt == LOCAL_START_ATTEMPTS:
+                raise
+            logger.warning("the local Ray missed its start-up deadline (attempt %d of %d); starting it again", attempt, LOCAL_START_ATTEMPTS)
 
 
 def storage_root(config: TandemConfig) -> Path:

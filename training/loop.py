@@ -30,7 +30,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from cluster.config import TandemConfig, validate_config
 from training.augment import build_augmentation
 from training.data import ArrayDataset, load_dataset, split
-from training.ds_config import build_optimizer, build_scheduler, deepspeed_config
+from training.ds_config import build_optimizer, build_scheduler, clear_stale_extension_locks, deepspeed_config
 from training.models import build_model, model_spec
 
 CONSOLIDATED = "model_fp32.pt"
@@ -69,6 +69,8 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     optimizer = build_optimizer(config, model.parameters())
     scheduler = build_scheduler(config, optimizer, total_steps)
 
+    # A build lock left by a worker killed mid-compile would hang DeepSpeed's op loading forever.
+    clear_stale_extension_locks()
     # gloo on CPU, nccl on GPU; the group Ray Train made is reused, not re-created.
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
     engine, _, _, _ = deepspeed.initialize(

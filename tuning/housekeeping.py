@@ -25,6 +25,8 @@ from typing import Any
 
 from ray.tune import Callback
 
+from cluster.artifacts import atomic_write_json
+
 logger = logging.getLogger(__name__)
 SWEEP_EVERY_S = 5.0
 NIL_ACTOR = "ff" * 16
@@ -109,7 +111,8 @@ class TrackConcurrency(Callback):
         running = sum(1 for t in trials if t.status == "RUNNING")
         if running > self._peak:
             self._peak = running
-            self.path.write_text(json.dumps({"peak_running_trials": running}))
+            # Atomic: a crash mid-write must not leave JSON that breaks the restored run's read_peak.
+            atomic_write_json(self.path, {"peak_running_trials": running})
 
 
 def read_peak(path: Path) -> int:
