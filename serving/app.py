@@ -53,6 +53,8 @@ max_queued_requests, Serve itself answers 503 with Retry-After before Tandem's c
 is the plain text "Request dropped due to backpressure").
 """
 
+import asyncio
+import hashlib
 import hmac
 import json
 import logging
@@ -69,6 +71,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, Field
 from ray import serve as ray_serve
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from cluster.artifacts import read_manifest, resolve_artifact
 from cluster.config import TandemConfig, validate_config
@@ -155,12 +158,22 @@ def shape_text(input_shape: tuple[int, ...]) -> str:
     return f"[{', '.join(map(str, input_shape))}]"
 
 
-def check_bearer(header: str | None, token: str | None) -> None:
-    """Constant-time comparison of `Authorization: Bearer <token>`; no-op when auth is off."""
-    if token is None:
+# What `serve()` hands replicas that cannot see the token's own variable: its SHA-256, never the
+# token. Ray writes every runtime_env verbatim to runtime_env_agent.log, so a token passed there
+# would sit in the cluster's logs.
+TOKEN_DIGEST_ENV = "TANDEM_AUTH_TOKEN_SHA256"
+
+
+def token_digest(token: str) -> str:
+    return hashlib.sha256(token.encode()).hexdigest()
+
+
+def check_bearer(header: str | None, digest: str | None) -> None:
+    """Constant-time check of `Authorization: Bearer <token>` against the token's SHA-256; no-op when auth is off."""
+    if digest is None:
         return
     scheme, _, given = (header or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token_digest(given.strip()), digest):
         raise RequestError(401, "unauthorized", "missing or wrong bearer token; send 'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"})
 
 
@@ -183,7 +196,9 @@ def parse_json(raw: bytes) -> Any:
         raise RequestError(400, "not_json", 'the body is empty; send JSON like {"inputs": [...]}')
     try:
         return json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+    except RecursionError:  # json's C decoder recurses once per nesting level
+        raise RequestError(400, "not_json", 'the body is nested too deeply to decode; send JSON like {"inputs": [[...], ...]}') from None
+    except ValueError as exc:  # JSONDecodeError, UnicodeDecodeError, an integer over Python's 4300-digit limit
         raise RequestError(400, "not_json", f'the body is not valid JSON ({exc}); send JSON like {{"inputs": [...]}}') from None
 
 
@@ -266,6 +281,21 @@ api = FastAPI(
     description="Predictions from a Tandem model artifact. POST one example or a list to /v1/predict.",
     version="1",
 )
+ROUTES = "POST /v1/predict, GET /v1/models, GET /v1/stats, GET /healthz"
+
+
+@api.exception_handler(StarletteHTTPException)
+async def http_error_as_json(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+    """FastAPI's own refusals (unknown path, wrong method) in Tandem's error body, not {"detail": ...}."""
+    path = request.url.path
+    if exc.status_code == 404:
+        code, message = "not_found", f"no route {request.method} {path}; the API is {ROUTES}"
+    elif exc.status_code == 405:
+        allowed = (exc.headers or {}).get("allow", (exc.headers or {}).get("Allow", "another method"))
+        code, message = "method_not_allowed", f"{request.method} is not allowed on {path}; use {allowed} ({ROUTES})"
+    else:
+        code, message = "http_error", f"{exc.detail} ({request.method} {path})"
+    return JSONResponse({"error": code, "message": message}, status_code=exc.status_code, headers=exc.headers)
 
 
 def _backpressure(exc: BaseException) -> float | None:
@@ -282,6 +312,47 @@ def _backpressure(exc: BaseException) -> float | None:
     if isinstance(exc, DeploymentUnavailableError):
         return 1.0
     return None
+
+
+# A model replica that dies mid-request (killed, out of memory, node lost) fails the ingress's
+# handle call. A prediction is a pure function of its input, so the ingress sends it again: to the
+# next deployment in the router's order first, then to the same one (Serve has by then marked the
+# dead replica and picks another replica or its replacement). Bounded, with a short doubling
+# backoff: a request that keeps losing its replica answers 503 rather than waiting on.
+REPLICA_RETRIES = 3
+RETRY_BACKOFF_S = 0.05
+# A deployment whose last replica died has nothing to answer with until Serve's replacement is up
+# (tens of seconds on a loaded 2-core machine: process start, model load, calibration), and Serve's
+# router holds requests for it meanwhile instead of failing them. So a death marks the deployment
+# down: calls waiting on it are abandoned and resent, and it gets no new requests (unless every
+# other deployment refuses) until a probe (its `stats`) answers. An attempt that takes longer
+# than ATTEMPT_TIMEOUT_S is treated the same way: Serve answers back-pressure within milliseconds
+# and the batcher sheds at its latency target, so an answer this late means no live replica.
+ATTEMPT_TIMEOUT_S = 5.0
+PROBE_EVERY_S = 0.5
+
+
+class ReplicaLost(RuntimeError):
+    """The ingress abandoned a call: its deployment went down ("down"), or no answer came in time ("timeout")."""
+
+    def __init__(self, reason: str, message: str):
+        super().__init__(message)
+        self.reason = reason
+
+
+def _replica_died(exc: BaseException) -> bool:
+    """Whether exc says the replica (not the request) failed: then the request is safe to resend.
+
+    RayActorError covers ActorDiedError (the actor is gone) and ActorUnavailableError (Serve's
+    gRPC transport reports a replica that stopped answering with it); ReplicaUnavailableError is
+    Serve's own "the chosen replica left before the request was sent". A RayTaskError whose cause
+    is an exception of the model (a user error) is none of these and is never retried.
+    """
+    from ray.exceptions import RayActorError
+    from ray.serve.exceptions import ReplicaUnavailableError
+
+    died = (RayActorError, ReplicaUnavailableError, ReplicaLost)
+    return isinstance(exc, died) or isinstance(getattr(exc, "cause", None), died)
 
 
 # Everything TandemServer uses is defined above it, and this module does not use
@@ -387,7 +458,7 @@ class TandemServer:
         self.card = self._model_card(manifest)
         serving = self.config.serving
         self.limits = serving.limits
-        self.token = self._bearer_token(serving.auth.token_env)
+        self.token_digest = self._bearer_digest(serving.auth.token_env)
         self.cache = ResultCache(serving.cache.max_entries, serving.cache.ttl_s) if serving.cache.enabled else None
         if self.cache is not None:
             self.cache.set_version(self.version)
@@ -399,21 +470,30 @@ class TandemServer:
         else:
             self.handles = spec["handles"]
             self.router = Router([d.name for d in serving.deployments], serving.router.policy, serving.router.spill_threshold)
+        # Requests resent because a model replica died, by deployment and by error, and those that
+        # still failed after REPLICA_RETRIES (answered 503).
+        self.retries: dict[str, Any] = {"total": 0, "gave_up": 0, "by_deployment": {}, "by_error": {}, "marked_down": {}}
+        # Per model deployment: an Event set while it is down (see ATTEMPT_TIMEOUT_S).
+        self._down: dict[str, asyncio.Event] = {}
+        self._probes: dict[str, asyncio.Task] = {}
 
     # ---------------------------------------------------------------- set-up
 
     @staticmethod
-    def _bearer_token(token_env: str | None) -> str | None:
+    def _bearer_digest(token_env: str | None) -> str | None:
+        """SHA-256 of the token: from token_env (a Kubernetes Secret), else from serve()'s digest."""
         if not token_env:
             return None
-        token = os.environ.get(token_env)
-        if not token:
+        token, digest = os.environ.get(token_env), os.environ.get(TOKEN_DIGEST_ENV)
+        if token:
+            return token_digest(token)
+        if not digest:
             # Fail closed: an endpoint configured for auth must never come up open.
             raise RuntimeError(
                 f"serving.auth.token_env is '{token_env}' but that environment variable is empty in the replica; "
                 "set it where the replica runs (a Kubernetes Secret, or export it before `tandem serve`) or remove serving.auth.token_env"
             )
-        return token
+        return digest
 
     def _model_card(self, manifest: dict[str, Any]) -> dict[str, Any]:
         return {
@@ -433,7 +513,7 @@ class TandemServer:
     @api.post("/v1/predict", response_model=PredictResponse, responses=ERROR_RESPONSES, openapi_extra=PREDICT_BODY)
     async def predict(self, request: Request) -> JSONResponse:
         try:
-            check_bearer(request.headers.get("authorization"), self.token)
+            check_bearer(request.headers.get("authorization"), self.token_digest)
             raw = await read_body(request, self.limits.max_body_bytes)
             x, probabilities = parse_predict(parse_json(raw), self.input_shape, self.limits.max_inputs)
             logits, served_by, cached = await self._cached_logits(x)
@@ -457,7 +537,7 @@ class TandemServer:
     @api.get("/v1/models", response_model=ModelsResponse, responses={401: ERROR_RESPONSES[401]})
     async def models(self, request: Request) -> Any:
         try:
-            check_bearer(request.headers.get("authorization"), self.token)
+            check_bearer(request.headers.get("authorization"), self.token_digest)
         except RequestError as exc:
             return error_response(exc, None)
         return {"models": [self.card]}
@@ -470,10 +550,13 @@ class TandemServer:
     async def stats(self, request: Request) -> Any:
         """This replica's batcher, cache and router counters (one replica of possibly several)."""
         try:
-            check_bearer(request.headers.get("authorization"), self.token)
+            check_bearer(request.headers.get("authorization"), self.token_digest)
         except RequestError as exc:
             return error_response(exc, None)
-        return self.local_stats()
+        stats = self.local_stats()
+        if self.router is not None:
+            stats["deployments"] = await self._deployment_stats()
+        return stats
 
     # ---------------------------------------------------------------- handle methods and internals
 
@@ -486,7 +569,23 @@ class TandemServer:
             "batcher": self.model.batcher.stats() if self.model else None,
             "cache": self.cache.stats() if self.cache else None,
             "router": self.router.stats() if self.router else None,
+            "retries": self.retries,
         }
+
+    async def _deployment_stats(self) -> dict[str, Any]:
+        """Each model deployment's stats (pid, batcher) from one of its replicas, for /v1/stats."""
+
+        async def one(name: str) -> dict[str, Any]:
+            async def call() -> dict[str, Any]:
+                return await self.handles[name].stats.remote()
+
+            try:
+                return await asyncio.wait_for(call(), timeout=5.0)
+            except Exception as exc:  # a replica being replaced: say so instead of failing /v1/stats
+                return {"deployment": name, "error": f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"}
+
+        names = list(self.handles)
+        return dict(zip(names, await asyncio.gather(*(one(n) for n in names)), strict=True))
 
     async def _cached_logits(self, x: np.ndarray) -> tuple[np.ndarray, str, int]:
         if self.cache is None:
@@ -514,15 +613,38 @@ class TandemServer:
         return await self._route(x)
 
     async def _route(self, x: np.ndarray) -> tuple[np.ndarray, str]:
+        """Send x to the deployments in the router's order until one answers.
+
+        A refusal (back-pressure, shedding) moves on to the next deployment; a replica lost under
+        the request puts its deployment at the back of the queue and the request is resent (see
+        REPLICA_RETRIES). Deployments that are down go last. Any other error is the model's and
+        goes to the caller as it is.
+        """
         assert self.router is not None
         refusals: list[tuple[str, float, str]] = []
-        for target in self.router.order():
+        order = self.router.order()
+        queue = [n for n in order if not self._is_down(n)] + [n for n in order if self._is_down(n)]
+        deaths = 0
+        while queue:
+            target = queue.pop(0)
             self.router.started(target)
             served = False
             try:
-                logits = await self.handles[target].predict_array.remote(x)
+                logits = await self._attempt(target, x)
                 served = True
             except Exception as exc:
+                if _replica_died(exc):
+                    self._mark_down(target)
+                    if deaths == REPLICA_RETRIES:
+                        self.retries["gave_up"] += 1
+                        raise Overloaded(
+                            f"unavailable: model replicas were lost under this request {deaths + 1} times ({target} last); retry later", 1.0
+                        ) from exc
+                    deaths += 1
+                    self._note_retry(target, exc)
+                    queue.append(target)
+                    await asyncio.sleep(RETRY_BACKOFF_S * 2 ** (deaths - 1))
+                    continue
                 retry = _backpressure(exc)
                 if retry is None:
                     raise
@@ -535,6 +657,73 @@ class TandemServer:
             return logits, target
         names = ", ".join(name for name, _, _ in refusals)
         raise Overloaded(f"overloaded: every deployment refused the request ({names}); retry later", min(r for _, r, _ in refusals))
+
+    def _is_down(self, name: str) -> bool:
+        event = self._down.get(name)
+        return event is not None and event.is_set()
+
+    async def _attempt(self, target: str, x: np.ndarray) -> np.ndarray:
+        """One handle call, abandoned (ReplicaLost) when the deployment goes down meanwhile or
+        no answer comes within ATTEMPT_TIMEOUT_S."""
+        down = self._down.setdefault(target, asyncio.Event())
+        call = asyncio.ensure_future(self._call(target, x))
+        # A call made while the deployment is down (every other one refused) only has the timeout.
+        watch = asyncio.ensure_future(down.wait()) if not down.is_set() else None
+        try:
+            done, _ = await asyncio.wait({call} | ({watch} if watch else set()), timeout=ATTEMPT_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+        except asyncio.CancelledError:
+            call.cancel()
+            raise
+        finally:
+            if watch is not None:
+                watch.cancel()
+        if call in done:
+            return call.result()
+        call.cancel()
+        if down.is_set():
+            raise ReplicaLost("down", f"deployment {target} went down")
+        raise ReplicaLost("timeout", f"deployment {target} gave no answer within {ATTEMPT_TIMEOUT_S:.0f} s")
+
+    async def _call(self, target: str, x: np.ndarray) -> np.ndarray:
+        return await self.handles[target].predict_array.remote(x)
+
+    def _mark_down(self, target: str) -> None:
+        down = self._down.setdefault(target, asyncio.Event())
+        if down.is_set():
+            return
+        down.set()  # wakes every call waiting on this deployment: they are resent elsewhere
+        self.retries["marked_down"][target] = self.retries["marked_down"].get(target, 0) + 1
+        logger.warning("deployment %s marked down (a replica was lost); probing it every %.1f s", target, PROBE_EVERY_S)
+        self._probes[target] = asyncio.ensure_future(self._probe(target))
+
+    async def _probe(self, target: str) -> None:
+        """Until a replica of target answers `stats`, then mark it up (a fresh, unset Event)."""
+
+        async def ask() -> Any:
+            return await self.handles[target].stats.remote()
+
+        while True:
+            await asyncio.sleep(PROBE_EVERY_S)
+            try:
+                await asyncio.wait_for(ask(), timeout=ATTEMPT_TIMEOUT_S)
+            except Exception:
+                continue
+            self._down[target] = asyncio.Event()
+            self._probes.pop(target, None)
+            logger.warning("deployment %s is up again", target)
+            return
+
+    def _note_retry(self, target: str, exc: BaseException) -> None:
+        error = type(getattr(exc, "cause", None) or exc).__name__
+        if isinstance(exc, ReplicaLost):
+            error = f"{error}:{exc.reason}"
+        self.retries["total"] += 1
+        self.retries["by_deployment"][target] = self.retries["by_deployment"].get(target, 0) + 1
+        self.retries["by_error"][error] = self.retries["by_error"].get(error, 0) + 1
+        if self.retries["total"] == 1 or self.retries["total"] % 100 == 0:
+            logger.warning("a replica of %s died under a request (%s); resent it (%d resent so far)", target, error, self.retries["total"])
+        if self.metrics is not None:
+            self.metrics.replica_retries.inc(tags={"target": target, "error": error})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -734,7 +923,8 @@ def serve(config: TandemConfig, artifact: str = "latest", blocking: bool = False
     token_env = config.serving.auth.token_env
     if token_env and os.environ.get(token_env):
         # Local convenience: the replicas of an already running Ray do not see this process's env.
-        replica_env[token_env] = os.environ[token_env]
+        # They get the token's digest, never the token (see TOKEN_DIGEST_ENV).
+        replica_env[TOKEN_DIGEST_ENV] = token_digest(os.environ[token_env])
     serving = config.serving
     ray_serve.start(
         http_options={"host": serving.host, "port": serving.port, "location": "EveryNode"},

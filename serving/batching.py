@@ -45,7 +45,7 @@ The algorithm
 or until the batch is full): the benchmark's static arm and an escape hatch.
 
 Metrics: `stats()` returns batch sizes (last, mean), queue waits (last, mean), the current cap and
-wait, the fitted a and c, queue depth and shed count; the optional `on_batch` callback receives each
+wait, the fitted a and c, queue depth (now and its high-water mark since start) and shed count; the optional `on_batch` callback receives each
 batch's size, the requests' queue waits and the forward time (the Serve app feeds Ray metrics).
 """
 
@@ -151,6 +151,7 @@ class _Counters:
     last_wait_s: float = 0.0
     last_planned_wait_s: float = 0.0
     shed: int = 0
+    max_queue_depth: int = 0
     recent_sizes: deque = field(default_factory=lambda: deque(maxlen=256))
 
 
@@ -206,6 +207,8 @@ class AdaptiveBatcher:
         future = asyncio.get_running_loop().create_future()
         self._queue.append(_Pending(x, now, future))
         self._queued_examples += n
+        if len(self._queue) > self.counters.max_queue_depth:
+            self.counters.max_queue_depth = len(self._queue)
         self._ensure_loop()
         self._arrived.set()
         return await future
@@ -224,6 +227,7 @@ class AdaptiveBatcher:
             "last_queue_wait_ms": 1000 * c.last_wait_s,
             "planned_wait_ms": 1000 * c.last_planned_wait_s,
             "queue_depth": len(self._queue),
+            "max_queue_depth": c.max_queue_depth,
             "queued_examples": self._queued_examples,
             "shed": c.shed,
             "slope_ms": 1000 * self.model.slope,

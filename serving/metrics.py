@@ -13,6 +13,8 @@ machine the metric calls are a visible share of a sub-millisecond request.
     tandem_cache_lookups_total   counter    cache lookups, tagged result=hit|miss
     tandem_cache_hit_rate        gauge      hits / lookups since start
     tandem_spillover_total       counter    requests served by a deployment other than the first
+    tandem_replica_retries_total counter    requests the ingress resent because a model replica died
+                                            under them, tagged target=<the deployment that died>, error=<type>
 """
 
 from __future__ import annotations
@@ -37,6 +39,9 @@ class TandemMetrics:
         self.cache_lookups = metrics.Counter("tandem_cache_lookups_total", "Result-cache lookups by result.", tag_keys=("result",))
         self.cache_hit_rate = metrics.Gauge("tandem_cache_hit_rate", "Result-cache hits / lookups since start.")
         self.spillover = metrics.Counter("tandem_spillover_total", "Requests served by a deployment other than the first.", tag_keys=("target",))
+        self.replica_retries = metrics.Counter(
+            "tandem_replica_retries_total", "Requests resent by the ingress because a model replica died under them.", tag_keys=("target", "error")  # "deployment" is a tag Ray Serve reserves: Counter() would refuse it
+        )
 
     def on_batch(self, batcher: Any) -> Any:
         """A callback for AdaptiveBatcher(on_batch=...) that records one batch."""

@@ -17,6 +17,7 @@ from serving.app import (
     parse_json,
     parse_predict,
     serve_env,
+    token_digest,
 )
 from serving.router import Router
 
@@ -78,13 +79,22 @@ def test_json_errors():
         assert caught.value.status == 400 and caught.value.code == "not_json"
 
 
+def test_json_the_decoder_cannot_take_is_a_400_not_a_crash():
+    deep = b'{"inputs": ' + b"[" * 5000 + b"[0.5]" + b"]" * 5000 + b"}"
+    huge_integer = b'{"inputs": [' + b"1" * 5000 + b"]}"
+    for raw in (deep, huge_integer):
+        with pytest.raises(RequestError) as caught:
+            parse_json(raw)
+        assert caught.value.status == 400 and caught.value.code == "not_json"
+
+
 def test_bearer_token_is_compared_and_required():
     check_bearer(None, None)  # auth off
-    check_bearer("Bearer s3cret", "s3cret")
-    check_bearer("bearer s3cret", "s3cret")
+    check_bearer("Bearer s3cret", token_digest("s3cret"))
+    check_bearer("bearer s3cret", token_digest("s3cret"))
     for header in (None, "", "Bearer wrong", "Basic s3cret", "s3cret"):
         with pytest.raises(RequestError) as caught:
-            check_bearer(header, "s3cret")
+            check_bearer(header, token_digest("s3cret"))
         assert caught.value.status == 401 and caught.value.headers == {"WWW-Authenticate": "Bearer"}
 
 
