@@ -93,8 +93,19 @@ def summary(cfg: TandemConfig) -> str:
 @app.command()
 @friendly_errors
 def validate(config: ConfigArg = None, set_: SetOpt = None) -> None:
-    """Check a config; print a short summary (exit 0) or every problem (exit 2)."""
+    """Check a config (schema, model, data, DeepSpeed, search space); print a summary (exit 0) or every problem (exit 2)."""
     cfg = load(config, set_)
+    # What `tandem train` checks on the driver before Ray starts: the data loads, the model builds
+    # and takes the data's shape, the DeepSpeed JSON has no conflicting override.
+    from training.trainer import preflight
+
+    preflight(cfg)
+    if cfg.tuning is not None:
+        # The search space's paths and values, the scheduler's settings and every model/data value
+        # it can sample: what `tandem tune` checks before any trial, without starting Ray.
+        from tuning.tuner import check_tuning
+
+        check_tuning(cfg)
     console.print(Text("valid", style="green"), f"{config or 'packaged example'}\n{summary(cfg)}", highlight=False)
 
 

@@ -468,8 +468,12 @@ class Problem(BaseModel):
         shown = "" if self.value is None else f": {_short(self.value)}"
         path = self.path or "<root>"
         # A key with control characters (a stray \r, an escape sequence) is shown escaped: printed
-        # raw it would be invisible, or rewrite the user's terminal.
-        return f"{path if path.isprintable() else ascii(path)}{shown} — {self.message}"
+        # raw it would be invisible, or rewrite the user's terminal. Messages quote keys too.
+        return f"{path if path.isprintable() else ascii(path)}{shown} — {_escape_controls(self.message)}"
+
+
+def _escape_controls(text: str) -> str:
+    return "".join(c if c.isprintable() or c == "\n" else ascii(c)[1:-1] for c in text)
 
 
 class ConfigError(ValueError):

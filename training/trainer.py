@@ -50,8 +50,9 @@ def preflight(config: TandemConfig) -> dict[str, Any]:
     dataset = load_dataset(config)
     try:
         model = build_model(config, dataset.input_shape, dataset.num_classes)
-    except (TypeError, ValueError) as exc:
-        raise ConfigError([Problem(path="model.args", value=config.model.args, message=f"{config.model.builder} could not be built ({exc}); fix model.args")]) from None
+    except (TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: torch refusing a size (hidden: [-3])
+        message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
+        raise ConfigError([Problem(path="model.args", value=config.model.args, message=f"{config.model.builder} could not be built ({message}); fix model.args")]) from None
     try:
         with torch.no_grad():
             logits = model(torch.from_numpy(dataset.x[:2]))
