@@ -220,7 +220,9 @@ def consolidate(config: TandemConfig, run_dir: Path, result: Any) -> TrainResult
             "metrics": spec["metrics"],
             "checkpoint": str(folder),
             "run_dir": str(run_dir),
-            "epochs": len(history),
+            # The last epoch's number, not the count of metrics lines: a driver killed between a
+            # checkpoint and its metrics line, then resumed, leaves one line fewer than epochs.
+            "epochs": int(history[-1]["epoch"]) if history else 0,
             "deepspeed": {"zero_stage": config.training.deepspeed.zero_stage, "workers": config.training.workers, "precision": config.training.precision},
         },
     )

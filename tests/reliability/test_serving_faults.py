@@ -188,10 +188,12 @@ def test_the_whole_app_killed_comes_back_with_the_same_model_version(router_app)
     started = time.monotonic()
     new_url = deploy(config, artifact=str(artifact))
     redeployed_s = time.monotonic() - started
-    assert new_url == url
-    reply = httpx.post(f"{url}/v1/predict", json={"inputs": [0.5] * 64}, timeout=30)
+    # Serve starts again with this config's http_options; the app's first URL may have been a Serve
+    # that an earlier test started on another port (a running Serve keeps its own).
+    assert new_url.startswith(f"http://127.0.0.1:{config.serving.port}"), (new_url, config.serving.port)
+    reply = httpx.post(f"{new_url}/v1/predict", json={"inputs": [0.5] * 64}, timeout=30)
     assert reply.status_code == 200 and reply.json()["model_version"] == version
-    assert httpx.get(f"{url}/v1/models", timeout=10).json()["models"][0]["version"] == version
+    assert httpx.get(f"{new_url}/v1/models", timeout=10).json()["models"][0]["version"] == version
     figures.record(
         "serving_app_kill",
         replicas_killed=len(pids),

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -278,11 +279,15 @@ def test_killed_driver_resumes_from_the_last_checkpoint(tmp_path, ray_tmp):
     (run_dir,) = {p.parent for p in storage.rglob("metrics.jsonl")}
     history = read_history(run_dir)
     epochs = [h["epoch"] for h in history]
-    first_resumed_epoch = history[len(before)]["epoch"]
-    assert first_resumed_epoch == last_checkpointed_epoch + 1, epochs
-    assert epochs == list(range(1, EPOCHS + 1)), epochs
-    restored_step = last_checkpointed_epoch * STEPS_PER_EPOCH
-    assert f"step {restored_step})" in output, "the resumed workers did not say they loaded the checkpoint"
+    restored = re.search(r"\[tandem\] resumed from .* step (\d+)\)", output)
+    assert restored, f"the resumed workers did not say they loaded a checkpoint:\n{output[-3000:]}"
+    restored_step = int(restored.group(1))
+    # The newest checkpoint can be one epoch ahead of metrics.jsonl: Ray Train registers it before
+    # the controller callback appends the epoch's line, and the SIGKILL may land between the two.
+    assert restored_step in (last_checkpointed_epoch * STEPS_PER_EPOCH, (last_checkpointed_epoch + 1) * STEPS_PER_EPOCH), (restored_step, epochs)
+    first_resumed_epoch = restored_step // STEPS_PER_EPOCH + 1
+    assert 0 <= killed_at_step - restored_step <= STEPS_PER_EPOCH, (killed_at_step, restored_step)
+    assert epochs[len(before):] == list(range(first_resumed_epoch, EPOCHS + 1)), epochs
     assert history[-1]["step"] == EPOCHS * STEPS_PER_EPOCH
     manifest = verify_artifact(run_dir / "artifacts")
     assert manifest["epochs"] == EPOCHS and Path(manifest["run_dir"]).resolve() == run_dir.resolve()
