@@ -541,19 +541,11 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
-def start_ray(attempts: int = 3) -> None:
-    """ray.init, retried: on a loaded 2-core machine the raylet can miss Ray's fixed 30 s start window."""
-    import ray
+def start_ray() -> None:
+    """A local Ray, retried when the raylet misses Ray's fixed 30 s start window (cluster.runtime)."""
+    from cluster.runtime import start_local_ray
 
-    for attempt in range(attempts):
-        try:
-            ray.init(num_cpus=32, include_dashboard=False, log_to_driver=False)
-            return
-        except Exception:
-            ray.shutdown()
-            if attempt == attempts - 1:
-                raise
-            time.sleep(10)
+    start_local_ray(num_cpus=32, include_dashboard=False, log_to_driver=False)
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
