@@ -25,6 +25,7 @@ from hypothesis import strategies as st
 from cluster.cli import main
 from cluster.config import PACKAGED_EXAMPLE, ConfigError, load_config
 from tests.reliability.figures import record
+from tests.unit.test_config_fuzz import ALL_PATHS  # every path into the packaged example
 
 pytestmark = [pytest.mark.reliability]
 
@@ -102,17 +103,6 @@ scalars = st.one_of(
 values = st.recursive(scalars, lambda children: st.one_of(st.lists(children, max_size=3), st.dictionaries(st.text(max_size=8), children, max_size=3)), max_leaves=10)
 
 
-def paths(tree, prefix=()):
-    yield prefix
-    if isinstance(tree, dict):
-        for key, value in tree.items():
-            yield from paths(value, prefix + (key,))
-    elif isinstance(tree, list):
-        for i, value in enumerate(tree):
-            yield from paths(value, prefix + (i,))
-
-
-ALL_PATHS = [p for p in paths(BASE) if p]
 YAML_ALPHABET = st.sampled_from(list("abz019 :-,[]{}&*!|>'\"#%@`?\n\t.=_/\\") + ["\x00", "\ufeff", "é", "\u2028"])
 
 
