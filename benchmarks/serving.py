@@ -100,7 +100,9 @@ def tandem_config(storage: Path, name: str, hidden: list[int], port: int, router
                 "route_prefix": f"/{name}",
                 # One replica with a whole CPU: the arms differ in the path, not in resources.
                 "deployments": deployments,
-                "batching": {"max_batch_size": 32, "target_p99_ms": TARGET_P99_MS},
+                # Queue limits only: the benchmark compares batching policies at a fixed concurrency,
+                # where refusing closed-loop clients would only change what is measured.
+                "batching": {"max_batch_size": 32, "target_p99_ms": TARGET_P99_MS, "admission": "queue"},
                 "router": {"policy": "spillover", "spill_threshold": 100000},
                 "limits": {"max_queued_requests": 1024},
             },

@@ -376,6 +376,11 @@ class Batching(Strict):
     max_batch_size: PositiveInt = Field(32, description="Largest batch one forward pass takes.")
     target_p99_ms: float = Field(50.0, gt=0, description="Latency target the adaptive batcher keeps.")
     max_wait_ms: float = Field(5.0, ge=0, description="Fixed wait when adaptive is false.")
+    admission: Literal["latency", "queue"] = Field(
+        "latency",
+        description="latency: a replica answers 503 at once to a request predicted to miss target_p99_ms (serving/admission.py); "
+        "queue: only the queue limits shed.",
+    )
 
 
 class Router(Strict):

@@ -10,6 +10,7 @@ machine the metric calls are a visible share of a sub-millisecond request.
     tandem_batch_cap             gauge      current batch-size cap of the adaptive batcher
     tandem_planned_wait_ms       gauge      the wait the batcher chose before its last batch
     tandem_shed_total            counter    requests refused with 503 by the batcher
+    tandem_admission_shed_total  counter    requests refused with 503 on arrival (serving/admission.py)
     tandem_cache_lookups_total   counter    cache lookups, tagged result=hit|miss
     tandem_cache_hit_rate        gauge      hits / lookups since start
     tandem_spillover_total       counter    requests served by a deployment other than the first
@@ -36,6 +37,7 @@ class TandemMetrics:
         self.batch_cap = metrics.Gauge("tandem_batch_cap", "Current batch-size cap of the adaptive batcher.")
         self.planned_wait = metrics.Gauge("tandem_planned_wait_ms", "Wait the batcher chose before its last batch (ms).")
         self.shed = metrics.Counter("tandem_shed_total", "Requests refused with 503 by the batcher.")
+        self.admission_shed = metrics.Counter("tandem_admission_shed_total", "Requests refused with 503 on arrival, predicted to miss the latency target.")
         self.cache_lookups = metrics.Counter("tandem_cache_lookups_total", "Result-cache lookups by result.", tag_keys=("result",))
         self.cache_hit_rate = metrics.Gauge("tandem_cache_hit_rate", "Result-cache hits / lookups since start.")
         self.spillover = metrics.Counter("tandem_spillover_total", "Requests served by a deployment other than the first.", tag_keys=("target",))

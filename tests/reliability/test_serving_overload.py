@@ -1,13 +1,22 @@
 """Overload and soak over real HTTP, single-deployment shape behind HAProxy (the default app).
 
-- Overload: for OVERLOAD_S seconds, far more clients than the replica can serve, each sending as
-  soon as its last answer came. Nothing fails: requests are answered or get 503s with Retry-After
-  that come faster than the accepted answers (the accepted p99 against batching.target_p99_ms is
-  recorded for RELIABILITY.md, not asserted), and the batcher's queue stays
-  bounded (its high-water mark, from /v1/stats, never passes max_ongoing_requests: Serve admits
-  no more than that into the replica, and the batcher sheds beyond its own limit).
+- Overload: for OVERLOAD_S seconds, 128 clients (8 keep the replica busy) each send as soon as
+  their last answer came, and wait Retry-After after a 503, as well-behaved clients do. Two copies
+  of the model run side by side: one with admission on arrival (serving/admission.py, the
+  default), one with queue limits only. Nothing fails; every 503 has Retry-After; the batcher's
+  queue stays bounded (its high-water mark, from /v1/stats, never passes max_ongoing_requests).
+  Asserted as ratios of the two arms (medians): the gate's accepted requests are faster than the
+  queue-only arm's, and its refusals come sooner than the queue-only arm's answers. The accepted p99 against
+  batching.target_p99_ms is recorded for RELIABILITY.md, not asserted.
 - Soak: SOAK_S seconds of moderate load; the replica's RSS (psutil, pid from /v1/stats) at the end
   is within RSS_GROWTH_BOUND of the RSS at the start (measured after warm-up).
+
+Not covered (measured while building this, on 2 shared cores): an open-loop load at 2.5x the
+replica's capacity overloads the HTTP front itself. Refusing a request in Python (uvicorn, FastAPI)
+costs about half of serving it, so the replica cannot even refuse that many, and the wait grows
+outside any replica-side policy (accepted p99 over 10 s, connections timing out). That needs
+shedding in front of the replica (a per-server connection limit in HAProxy, which Ray's generated
+HAProxy config does not expose).
 """
 
 from __future__ import annotations
@@ -31,6 +40,8 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.reliability
 NAME = "overload-one"
 OVERLOAD_S = 20.0
 OVERLOAD_CLIENTS = 128
+WARMUP_S = 2.0
+CAPACITY_CLIENTS = 8
 SOAK_S = 60.0
 SOAK_CLIENTS = 4
 MAX_ONGOING = 64
@@ -40,13 +51,16 @@ TARGET_P99_MS = 50.0
 RSS_GROWTH_BOUND = (0.10, 32 * 2**20)
 
 
-def timed_load(url: str, bodies: list[bytes], clients: int, seconds: float, pause_after_503_s: float = 0.0) -> tuple[list[dict], float]:
+def timed_load(url: str, bodies: list[bytes], clients: int, seconds: float, honor_retry_after: bool = False) -> tuple[list[dict], float]:
     """`clients` keep-alive connections (the lean client of serving.client) sending bodies in turn
-    until `seconds` have passed. One record per request: status, seconds, retry_after."""
+    until `seconds` have passed; with honor_retry_after, a client that gets a 503 waits the
+    Retry-After seconds before its next request, as a well-behaved client does. One record per
+    request: status, seconds, retry_after."""
 
     async def run() -> list[dict]:
         records: list[dict] = []
-        deadline = time.monotonic() + seconds
+        begin = time.monotonic()
+        deadline = begin + seconds
         turn = iter(range(10**9))
 
         async def client() -> None:
@@ -60,9 +74,9 @@ def timed_load(url: str, bodies: list[bytes], clients: int, seconds: float, paus
                     except (OSError, EOFError, asyncio.TimeoutError, ValueError):
                         status, headers = -1, {}
                         await connection.close()
-                    records.append({"status": status, "seconds": time.perf_counter() - start, "retry_after": headers.get("retry-after")})
-                    if status == 503 and pause_after_503_s:
-                        await asyncio.sleep(pause_after_503_s)
+                    records.append({"status": status, "seconds": time.perf_counter() - start, "retry_after": headers.get("retry-after"), "done_s": time.monotonic() - begin})
+                    if status == 503 and honor_retry_after:
+                        await asyncio.sleep(float(headers.get("retry-after") or 1))
             finally:
                 await connection.close()
 
@@ -121,26 +135,41 @@ def p99_ms(records: list[dict]) -> float:
     return float(np.percentile(ok, 99)) if ok else float("nan")
 
 
+def overload_config(storage, name: str, admission: str, route_prefix: str = "/"):
+    return serving_config(
+        storage,
+        name,
+        {
+            "route_prefix": route_prefix,
+            "deployments": [{"name": "cpu", "engine": "onnxruntime", "cpus": 0.5, "max_ongoing_requests": MAX_ONGOING}],
+            "batching": {"max_batch_size": 32, "target_p99_ms": TARGET_P99_MS, "admission": admission},
+            "limits": {"max_queued_requests": 32},
+        },
+    )
+
+
 @pytest.fixture(scope="module")
-def app(ray_session, tmp_path_factory):
+def apps(ray_session, tmp_path_factory):
+    """Two copies of the same model side by side: admission on arrival (the default) and queue
+    limits only, so the overload test compares them under the same load on the same machine."""
     from ray import serve
 
     from serving.app import serve as deploy
 
     storage = tmp_path_factory.mktemp("overload")
     artifact = make_artifact(storage, NAME, seed=8, run="run-1")
-    config = serving_config(
-        storage,
-        NAME,
-        {
-            "deployments": [{"name": "cpu", "engine": "onnxruntime", "cpus": 0.5, "max_ongoing_requests": MAX_ONGOING}],
-            "batching": {"max_batch_size": 32, "target_p99_ms": TARGET_P99_MS},
-            "limits": {"max_queued_requests": 32},
-        },
-    )
-    url = deploy(config, artifact=str(artifact))
-    yield config, url
-    serve.delete(config.name)
+    gated = overload_config(storage, NAME, "latency")
+    queued = overload_config(storage, NAME + "-queue", "queue", route_prefix="/queue")
+    urls = {"latency": deploy(gated, artifact=str(artifact)), "queue": deploy(queued, artifact=str(artifact))}
+    yield gated, urls
+    serve.delete(gated.name)
+    serve.delete(queued.name)
+
+
+@pytest.fixture(scope="module")
+def app(apps):
+    config, urls = apps
+    return config, urls["latency"]
 
 
 def encoded(count: int, seed: int, per_request: int = 1) -> list[bytes]:
@@ -148,52 +177,74 @@ def encoded(count: int, seed: int, per_request: int = 1) -> list[bytes]:
     return [json.dumps({"inputs": batch.tolist()}).encode() for batch in x]
 
 
-def test_overload_sheds_fast_with_retry_after_and_a_bounded_queue(app):
-    config, url = app
-    target = config.serving.batching.target_p99_ms
-    # Capacity first: what the replica serves with enough clients to keep it busy, none refused.
-    capacity, capacity_wall = timed_load(url, encoded(512, seed=30), clients=8, seconds=5.0)
-    capacity_rps = sum(r["status"] == 200 for r in capacity) / capacity_wall
-    with StatsPoller(url) as poller:
-        records, wall = timed_load(url, encoded(4096, seed=31), clients=OVERLOAD_CLIENTS, seconds=OVERLOAD_S)
-    after = httpx.get(f"{url}/v1/stats", timeout=10).json()
+def percentile_ms(records: list[dict], status: int, q: float) -> float | None:
+    values = [r["seconds"] * 1000 for r in records if r["status"] == status]
+    return round(float(np.percentile(values, q)), 1) if values else None
+
+
+def overload_figures(records: list[dict], wall: float) -> dict:
+    """Counts over the whole run; latencies over the steady overload after WARMUP_S (the first
+    second is 128 clients opening connections at once, which no replica-side policy sees)."""
     statuses = [r["status"] for r in records]
     ok, shed = statuses.count(200), statuses.count(503)
-    failed = len(statuses) - ok - shed
-    shed_ms = [r["seconds"] * 1000 for r in records if r["status"] == 503]
-    shed_p99 = float(np.percentile(shed_ms, 99)) if shed_ms else float("nan")
-    accepted_p99 = p99_ms(records)
-    polled_depth = max((s["batcher"]["queue_depth"] for s in poller.samples), default=-1)
-    max_depth = after["batcher"]["max_queue_depth"]
-    result = dict(
-        clients=OVERLOAD_CLIENTS,
-        seconds=round(wall, 1),
-        capacity_rps=round(capacity_rps),
+    steady = [r for r in records if r["done_s"] >= WARMUP_S]
+    return dict(
         offered_rps=round(len(records) / wall),
         requests_sent=len(records),
         ok=ok,
         shed_503=shed,
-        failed=failed,
-        accepted_p50_ms=round(float(np.percentile([r["seconds"] * 1000 for r in records if r["status"] == 200], 50)), 1) if ok else None,
-        accepted_p99_ms=round(accepted_p99, 1),
+        failed=len(statuses) - ok - shed,
+        accepted_p50_ms=percentile_ms(steady, 200, 50),
+        accepted_p99_ms=percentile_ms(steady, 200, 99),
+        accepted_p99_ms_with_start=percentile_ms(records, 200, 99),
+        shed_p50_ms=percentile_ms(steady, 503, 50),
+        shed_p99_ms=percentile_ms(steady, 503, 99),
+    )
+
+
+def test_overload_sheds_fast_with_retry_after_and_a_bounded_queue(apps):
+    config, urls = apps
+    url = urls["latency"]
+    target = config.serving.batching.target_p99_ms
+    # Capacity first: what the replica serves with enough clients to keep it busy, none refused.
+    capacity, capacity_wall = timed_load(url, encoded(512, seed=30), clients=CAPACITY_CLIENTS, seconds=5.0)
+    capacity_rps = sum(r["status"] == 200 for r in capacity) / capacity_wall
+    bodies = encoded(4096, seed=31)
+    with StatsPoller(url) as poller:
+        records, wall = timed_load(url, bodies, OVERLOAD_CLIENTS, OVERLOAD_S, honor_retry_after=True)
+    after = httpx.get(f"{url}/v1/stats", timeout=10).json()
+    # The same load against the same model with queue limits only (Serve's max_ongoing_requests and
+    # max_queued_requests, the batcher's queue): the arm the admission gate is measured against.
+    queue_records, queue_wall = timed_load(urls["queue"], bodies, OVERLOAD_CLIENTS, OVERLOAD_S, honor_retry_after=True)
+    gated, queued = overload_figures(records, wall), overload_figures(queue_records, queue_wall)
+    polled_depth = max((s["batcher"]["queue_depth"] for s in poller.samples), default=-1)
+    max_depth = after["batcher"]["max_queue_depth"]
+    result = dict(
+        load=f"{OVERLOAD_CLIENTS} closed-loop clients honouring Retry-After ({CAPACITY_CLIENTS} keep the replica busy) for {OVERLOAD_S:.0f} s",
+        capacity_rps=round(capacity_rps),
+        **gated,
         target_p99_ms=target,
-        shed_p99_ms=round(shed_p99, 1),
+        accepted_p99_within_target=bool(gated["accepted_p99_ms"] is not None and gated["accepted_p99_ms"] < target),
+        queue_only=queued,
+        accepted_p99_vs_queue_only=round(gated["accepted_p99_ms"] / queued["accepted_p99_ms"], 2) if gated["ok"] and queued["ok"] else None,
+        admission=after["admission"],
         max_queue_depth=max_depth,
         max_polled_queue_depth=polled_depth,
         queue_bound=MAX_ONGOING,
         batcher_shed=after["batcher"]["shed"],
-        accepted_p99_within_target=bool(accepted_p99 < target),
     )
     figures.record("serving_overload", **result)
     print(f"overload: {result}")
-    assert failed == 0, {s: statuses.count(s) for s in set(statuses)}
-    assert ok > 0 and shed > 0, result
-    assert len(records) / wall > 1.5 * capacity_rps, result  # the load really was above capacity
+    assert gated["failed"] == 0, result
+    assert gated["ok"] > 0 and gated["shed_503"] > 0, result
+    assert gated["shed_503"] > 0.1 * gated["requests_sent"], result  # the load really was above capacity
     # Accepted p99 against batching.target_p99_ms is a performance figure, recorded for
-    # RELIABILITY.md rather than asserted (timed assertions flake with the machine's load). Known
-    # gap: requests admitted into the replica (up to max_ongoing_requests) wait in its HTTP path
-    # before the batcher sees them, so under this overload the accepted p99 is over the target.
-    assert shed_p99 < accepted_p99, result  # refusals are fast: not queued behind the accepted ones first
+    # RELIABILITY.md rather than asserted (timed assertions flake with the machine's load). What
+    # is asserted are ratios of the two arms run side by side, at the median (the p99 of either
+    # arm moves with whatever else the 2 shared cores run): with the gate, accepted requests are
+    # faster than with queue limits alone, and a refusal comes sooner than a queued answer.
+    assert gated["accepted_p50_ms"] < queued["accepted_p50_ms"], result
+    assert gated["shed_p50_ms"] < queued["accepted_p50_ms"], result
     assert all(r["retry_after"] and int(r["retry_after"]) >= 1 for r in records if r["status"] == 503)
     assert max_depth <= MAX_ONGOING, result
 
