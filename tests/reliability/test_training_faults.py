@@ -33,6 +33,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.reliability
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 EPOCHS = 4
+DRIVER_KILL_EPOCHS = 12
 STEPS_PER_EPOCH = 22  # 1437 training examples / 2 ranks / batch 32, drop_last
 TIMEOUT_S = 300
 # Every process a `tandem train` subprocess starts (its local Ray included) inherits this variable,
@@ -234,7 +235,11 @@ def test_killed_driver_resumes_from_the_last_checkpoint(tmp_path, ray_tmp):
     storage, progress = tmp_path / "runs", tmp_path / "progress"
     progress.mkdir()
     config_path = tmp_path / "tandem.yaml"
-    config_path.write_text(small(storage).to_yaml())
+    # Three times the epochs of the worker test: killed in epoch 2, the cluster's workers outlive the
+    # driver by a few seconds and keep training (measured: from step 27 to 143 in about 3 s, with
+    # their checkpoints registered), and must not be able to finish the run in them (else the
+    # resume would have nothing to do and the test would prove nothing).
+    config_path.write_text(small(storage, f"training.epochs={DRIVER_KILL_EPOCHS}").to_yaml())
     tag = uuid.uuid4().hex
     leaked: list[int] = []
     log = tmp_path / "first.log"
@@ -252,6 +257,7 @@ def test_killed_driver_resumes_from_the_last_checkpoint(tmp_path, ray_tmp):
                 break
             time.sleep(0.005)
         assert driver.poll() is None, f"the driver ended before a mid-epoch moment after a checkpoint:\n{log.read_text()[-3000:]}"
+        step_at_kill = max(e["step"] for e in read_progress(progress).values())
         os.killpg(driver.pid, signal.SIGKILL)
         killed_at = time.monotonic()
         driver.wait(timeout=30)
@@ -264,8 +270,11 @@ def test_killed_driver_resumes_from_the_last_checkpoint(tmp_path, ray_tmp):
 
     before = read_history(next(storage.rglob("metrics.jsonl")).parent)
     last_checkpointed_epoch = before[-1]["epoch"] if before else 0
-    killed_at_step = max(e["step"] for e in read_progress(progress).values())
+    # The last step any worker reached: workers outlive the killed driver by a few seconds.
+    last_step_reached = max(e["step"] for e in read_progress(progress).values())
     assert last_checkpointed_epoch >= 1
+    assert last_step_reached < DRIVER_KILL_EPOCHS * STEPS_PER_EPOCH, "the run finished despite the kill: nothing left to resume"
+    assert not list(storage.rglob("artifacts/manifest.json")), "the killed run wrote its final artifact"
 
     resumed_started = time.monotonic()
     resumed = subprocess.run([str(VENV_BIN / "tandem"), "train", str(config_path), "--resume", "latest"], cwd=tmp_path,
@@ -286,12 +295,14 @@ def test_killed_driver_resumes_from_the_last_checkpoint(tmp_path, ray_tmp):
     # the controller callback appends the epoch's line, and the SIGKILL may land between the two.
     assert restored_step in (last_checkpointed_epoch * STEPS_PER_EPOCH, (last_checkpointed_epoch + 1) * STEPS_PER_EPOCH), (restored_step, epochs)
     first_resumed_epoch = restored_step // STEPS_PER_EPOCH + 1
-    assert 0 <= killed_at_step - restored_step <= STEPS_PER_EPOCH, (killed_at_step, restored_step)
-    assert epochs[len(before):] == list(range(first_resumed_epoch, EPOCHS + 1)), epochs
-    assert history[-1]["step"] == EPOCHS * STEPS_PER_EPOCH
+    # At most one checkpoint interval of the work done when the driver died is lost. Steps the
+    # orphaned workers ran after it (their checkpoints had no controller to register them) are redone.
+    assert step_at_kill - restored_step <= STEPS_PER_EPOCH, (step_at_kill, restored_step, last_step_reached)
+    assert epochs[len(before):] == list(range(first_resumed_epoch, DRIVER_KILL_EPOCHS + 1)), epochs
+    assert history[-1]["step"] == DRIVER_KILL_EPOCHS * STEPS_PER_EPOCH
     manifest = verify_artifact(run_dir / "artifacts")
-    assert manifest["epochs"] == EPOCHS and Path(manifest["run_dir"]).resolve() == run_dir.resolve()
-    config = small(storage)
+    assert manifest["epochs"] == DRIVER_KILL_EPOCHS and Path(manifest["run_dir"]).resolve() == run_dir.resolve()
+    config = small(storage, f"training.epochs={DRIVER_KILL_EPOCHS}")
     accuracy = artifact_accuracy(run_dir / "artifacts", config)
     assert accuracy == pytest.approx(history[-1]["val_accuracy"], abs=1e-6)
 
@@ -299,10 +310,13 @@ def test_killed_driver_resumes_from_the_last_checkpoint(tmp_path, ray_tmp):
         "training_driver_kill",
         faults_injected=1,
         survived=True,
-        killed_at_step=killed_at_step,
+        killed_at_step=step_at_kill,
+        last_step_reached=last_step_reached,
+        total_steps=DRIVER_KILL_EPOCHS * STEPS_PER_EPOCH,
         last_checkpointed_epoch=last_checkpointed_epoch,
         first_resumed_epoch=first_resumed_epoch,
-        lost_steps=killed_at_step - restored_step,
+        lost_steps=max(0, step_at_kill - restored_step),
+        redone_steps=last_step_reached - restored_step,
         checkpoint_interval_steps=config.training.checkpoint.every_epochs * STEPS_PER_EPOCH,
         leaked_processes=len(leaked) + len(leaked_after_resume),
         ray_processes_gone_after_s=round(cleanup_s, 1),
