@@ -21,7 +21,7 @@ The rule
 - A new request is admitted when (in_flight + 1) x cost <= budget, budget = `fraction` x
   target_p99. The rest of the target is left for time outside the handler (HAProxy, the socket,
   Serve's own queue) and for the spread between a median and a p99.
-- Fewer than `min_in_flight` requests inside are always admitted (the app uses half a batch:
+- Fewer than `min_in_flight` requests inside are always admitted (the app uses one full batch:
   serving.app.admission_floor): batching needs requests together, a replica with little work never
   refuses, and the estimate stays fed after a burst. Measured in the fault test before this floor
   (8 clients on a machine busy starting a replacement replica, 6-8 ms per request): a floor of 2

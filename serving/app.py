@@ -373,9 +373,9 @@ def batcher_queue_limit(config: TandemConfig) -> int:
 
 
 def admission_floor(config: TandemConfig) -> int:
-    """Requests a replica always admits: half a batch. Batching needs requests together, and a
-    closed-loop client pool up to that size is never refused: refusing it would only slow it."""
-    return max(MIN_IN_FLIGHT, config.serving.batching.max_batch_size // 2)
+    """Requests a replica always admits: one full batch. Batching needs requests together, and a
+    closed-loop client pool up to that size is never refused (refusing it would only slow it)."""
+    return max(MIN_IN_FLIGHT, config.serving.batching.max_batch_size)
 
 
 def tandem_metrics() -> Any:

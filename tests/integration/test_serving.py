@@ -285,8 +285,8 @@ def test_a_sequential_client_gets_batch_size_one_and_no_added_wait(url):
 
 def test_concurrent_load_makes_batches(url):
     before = replica_stats(url)
-    # Half a batch of clients: the admission gate always admits that many (serving.app.admission_floor).
-    records = load(url, clients=16, requests_each=12, seed=12)
+    # A batch of clients: the admission gate always admits that many (serving.app.admission_floor).
+    records = load(url, clients=32, requests_each=6, seed=12)
     after = replica_stats(url)
     assert all(r["status"] == 200 for r in records), {r["status"] for r in records}
     assert mean_batch_size_between(before, after) > 1.0, after["batcher"]
