@@ -378,7 +378,8 @@ class Batching(Strict):
     max_wait_ms: float = Field(5.0, ge=0, description="Fixed wait when adaptive is false.")
     admission: Literal["latency", "queue"] = Field(
         "latency",
-        description="latency: a replica answers 503 at once to a request predicted to miss target_p99_ms (serving/admission.py); "
+        description="latency: a model replica that is the HTTP ingress answers 503 at once to a request predicted to spend more "
+        "than 0.3 x target_p99_ms inside it, never while fewer than max_batch_size are inside (serving/admission.py); "
         "queue: only the queue limits shed.",
     )
 

@@ -47,8 +47,8 @@ Errors
 Every refusal is JSON `{"error": code, "message": ..., "expected_shape": [...], "dtype": "float32"}`:
 400 not JSON, 401 missing or wrong bearer token, 413 body over limits.max_body_bytes or more than
 limits.max_inputs examples, 422 wrong shape / dtype / NaN or infinity / empty / unknown keys,
-503 with Retry-After when overloaded: on arrival, when the request is predicted to miss
-batching.target_p99_ms (serving/admission.py); in the batcher, when it predicts a missed deadline
+503 with Retry-After when overloaded: on arrival, when the request is predicted to spend more
+than its share of batching.target_p99_ms in the replica (serving/admission.py); in the batcher, when it predicts a missed deadline
 with its queue over the limit; or when every deployment refused. When more requests wait for a replica slot than
 max_queued_requests, Serve itself answers 503 with Retry-After before Tandem's code runs (its body
 is the plain text "Request dropped due to backpressure").
@@ -473,7 +473,11 @@ class TandemServer:
             self.cache.set_version(self.version)
         self.metrics = tandem_metrics()
         batching = serving.batching
-        self.admission = Admission(batching.target_p99_ms, min_in_flight=admission_floor(self.config)) if batching.admission == "latency" else None
+        # The gate sits on a model replica that is the HTTP ingress. The router ingress has none:
+        # its in-flight count spans every deployment, and the requests past the first deployment's
+        # share are exactly the ones it spills to the next (their batchers shed when late).
+        gated = batching.admission == "latency" and self.role == "model"
+        self.admission = Admission(batching.target_p99_ms, min_in_flight=admission_floor(self.config)) if gated else None
         self.model: LocalModel | None = None
         self.router: Router | None = None
         if self.role == "model":
@@ -531,7 +535,7 @@ class TandemServer:
             raw = await read_body(request, self.limits.max_body_bytes)
             x, probabilities = parse_predict(parse_json(raw), self.input_shape, self.limits.max_inputs)
             logits, served_by, cached = await self._cached_logits(x)
-            answered = True
+            answered = cached < len(x)  # an answer wholly from the cache says nothing of the model's cost
         except RequestError as exc:
             return error_response(exc, self.input_shape)
         except Exception as exc:
@@ -790,6 +794,8 @@ def serve_env(config: TandemConfig) -> dict[str, str]:
         # requests it held without an answer. HAProxy's default retries only connections that
         # failed to open; a prediction is a pure function of its input, so resending one that got
         # no answer (on another replica: `option redispatch`) is safe, and the client sees nothing.
+        # HAProxy can resend only a request that fits its buffer (tune.bufsize, 16 KiB in Ray:
+        # about a dozen 64-float examples); a larger one still fails with its replica.
         # Measured (tests/reliability/test_serving_faults.py, 2 replicas, one SIGKILLed under
         # load): 4 of 3,470 requests lost with the default, 1 of 3,890 with this.
         env["RAY_SERVE_HAPROXY_RETRY_ON"] = HAPROXY_RETRY_ON

@@ -101,6 +101,7 @@ def load(url: str, clients: int, requests_each: int, seed: int = 0, token: str |
 
 
 async def timed_post(client: httpx.AsyncClient, url: str, body: dict, row: Any = None) -> dict:
+    sent_at = time.monotonic()
     start = time.perf_counter()
     try:
         reply = await client.post(url, json=body)
@@ -111,7 +112,7 @@ async def timed_post(client: httpx.AsyncClient, url: str, body: dict, row: Any =
             payload = reply.text
     except httpx.HTTPError as exc:
         status, headers, payload = -1, {}, repr(exc)
-    return {"status": status, "seconds": time.perf_counter() - start, "body": payload, "headers": headers, "input": row}
+    return {"status": status, "seconds": time.perf_counter() - start, "body": payload, "headers": headers, "input": row, "sent_at": sent_at}
 
 
 def replica_stats(url: str, headers: dict | None = None) -> dict:

@@ -251,6 +251,9 @@ def test_single_deployment_shape_replica_kill_is_measured(ray_session, tmp_path)
             shape="single deployment (2 replicas as HTTP ingress behind HAProxy)",
             haproxy_retry_on=os.environ.get("RAY_SERVE_HAPROXY_RETRY_ON", HAPROXY_RETRY_ON),
             failures=sorted({str(r["body"])[:120] for r in load.records if r["status"] != 200})[:3],
+            # When each failed request was sent, from the kill: at the kill is a request the dead
+            # replica held; near replaced_after_s is HAProxy reloading its config for the new replica.
+            failed_sent_after_kill_s=[round(r["sent_at"] - killed_at, 2) for r in load.records if r["status"] != 200][:10],
             requests_sent=len(load.records),
             failed=failed,
             status_counts=codes,

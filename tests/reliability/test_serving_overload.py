@@ -2,10 +2,10 @@
 
 - Overload: for OVERLOAD_S seconds, 128 clients (8 keep the replica busy) each send as soon as
   their last answer came, and wait Retry-After after a 503, as well-behaved clients do. Two copies
-  of the model run side by side: one with admission on arrival (serving/admission.py, the
+  of the model are deployed together and loaded one after the other: one with admission on arrival (serving/admission.py, the
   default), one with queue limits only. Nothing fails; every 503 has Retry-After; the batcher's
   queue stays bounded (its high-water mark, from /v1/stats, never passes max_ongoing_requests).
-  Asserted as ratios of the two arms (medians): the gate's accepted requests are faster than the
+  Asserted as ratios of the two arms, measured back to back (medians): the gate's accepted requests are faster than the
   queue-only arm's, and its refusals come sooner than the queue-only arm's answers. The accepted p99 against
   batching.target_p99_ms is recorded for RELIABILITY.md, not asserted.
 - Soak: SOAK_S seconds of moderate load; the replica's RSS (psutil, pid from /v1/stats) at the end
@@ -237,10 +237,10 @@ def test_overload_sheds_fast_with_retry_after_and_a_bounded_queue(apps):
     print(f"overload: {result}")
     assert gated["failed"] == 0, result
     assert gated["ok"] > 0 and gated["shed_503"] > 0, result
-    assert gated["shed_503"] > 0.1 * gated["requests_sent"], result  # the load really was above capacity
+    assert after["admission"]["refused"] > 0, result  # the gate itself refused (not only Serve's queue limit)
     # Accepted p99 against batching.target_p99_ms is a performance figure, recorded for
     # RELIABILITY.md rather than asserted (timed assertions flake with the machine's load). What
-    # is asserted are ratios of the two arms run side by side, at the median (the p99 of either
+    # is asserted are ratios of the two arms run back to back, at the median (the p99 of either
     # arm moves with whatever else the 2 shared cores run): with the gate, accepted requests are
     # faster than with queue limits alone, and a refusal comes sooner than a queued answer.
     assert gated["accepted_p50_ms"] < queued["accepted_p50_ms"], result

@@ -236,9 +236,9 @@ def test_killed_driver_resumes_from_the_last_checkpoint(tmp_path, ray_tmp):
     progress.mkdir()
     config_path = tmp_path / "tandem.yaml"
     # Three times the epochs of the worker test: killed in epoch 2, the cluster's workers outlive the
-    # driver by a few seconds and keep training (measured: from step 27 to 143 in about 3 s, with
-    # their checkpoints registered), and must not be able to finish the run in them (else the
-    # resume would have nothing to do and the test would prove nothing).
+    # driver by a few seconds and keep training (measured: from step 27 to 143 of 176 in about
+    # 3 s), and must not be able to finish the run in them (else the resume would have nothing to
+    # do and the test would prove nothing).
     config_path.write_text(small(storage, f"training.epochs={DRIVER_KILL_EPOCHS}").to_yaml())
     tag = uuid.uuid4().hex
     leaked: list[int] = []
@@ -295,8 +295,9 @@ def test_killed_driver_resumes_from_the_last_checkpoint(tmp_path, ray_tmp):
     # the controller callback appends the epoch's line, and the SIGKILL may land between the two.
     assert restored_step in (last_checkpointed_epoch * STEPS_PER_EPOCH, (last_checkpointed_epoch + 1) * STEPS_PER_EPOCH), (restored_step, epochs)
     first_resumed_epoch = restored_step // STEPS_PER_EPOCH + 1
-    # At most one checkpoint interval of the work done when the driver died is lost. Steps the
-    # orphaned workers ran after it (their checkpoints had no controller to register them) are redone.
+    # At most one checkpoint interval of the work done when the driver died is lost. Of the steps
+    # the orphaned workers ran after it, those past the last checkpoint their dying controller
+    # still registered are redone.
     assert step_at_kill - restored_step <= STEPS_PER_EPOCH, (step_at_kill, restored_step, last_step_reached)
     assert epochs[len(before):] == list(range(first_resumed_epoch, DRIVER_KILL_EPOCHS + 1)), epochs
     assert history[-1]["step"] == DRIVER_KILL_EPOCHS * STEPS_PER_EPOCH

@@ -163,6 +163,8 @@ def test_serve_env_turns_on_the_fast_path_and_keeps_local_haproxy_files_private(
     monkeypatch.delenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", raising=False)
     env = serve_env(one_deployment())
     assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
+    # HAProxy resends a request a dying replica closed without an answer (predictions are idempotent).
+    assert set(env["RAY_SERVE_HAPROXY_RETRY_ON"].split()) == {"conn-failure", "empty-response", "junk-response"}
     assert "RAY_SERVE_HAPROXY_STATS_PORT" not in env  # replicas get no per-machine settings
     local = local_haproxy_env()
     assert len(local["RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH"]) + 57 < 97  # HAProxy's limit, node id included
@@ -170,6 +172,13 @@ def test_serve_env_turns_on_the_fast_path_and_keeps_local_haproxy_files_private(
     assert local_haproxy_env() == local  # stable within a process: a second serve() changes nothing
     monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "3")
     assert serve_env(one_deployment())["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "3"
+
+
+def test_the_admission_gate_always_takes_one_full_batch():
+    from serving.app import admission_floor
+
+    config = one_deployment()
+    assert admission_floor(config) == config.serving.batching.max_batch_size
 
 
 def test_batcher_queue_limit_is_two_batches_or_the_configured_limit():
