@@ -48,8 +48,9 @@ Every refusal is JSON `{"error": code, "message": ..., "expected_shape": [...], 
 400 not JSON, 401 missing or wrong bearer token, 413 body over limits.max_body_bytes or more than
 limits.max_inputs examples, 422 wrong shape / dtype / NaN or infinity / empty / unknown keys,
 503 with Retry-After when overloaded: on arrival, when the request is predicted to spend more
-than its share of batching.target_p99_ms in the replica (serving/admission.py); in the batcher, when it predicts a missed deadline
-with its queue over the limit; or when every deployment refused. When more requests wait for a replica slot than
+than its share of batching.target_p99_ms in the replica (serving/admission.py); in the batcher,
+when it predicts a missed deadline with its queue over the limit; or when every deployment
+refused. When more requests wait for a replica slot than
 max_queued_requests, Serve itself answers 503 with Retry-After before Tandem's code runs (its body
 is the plain text "Request dropped due to backpressure").
 """
@@ -793,11 +794,12 @@ def serve_env(config: TandemConfig) -> dict[str, str]:
         # A replica that dies (killed, out of memory, node lost) closes the connections of the
         # requests it held without an answer. HAProxy's default retries only connections that
         # failed to open; a prediction is a pure function of its input, so resending one that got
-        # no answer (on another replica: `option redispatch`) is safe, and the client sees nothing.
+        # no answer (on another replica: `option redispatch`) is safe.
         # HAProxy can resend only a request that fits its buffer (tune.bufsize, 16 KiB in Ray:
         # about a dozen 64-float examples); a larger one still fails with its replica.
         # Measured (tests/reliability/test_serving_faults.py, 2 replicas, one SIGKILLed under
-        # load): 4 of 3,470 requests lost with the default, 1 of 3,890 with this.
+        # load): 4 of 3,470 requests lost with the default, 1 of 3,890 with this (HAProxy closed
+        # that client's connection instead of resending; not understood yet).
         env["RAY_SERVE_HAPROXY_RETRY_ON"] = HAPROXY_RETRY_ON
     # The user's own Serve settings win over ours (and travel to the replicas too).
     env.update({k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")})
