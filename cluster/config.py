@@ -30,7 +30,9 @@ PACKAGED_EXAMPLE = Path(__file__).with_name("example.yaml")
 class Strict(BaseModel):
     """Base for every config model: unknown keys are errors, assignments are validated."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # ser_json_inf_nan: an infinite float (e.g. in model.args) stays a float in to_dict(), so
+    # show-config prints `.inf`, not the `null` pydantic's JSON mode writes by default.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, ser_json_inf_nan="constants")
 
 
 def resolve_import_path(path: str) -> Any:

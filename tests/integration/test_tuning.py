@@ -129,6 +129,13 @@ def test_asha_stops_poor_trials_early_and_finds_fifos_best(ray_session, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.timeout(SLOW_TUNE_TIMEOUT_S)
+# Known race, one rerun: PBT hands an exploiter the donor's *newest* checkpoint. When one trial's
+# start lags (50 s under load was seen), the donor is already at its last epoch, the exploiter has
+# nothing left to train and no exploit can be checked (1 failure in 4 full suites). With more
+# epochs a second race shows (the donor's checkpoint retention deletes the checkpoint an exploiter
+# is loading: FileNotFoundError on its `latest`): a product bug, open. A rerun is a fresh search;
+# failing twice fails the suite.
+@pytest.mark.flaky(reruns=1)
 def test_pbt_trials_exploit_each_others_checkpoints(ray_session, tmp_path):
     # Two trials far apart, perturbing every epoch: whichever of them reports second at an epoch
     # (or first, against the other's previous epoch) the slow one is the lower half and exploits.
