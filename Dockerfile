@@ -26,9 +26,11 @@ COPY --chown=ray:users cluster ./cluster
 COPY --chown=ray:users training ./training
 COPY --chown=ray:users tuning ./tuning
 COPY --chown=ray:users serving ./serving
+COPY --chown=ray:users profiling ./profiling
+COPY --chown=ray:users tandem ./tandem
 COPY --chown=ray:users examples ./examples
 RUN pip install --no-cache-dir -c constraints.txt . \
-    && python -c "import ray, cluster.cli; assert ray.__version__ == '2.60.0', ray.__version__"
+    && python -c "import ray, tandem.cli; assert ray.__version__ == '2.60.0', ray.__version__"
 
 # Serve replicas and Ray Train workers import the installed packages; the working directory
 # only holds the examples a user may point `tandem` at.

@@ -12,7 +12,7 @@ that argmax agreement means something) and batch size (1, 8, 32, 128):
   same work would need;
 - max |logit difference| and argmax agreement against eager on the held-out split.
 
-Every arm is built by the real pipeline (save_model_artifact -> serving.export.export ->
+Every arm is built by the real pipeline (save_model_artifact -> serving.optimize.export.export ->
 serving.engines.load_engine), so this measures what serving runs: quantize: auto picks the int8
 method. Target: ORT int8 at least 2x eager on the digits MLP at batch 8 and above, with argmax
 agreement at least 99.5%.
@@ -123,7 +123,7 @@ def train_and_save(folder: Path, builder: str, args: dict[str, Any], epochs: int
 
 def export_arms(storage: Path, name: str, builder: str, args: dict[str, Any], threads: int) -> dict[str, Any]:
     from cluster.config import validate_config
-    from serving.export import export
+    from serving.optimize.export import export
 
     config = validate_config(
         {

@@ -70,7 +70,7 @@ def make_artifact(storage: Path, name: str, hidden: list[int]) -> Path:
     import torch
 
     from cluster.artifacts import save_model_artifact
-    from serving.export import export
+    from serving.optimize.export import export
     from training.models import mlp
 
     torch.manual_seed(0)
@@ -138,8 +138,8 @@ def plain_app(artifact: str) -> Any:
     from fastapi import FastAPI, Request
     from fastapi.responses import JSONResponse
 
-    from serving.app import parse_predict
     from serving.engines import load_engine
+    from serving.protocol import parse_predict
 
     engine = load_engine(Path(artifact), engine="onnxruntime", threads=1)
     app = FastAPI()
@@ -169,8 +169,8 @@ def baseline_deployment() -> Any:
     from fastapi.responses import JSONResponse
     from ray import serve
 
-    from serving.app import parse_predict
     from serving.engines import load_engine
+    from serving.protocol import parse_predict
 
     api = FastAPI()
 
@@ -233,14 +233,13 @@ def deploy_baseline(name: str, artifact: Path, batch: tuple[int, float] | None, 
 
 def client_main(url: str, concurrency: int, requests: int, seed: int) -> None:
     """Entry point of the client process: print one JSON summary of a closed-loop run."""
-    from serving.client import closed_loop, encode_requests, summarize
+    from serving.loadgen import closed_loop, encode_requests, summarize
 
     rows = np.random.default_rng(seed).random((requests, 64), dtype=np.float32)
     bodies = encode_requests(rows)
     start = time.perf_counter()
     records = asyncio.run(closed_loop(url, bodies, concurrency))
-    summary = summarize(records, time.perf_counter() - start)
-    print(json.dumps(summary))
+    print(json.dumps(summarize(records, time.perf_counter() - start, concurrency).to_dict()))
 
 
 def run_client(url: str, concurrency: int, requests: int, seed: int = 0) -> dict[str, Any]:
@@ -367,7 +366,7 @@ def wait_http(url: str, timeout_s: float = 120.0) -> None:
 
 
 def start_plain_server(artifact: Path) -> tuple[subprocess.Popen, str]:
-    from serving.app import free_port
+    from serving.deploy import free_port
 
     port = free_port()
     code = f"from benchmarks.serving import run_plain_server; run_plain_server({str(artifact)!r}, {port})"
@@ -396,7 +395,7 @@ def session_serve_default(artifacts: dict[str, Path], requests: dict[int, int], 
     here, so one round, on its own)."""
     from ray import serve
 
-    from serving.app import free_port
+    from serving.deploy import free_port
 
     port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
@@ -421,8 +420,9 @@ def session_fast_path(
     deployed at once, measured interleaved with the plain servers."""
     from ray import serve
 
-    from serving import app as tandem
-    from serving.app import free_port
+    from serving import deploy as tandem
+    from serving.deploy import free_port
+    from serving.settings import serve_env
 
     port = free_port()
     exclude = tuple(t.cpu_roots[0] for t in plain)
@@ -437,7 +437,7 @@ def session_fast_path(
             targets.append(Target(model, "tandem_direct", replica_url(config.name, f"/tandem-{model}"), roots, exclude))
             routed = tandem_config(storage, f"routed-{model}", MODELS[model], port, router=True)
             targets.append(Target(model, "tandem_router_hop", tandem.serve(routed, artifact=str(artifact)), roots, exclude))
-            env = tandem.serve_env(config)
+            env = serve_env(config.serving, os.environ)
             for arm, batch in static:
                 name = f"{arm.replace('_', '-')}-{model}"
                 deploy_baseline(name, artifact, batch, env)

@@ -29,12 +29,14 @@ import time
 from pathlib import Path
 from typing import Any
 
+from cluster.errors import TandemError
+
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.pt"
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
-class ArtifactError(RuntimeError):
+class ArtifactError(TandemError, RuntimeError):
     """An artifact is missing, altered or unsafe; the message names the file and the fix."""
 
 
@@ -226,11 +228,15 @@ def load_state_dict(folder: Path, name: str = MODEL_FILE) -> dict[str, Any]:
         ) from None
 
 
-def model_version(folder: Path) -> str:
-    """The model version: the first 12 hex digits of model.pt's sha256 (changes with the weights)."""
-    entry = read_manifest(folder).get("files", {}).get(MODEL_FILE)
+def model_version(artifact: Path | dict[str, Any]) -> str:
+    """The model version: the first 12 hex digits of model.pt's sha256 (changes with the weights).
+
+    artifact: an artifacts folder, or its manifest already read."""
+    manifest = artifact if isinstance(artifact, dict) else read_manifest(artifact)
+    entry = manifest.get("files", {}).get(MODEL_FILE)
     if entry is None:
-        raise ArtifactError(f"{Path(folder) / MANIFEST} lists no {MODEL_FILE}; train a model first (tandem train)")
+        where = "the manifest" if isinstance(artifact, dict) else Path(artifact) / MANIFEST
+        raise ArtifactError(f"{where} lists no {MODEL_FILE}; train a model first (tandem train)")
     return entry["sha256"][:12]
 
 
@@ -245,7 +251,7 @@ def save_model_artifact(folder: Path, state_dict: dict[str, Any], model_spec: di
     cpu_state = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     atomic_save_torch(cpu_state, folder / MODEL_FILE)
     manifest = write_manifest(folder, {"model": model_spec, **(info or {})})
-    manifest["version"] = manifest["files"][MODEL_FILE]["sha256"][:12]
+    manifest["version"] = model_version(manifest)
     atomic_write_json(folder / MANIFEST, manifest)
     return manifest
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.config import TandemConfig
+from cluster.config import RuntimeEnv, TandemConfig
 
 logger = logging.getLogger("tandem.cluster")
 NODE_GROUP_CAPACITY = 1000
@@ -40,6 +40,33 @@ def node_group_resources(group: str) -> dict[str, float]:
 def pin_to_group(group: str | None) -> dict[str, float]:
     """Resources a task or actor asks for to land on a node of the group (empty when unpinned)."""
     return {node_group_resource(group): 1} if group else {}
+
+
+# Never uploaded with a working_dir: a virtual environment alone is about 1.8 GB, over Ray's
+# 500 MiB package limit. Ray also skips what .gitignore and .rayignore list.
+UPLOAD_EXCLUDES = [".venv", ".git", ".cache", "__pycache__", "*.egg-info", ".pytest_cache"]
+
+
+def runtime_env(runtime: RuntimeEnv, env_vars: dict[str, str] | None = None, upload: Path | None = None) -> dict[str, Any]:
+    """The Ray runtime_env of `cluster.runtime_env`, for jobs, RayJobs and Serve applications.
+
+    env_vars: Tandem's own variables; the config's `cluster.runtime_env.env_vars` win over them.
+    upload: a local folder to upload as the working_dir (`tandem submit`). Without it only a
+    remote working_dir URI passes: a Serve config file refuses a local folder, and in a RayJob it
+    would be the submitter pod's folder, not the user's checkout (the code is in the image).
+    """
+    env: dict[str, Any] = {}
+    if upload is not None:
+        env["working_dir"] = str(upload)
+        env["excludes"] = list(UPLOAD_EXCLUDES)
+    elif runtime.working_dir and "://" in runtime.working_dir:
+        env["working_dir"] = runtime.working_dir
+    merged = {**(env_vars or {}), **runtime.env_vars}
+    if merged:
+        env["env_vars"] = merged
+    if runtime.pip:
+        env["pip"] = list(runtime.pip)
+    return env
 
 
 DEFAULT_TOKEN_PATH = Path.home() / ".ray" / "auth_token"

@@ -22,7 +22,7 @@ The rule
   target_p99. The rest of the target is left for time outside the handler (HAProxy, the socket,
   Serve's own queue) and for the spread between a median and a p99.
 - Fewer than `min_in_flight` requests inside are always admitted (the app uses one full batch:
-  serving.app.admission_floor): batching needs requests together, a replica with little work never
+  serving.settings.admission_floor): batching needs requests together, a replica with little work never
   refuses, and the estimate stays fed after a burst. The floor also stops a spiral: refusals
   cost the replica time too, which slows the admitted requests, which raises the cost estimate,
   which refuses more (seen in a unit test with a floor of 2 and clients retrying every 5 ms: 284

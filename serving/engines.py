@@ -14,12 +14,15 @@ every core (torch's and ORT's default) oversubscribes a node that runs several r
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
 import numpy as np
 
 from cluster.artifacts import MANIFEST, MODEL_FILE, ArtifactError, load_model, read_manifest, verify_file
+from cluster.errors import EngineError
 
 ONNX_FILE = "model.onnx"
 INT8_FILE = "model.int8.onnx"
@@ -40,11 +43,24 @@ class Engine(Protocol):
         ...
 
 
+@contextlib.contextmanager
+def torch_threads(threads: int) -> Iterator[None]:
+    """Run with `threads` intra-op threads (measurements, exports), then give the process its setting back."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(int(threads))
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def check_batch(x: np.ndarray, input_shape: tuple[int, ...], engine: str) -> np.ndarray:
     """x as a C-contiguous float32 batch of the engine's input shape, or a ValueError naming both shapes."""
     x = np.ascontiguousarray(x, dtype=np.float32)
     if x.ndim != len(input_shape) + 1 or tuple(x.shape[1:]) != tuple(input_shape):
-        raise ValueError(f"{engine}: input of shape {tuple(x.shape)} does not match the model's (N, {', '.join(map(str, input_shape))})")
+        raise EngineError(f"{engine}: input of shape {tuple(x.shape)} does not match the model's (N, {', '.join(map(str, input_shape))})")
     return x
 
 
@@ -59,9 +75,9 @@ def _torch_device(device: str) -> str:
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("device 'cuda' was asked for but torch sees no CUDA device; use device 'cpu' or 'auto', or give the replica gpus")
+        raise EngineError("device 'cuda' was asked for but torch sees no CUDA device; use device 'cpu' or 'auto', or give the replica gpus")
     if device not in ("cpu", "cuda"):
-        raise ValueError(f"device '{device}' is not one of auto, cpu, cuda")
+        raise EngineError(f"device '{device}' is not one of auto, cpu, cuda")
     return device
 
 
@@ -70,10 +86,10 @@ def _torch_dtype(precision: str, device: str) -> Any:
 
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     if precision not in dtypes:
-        raise ValueError(f"precision '{precision}' is not one of {', '.join(dtypes)}")
+        raise EngineError(f"precision '{precision}' is not one of {', '.join(dtypes)}")
     if precision == "fp16" and device == "cpu":
         # Most CPU kernels have no fp16 path (they upcast or fail); bf16 is the CPU half type.
-        raise ValueError("precision 'fp16' needs a CUDA device; use bf16 or fp32 on CPU, or give the deployment gpus")
+        raise EngineError("precision 'fp16' needs a CUDA device; use bf16 or fp32 on CPU, or give the deployment gpus")
     return dtypes[precision]
 
 
@@ -135,11 +151,11 @@ def ort_providers(device: str) -> list[str]:
     available = ort.get_available_providers()
     has_cuda = "CUDAExecutionProvider" in available
     if device == "cuda" and not has_cuda:
-        raise ValueError(
+        raise EngineError(
             f"device 'cuda' was asked for but this onnxruntime has only {available}; install onnxruntime-gpu or use device 'cpu'/'auto'"
         )
     if device not in ("auto", "cpu", "cuda"):
-        raise ValueError(f"device '{device}' is not one of auto, cpu, cuda")
+        raise EngineError(f"device '{device}' is not one of auto, cpu, cuda")
     return ["CUDAExecutionProvider", "CPUExecutionProvider"] if has_cuda and device != "cpu" else ["CPUExecutionProvider"]
 
 
@@ -189,15 +205,15 @@ def _require_listed(folder: Path, manifest: dict[str, Any], name: str, fix: str)
 def check_engine_args(engine: str, precision: str, quantize: str, pruned: bool) -> None:
     """Refuse contradictory settings before touching any file; each message names the fix."""
     if engine not in ("torch", "onnxruntime"):
-        raise ValueError(f"engine '{engine}' is not one of torch, onnxruntime")
+        raise EngineError(f"engine '{engine}' is not one of torch, onnxruntime")
     if quantize not in ("none", "int8"):
-        raise ValueError(f"quantize '{quantize}' is not one of none, int8")
+        raise EngineError(f"quantize '{quantize}' is not one of none, int8")
     if engine == "torch" and quantize != "none":
-        raise ValueError(f"quantize '{quantize}' is for engine 'onnxruntime'; the torch engine serves model.pt (set quantize: none or engine: onnxruntime)")
+        raise EngineError(f"quantize '{quantize}' is for engine 'onnxruntime'; the torch engine serves model.pt (set quantize: none or engine: onnxruntime)")
     if engine == "onnxruntime" and precision != "fp32":
-        raise ValueError(f"precision '{precision}' is for engine 'torch'; onnxruntime serves fp32 or int8 (set quantize: int8 for int8)")
+        raise EngineError(f"precision '{precision}' is for engine 'torch'; onnxruntime serves fp32 or int8 (set quantize: int8 for int8)")
     if quantize == "int8" and pruned:
-        raise ValueError("there is no pruned int8 model; serve the pruned model with quantize: none")
+        raise EngineError("there is no pruned int8 model; serve the pruned model with quantize: none")
 
 
 def load_engine(

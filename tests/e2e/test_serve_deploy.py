@@ -1,6 +1,6 @@
 """`serve deploy` of the file `tandem serve-config` writes, against a real `ray start --head`.
 
-The same file is the RayService's serveConfigV2 (cluster/k8s.py), so this is the closest a test
+The same file is the RayService's serveConfigV2 (tandem/k8s.py), so this is the closest a test
 here gets to what KubeRay runs: Ray's own CLI applies it through the head's dashboard (with the
 head's auth token), Serve builds the app from `serving.app:build_app` in the cluster's processes,
 and the model answers over HTTP on the config's port with the artifact's version.

@@ -36,7 +36,7 @@ def sets(overrides: list[str]) -> list[str]:
 def tandem_submit(ray_head, overrides: list[str], stage: str = "train"):
     result = ray_head.run(["tandem", "submit", "cluster/example.yaml", stage, "--address", ray_head.address, *sets(overrides)], timeout=JOB_TIMEOUT_S)
     if "not available yet" in result.stderr:
-        pytest.skip("`tandem submit` is not wired to cluster.submit.submit yet")
+        pytest.skip("`tandem submit` is not wired to tandem.submit.submit yet")
     return result
 
 
@@ -97,7 +97,7 @@ def test_a_job_broken_by_an_override_exits_non_zero_with_its_error(broken_submis
 def test_jobs_functions_see_the_failed_job(ray_head, broken_submission):
     job_id = re.search(r"submitted (\S+) to", broken_submission.stdout).group(1)
     result = python(ray_head, f"""
-        from cluster.submit import format_jobs, job_logs, job_status, list_jobs
+        from tandem.submit import format_jobs, job_logs, job_status, list_jobs
         address = {ray_head.address!r}
         print(format_jobs(list_jobs(address)))
         print("STATUS", job_status(address, {job_id!r}))
@@ -111,7 +111,7 @@ def test_jobs_functions_see_the_failed_job(ray_head, broken_submission):
 def test_stopped_job_is_reported_non_zero(ray_head):
     result = python(ray_head, f"""
         import sys
-        from cluster.submit import follow_job, job_client, job_status, stop_job
+        from tandem.submit import follow_job, job_client, job_status, stop_job
         client = job_client({ray_head.address!r})
         job_id = client.submit_job(entrypoint="sleep 300")
         assert stop_job({ray_head.address!r}, job_id) is True
@@ -126,7 +126,7 @@ def test_client_without_the_token_is_refused_with_the_fix(ray_head, tmp_path):
     env = {k: v for k, v in ray_head.env.items() if k != "RAY_AUTH_TOKEN"}
     env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
     result = python(ray_head, f"""
-        from cluster.submit import SubmitError, list_jobs
+        from tandem.submit import SubmitError, list_jobs
         try:
             list_jobs({ray_head.address!r})
         except SubmitError as exc:
@@ -137,7 +137,7 @@ def test_client_without_the_token_is_refused_with_the_fix(ray_head, tmp_path):
 
 
 def test_config_outside_the_working_dir_is_refused_before_submitting(tmp_path):
-    from cluster.submit import SubmitError, config_path_in_job
+    from tandem.submit import SubmitError, config_path_in_job
 
     outside = tmp_path / "elsewhere.yaml"
     outside.write_text(yaml.safe_dump({"name": "x"}))

@@ -6,7 +6,7 @@ import pytest
 
 from cluster.artifacts import load_model
 from cluster.config import load_config
-from serving.profile import profile
+from profiling.profile import profile
 from training.ds_config import zero_memory_formula
 from training.models import parameter_count
 from training.trainer import train

@@ -21,14 +21,15 @@ import pytest
 
 from cluster.artifacts import save_model_artifact
 from cluster.config import TandemConfig, validate_config
-from serving.app import free_port, softmax
+from serving.deploy import free_port
+from serving.protocol import softmax
 
 pytestmark = pytest.mark.integration
 
 HIDDEN = [64]
 # A replica leaving (rollout, scale-down, app deleted) drains for 30 s by default so that load
 # balancers can deregister it; HAProxy here learns of it in well under a second. Serve reads the
-# variable when it starts; serving.app.serve() passes every RAY_SERVE_* variable to it.
+# variable when it starts; serving.deploy.serve() passes every RAY_SERVE_* variable to it.
 os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
 
 
@@ -41,7 +42,7 @@ def make_artifact(storage: Path, name: str, seed: int, run: str) -> Path:
     """Train a small MLP on the digits for a second, save it, export ONNX fp32 and int8."""
     import torch
 
-    from serving.export import export
+    from serving.optimize.export import export
     from training.data import digits
     from training.models import mlp
 
@@ -86,9 +87,9 @@ def digits_inputs(count: int, seed: int = 0) -> np.ndarray:
 
 
 def load(url: str, clients: int, requests_each: int, seed: int = 0, token: str | None = None) -> list[dict]:
-    """Closed-loop clients on keep-alive connections (the lean client of serving.client), each
+    """Closed-loop clients on keep-alive connections (the lean client of serving.loadgen), each
     sending one example per request. One record per request: status, seconds, body (JSON), index."""
-    from serving.client import closed_loop, encode_requests
+    from serving.loadgen import closed_loop, encode_requests
 
     bodies = encode_requests(digits_inputs(clients * requests_each, seed))
     records = asyncio.run(closed_loop(url, bodies, clients, token))
@@ -195,7 +196,7 @@ def config(storage) -> TandemConfig:
 def url(ray_session, config, artifacts):
     from ray import serve
 
-    from serving.app import serve as deploy
+    from serving.deploy import serve as deploy
 
     base = deploy(config, artifact=str(artifacts["v1"]))
     yield base
@@ -286,7 +287,7 @@ def test_a_sequential_client_gets_batch_size_one_and_no_added_wait(url):
 
 def test_concurrent_load_makes_batches(url):
     before = replica_stats(url)
-    # A batch of clients: the admission gate always admits that many (serving.app.admission_floor).
+    # A batch of clients: the admission gate always admits that many (serving.settings.admission_floor).
     records = load(url, clients=32, requests_each=6, seed=12)
     after = replica_stats(url)
     assert all(r["status"] == 200 for r in records), {r["status"] for r in records}
@@ -313,7 +314,7 @@ def test_a_burst_of_200_gets_answers_or_fast_503s_never_a_stall(url):
 def test_an_overloading_burst_gets_fast_503s_while_accepted_requests_finish(url):
     # 200 requests of 16 examples at once: 3,200 examples would take far past the 50 ms target,
     # so beyond its queue limit the batcher refuses the requests it predicts late.
-    from serving.client import closed_loop
+    from serving.loadgen import closed_loop
 
     x = digits_inputs(200 * MAX_INPUTS, seed=14).reshape(200, MAX_INPUTS, 64)
     bodies = [json.dumps({"inputs": batch.tolist()}).encode() for batch in x]
@@ -331,7 +332,7 @@ def test_an_overloading_burst_gets_fast_503s_while_accepted_requests_finish(url)
 
 def test_cache_hits_then_a_rollout_under_load_invalidates_and_loses_no_request(url, config, artifacts):
     from cluster.artifacts import model_version
-    from serving.app import serve as deploy
+    from serving.deploy import serve as deploy
 
     row = digits_inputs(1, seed=99)[0].tolist()
     first = httpx.post(f"{url}/v1/predict", json={"inputs": row}, timeout=30).json()

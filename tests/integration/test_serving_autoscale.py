@@ -8,7 +8,7 @@ import time
 import httpx
 import pytest
 
-from serving.app import status
+from serving.deploy import status
 from tests.integration.test_serving import BackgroundLoad, make_artifact, serving_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -32,7 +32,7 @@ def wait_for(predicate, timeout_s: float) -> bool:
 def test_sustained_load_scales_up_to_two_replicas_and_back_down(ray_session, tmp_path):
     from ray import serve
 
-    from serving.app import serve as deploy
+    from serving.deploy import serve as deploy
 
     artifact = make_artifact(tmp_path, NAME, seed=4, run="run-1")
     config = serving_config(

@@ -51,7 +51,7 @@ def config(artifact):
 def url(ray_session, config, artifact):
     from ray import serve
 
-    from serving.app import serve as deploy
+    from serving.deploy import serve as deploy
 
     os.environ[TOKEN_ENV] = TOKEN
     try:

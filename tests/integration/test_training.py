@@ -125,7 +125,7 @@ def test_bad_inputs_fail_before_any_worker_starts(tmp_path):
 def test_spread_workers_land_on_different_simulated_nodes(tmp_path):
     # A fresh process: simulated nodes need their own Ray, not the session's.
     cmd = [
-        sys.executable, "-m", "cluster.cli", "train",
+        sys.executable, "-m", "tandem.cli", "train",
         "--set", f"cluster.storage={tmp_path}", "--set", "training.epochs=1", "--set", "model.args.hidden=[32]",
         "--set", "cluster.local.simulate_nodes=true", "--set", "training.placement=strict_spread",
         "--set", "training.node_group=cpu", "--set", "cluster.node_groups={cpu: {cpus: 1, replicas: 2, max_replicas: 2}}",

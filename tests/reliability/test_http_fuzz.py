@@ -105,7 +105,7 @@ def artifact(storage) -> Path:
 def url(ray_session, config, artifact, token):
     from ray import serve
 
-    from serving.app import serve as deploy
+    from serving.deploy import serve as deploy
 
     base = deploy(config, artifact=str(artifact))
     yield base
@@ -120,7 +120,7 @@ def auth(token: str) -> dict[str, str]:
 
 
 def snapshot(url: str, token: str, config) -> dict[str, Any]:
-    from serving.app import status
+    from serving.deploy import status
 
     stats = httpx.get(f"{url}/v1/stats", headers=auth(token), timeout=10).json()
     models = httpx.get(f"{url}/v1/models", headers=auth(token), timeout=10).json()["models"]
@@ -475,8 +475,8 @@ def search(place: str, folder: Path, token: str) -> dict[str, Any]:
 
 
 def test_the_token_never_appears_in_the_run_folder_manifests_or_answers(url, config, token, storage, tmp_path):
-    from cluster.k8s import write_manifests
     from serving.serve_config import write_serve_config
+    from tandem.k8s import write_manifests
 
     assert predicts(url, token)
     wrong = httpx.post(f"{url}/v1/predict", json={"inputs": [0.5] * SHAPE}, headers={"Authorization": f"Bearer {token}x"}, timeout=30)

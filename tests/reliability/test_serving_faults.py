@@ -6,7 +6,7 @@
   ingress's /v1/stats (and as tandem_replica_retries_total).
 - Single-deployment shape (the model replica is the HTTP ingress, behind HAProxy): HAProxy is the
   only thing between the client and the replica. Tandem configures it to resend a request whose
-  connection failed or closed without an answer (serving.app.HAPROXY_RETRY_ON) on the other
+  connection failed or closed without an answer (serving.settings.HAPROXY_RETRY_ON) on the other
   replica. Measured: 4 of 3,470 requests lost with Ray's default (connection failures only),
   1 of 3,890 with Tandem's ("Server disconnected without sending a response": HAProxy closed the
   client's connection). So the test measures how many fail instead of promising none.
@@ -25,7 +25,8 @@ import time
 import httpx
 import pytest
 
-from serving.app import HAPROXY_RETRY_ON, status
+from serving.deploy import status
+from serving.settings import HAPROXY_RETRY_ON
 from tests.integration.test_serving import BackgroundLoad, make_artifact, serving_config
 from tests.reliability import figures
 
@@ -75,7 +76,7 @@ def kill(pid: int) -> None:
 def router_app(ray_session, tmp_path_factory):
     from ray import serve
 
-    from serving.app import serve as deploy
+    from serving.deploy import serve as deploy
 
     storage = tmp_path_factory.mktemp("faults-router")
     artifact = make_artifact(storage, ROUTER_APP, seed=5, run="run-1")
@@ -154,8 +155,8 @@ def test_a_model_error_is_not_retried(router_app):
 
 def test_the_whole_app_killed_comes_back_with_the_same_model_version(router_app):
     from cluster.artifacts import model_version
-    from serving.app import serve as deploy
-    from serving.app import shutdown
+    from serving.deploy import serve as deploy
+    from serving.deploy import shutdown
 
     config, artifact, url = router_app
     version = model_version(artifact)
@@ -214,7 +215,7 @@ def test_the_whole_app_killed_comes_back_with_the_same_model_version(router_app)
 def test_single_deployment_shape_replica_kill_is_measured(ray_session, tmp_path):
     from ray import serve
 
-    from serving.app import serve as deploy
+    from serving.deploy import serve as deploy
 
     artifact = make_artifact(tmp_path, SINGLE_APP, seed=6, run="run-1")
     config = serving_config(

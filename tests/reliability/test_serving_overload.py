@@ -31,7 +31,7 @@ import numpy as np
 import psutil
 import pytest
 
-from serving.client import RawConnection
+from serving.loadgen import RawConnection
 from tests.integration.test_serving import digits_inputs, make_artifact, serving_config
 from tests.reliability import figures
 
@@ -52,7 +52,7 @@ RSS_GROWTH_BOUND = (0.10, 32 * 2**20)
 
 
 def timed_load(url: str, bodies: list[bytes], clients: int, seconds: float, honor_retry_after: bool = False) -> tuple[list[dict], float]:
-    """`clients` keep-alive connections (the lean client of serving.client) sending bodies in turn
+    """`clients` keep-alive connections (the lean client of serving.loadgen) sending bodies in turn
     until `seconds` have passed; with honor_retry_after, a client that gets a 503 waits the
     Retry-After seconds before its next request, as a well-behaved client does. One record per
     request: status, seconds, retry_after."""
@@ -149,7 +149,7 @@ def apps(ray_session, tmp_path_factory):
     limits only, so the overload test compares them under the same load on the same machine."""
     from ray import serve
 
-    from serving.app import serve as deploy
+    from serving.deploy import serve as deploy
 
     storage = tmp_path_factory.mktemp("overload")
     artifact = make_artifact(storage, NAME, seed=8, run="run-1")

@@ -109,7 +109,7 @@ def exported_mlp() -> Path:
     root = Path(tempfile.mkdtemp(prefix="tandem-exported-mlp-"))
     atexit.register(shutil.rmtree, root, ignore_errors=True)
     folder = train_artifact(root / "digits" / "run-1" / "artifacts", args=MLP_ARGS, epochs=20)
-    from serving.export import export
+    from serving.optimize.export import export
 
     config = export_config(root, args=MLP_ARGS, quantize="auto", prune={"sparsity": 0.5}, gate=LOOSE_GATE, latency_batch_sizes=[1, 32])
     export(config, folder, latency_budget_s=0.02)

@@ -1,25 +1,19 @@
-"""Request decoding, auth, routing and the derived Serve options, without Ray or HTTP."""
+"""Request decoding, auth, routing and the derived Serve options, without Ray or HTTP.
+
+serving/protocol.py and serving/settings.py are pure; only the last test imports the app itself
+(Ray Serve and FastAPI, but no cluster)."""
 
 from __future__ import annotations
+
+import os
 
 import numpy as np
 import pytest
 
 from cluster.config import validate_config
-from serving.app import (
-    RequestError,
-    batcher_queue_limit,
-    build_app,
-    check_bearer,
-    deployment_options,
-    has_router,
-    ingress_deployment_name,
-    parse_json,
-    parse_predict,
-    serve_env,
-    token_digest,
-)
+from serving.protocol import RequestError, check_bearer, parse_json, parse_predict, token_digest
 from serving.router import Router
+from serving.settings import admission_floor, batcher_queue_limit, deployment_options, has_router, ingress_deployment_name, serve_env
 
 SHAPE = (64,)
 
@@ -158,10 +152,10 @@ def test_deployment_options_carry_limits_resources_and_the_fast_path_env():
 
 
 def test_serve_env_turns_on_the_fast_path_and_keeps_local_haproxy_files_private(monkeypatch):
-    from serving.app import local_haproxy_env
+    from serving.deploy import local_haproxy_env
 
     monkeypatch.delenv("RAY_SERVE_THROUGHPUT_OPTIMIZED", raising=False)
-    env = serve_env(one_deployment())
+    env = serve_env(one_deployment().serving, os.environ)
     assert env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] == "1" and env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"
     # HAProxy resends a request a dying replica closed without an answer (predictions are idempotent).
     assert set(env["RAY_SERVE_HAPROXY_RETRY_ON"].split()) == {"conn-failure", "empty-response", "junk-response"}
@@ -171,25 +165,26 @@ def test_serve_env_turns_on_the_fast_path_and_keeps_local_haproxy_files_private(
     assert local["RAY_SERVE_HAPROXY_STATS_PORT"] != "8404"
     assert local_haproxy_env() == local  # stable within a process: a second serve() changes nothing
     monkeypatch.setenv("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "3")
-    assert serve_env(one_deployment())["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "3"
+    # The deploying process's own Serve settings win and travel along; a config file takes none.
+    assert serve_env(one_deployment().serving, os.environ)["RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S"] == "3"
+    assert "RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S" not in serve_env(one_deployment().serving)
 
 
 def test_the_admission_gate_always_takes_one_full_batch():
-    from serving.app import admission_floor
-
     config = one_deployment()
-    assert admission_floor(config) == config.serving.batching.max_batch_size
+    assert admission_floor(config.serving) == config.serving.batching.max_batch_size
 
 
 def test_batcher_queue_limit_is_two_batches_or_the_configured_limit():
     config = one_deployment()
-    assert batcher_queue_limit(config) == 2 * config.serving.batching.max_batch_size
+    assert batcher_queue_limit(config.serving) == 2 * config.serving.batching.max_batch_size
     small = validate_config({"serving": {"limits": {"max_queued_requests": 5}}})
-    assert batcher_queue_limit(small) == 5
+    assert batcher_queue_limit(small.serving) == 5
 
 
 def test_build_app_refuses_a_missing_artifact_with_the_fix(tmp_path):
     from cluster.artifacts import ArtifactError
+    from serving.app import build_app
 
     config = validate_config({"cluster": {"storage": str(tmp_path)}})
     with pytest.raises(ArtifactError, match="tandem train"):

@@ -476,7 +476,7 @@ def test_the_scan_catches_what_it_looks_for(tmp_path):
 NON_ARTIFACT_WRITES = {
     "training/loop.py": "the test-only fault-injection marker",
     "serving/loadgen.py": "a temp file of inputs handed to the load-generator subprocess",
-    "cluster/reference.py": "a developer tool that rewrites README.md in the checkout",
+    "tandem/reference.py": "a developer tool that rewrites README.md in the checkout",
 }
 PACKAGES = ("cluster", "serving", "training", "tuning")
 

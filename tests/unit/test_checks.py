@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from cluster.checks import Finding, format_findings, has_errors, predeploy_checks
 from cluster.config import ClusterConfig, load_config
+from tandem.checks import Finding, format_findings, has_errors, predeploy_checks
 
 GPU_SERVING = [
     "cluster.node_groups={gpu: {cpus: 8, gpus: 2, memory: 32Gi, min_replicas: 1, max_replicas: 3}, cpu: {cpus: 4, memory: 8Gi}}",

@@ -9,7 +9,7 @@ from pathlib import Path
 import yaml
 
 ROOT = Path(__file__).resolve().parents[2]
-TANDEM = [sys.executable, "-m", "cluster.cli"]
+TANDEM = [sys.executable, "-m", "tandem.cli"]
 
 
 def tandem(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:

@@ -4,7 +4,7 @@ The config fuzz (test_config_fuzz.py) covers validate_config on Python values; t
 the CLI as a user meets it: random YAML documents (mappings or not), mutated valid configs, raw
 text that is mostly not YAML, binary junk, hostile YAML (aliases that contain themselves, "billion
 laughs", deep nesting, Python tags, Rich markup), empty and missing files, folders, and random
-`--set` overrides. In-process through `cluster.cli.main`, and a few as real subprocesses.
+`--set` overrides. In-process through `tandem.cli.main`, and a few as real subprocesses.
 """
 
 from __future__ import annotations
@@ -22,8 +22,8 @@ import yaml
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.cli import main
 from cluster.config import PACKAGED_EXAMPLE, ConfigError, load_config
+from tandem.cli import main
 from tests.reliability.figures import record
 from tests.unit.test_config_fuzz import ALL_PATHS  # every path into the packaged example
 
@@ -261,7 +261,7 @@ SUBPROCESS_CASES = {
 @pytest.mark.parametrize("case", sorted(SUBPROCESS_CASES))
 def test_the_installed_command_prints_no_traceback(tmp_path, case):
     path = write(tmp_path, "config.yaml", SUBPROCESS_CASES[case])
-    result = subprocess.run([sys.executable, "-m", "cluster.cli", "validate", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run([sys.executable, "-m", "tandem.cli", "validate", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr, result.stderr
     assert result.stderr.startswith("config error") and str(path) in result.stderr
     SEEN[f"subprocess exit {result.returncode}"] += 1

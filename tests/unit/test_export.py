@@ -16,10 +16,10 @@ from rich.console import Console
 
 from cluster.artifacts import ArtifactError, load_model, read_manifest, verify_artifact
 from serving.engines import INT8_FILE, ONNX_FILE, PRUNED_FILE, PRUNED_ONNX_FILE, load_engine
-from serving.export import ParityGateError, export, export_onnx, file_opset, format_report, pick_int8
-from serving.parity import gate_failures
-from serving.prune import prune_model
-from serving.quantize import candidate_modes
+from serving.optimize.export import ParityGateError, export, export_onnx, file_opset, format_report, pick_int8
+from serving.optimize.parity import gate_failures
+from serving.optimize.prune import prune_model
+from serving.optimize.quantize import candidate_modes
 from tests.unit.artifact_helpers import (
     LOOSE_GATE,
     MLP_ARGS,

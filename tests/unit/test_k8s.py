@@ -17,7 +17,9 @@ import pytest
 import yaml
 
 from cluster.config import TandemConfig, load_config
-from cluster.k8s import (
+from cluster.runtime import node_group_resources
+from serving.serve_config import build_serve_config, dump_serve_config
+from tandem.k8s import (
     AUTH_TOKEN_KEY,
     CONFIG_FILE,
     CONFIG_MOUNT,
@@ -29,8 +31,6 @@ from cluster.k8s import (
     serve_config_yaml,
     write_manifests,
 )
-from cluster.runtime import node_group_resources
-from serving.serve_config import build_serve_config, dump_serve_config
 
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT.parent / "shared" / "kuberay-crds"
@@ -261,9 +261,9 @@ def test_image_ray_version_reads_only_ray_images():
 def test_committed_k8s_folder_equals_a_fresh_rendering():
     fresh = render_files(packaged())
     committed = {p.name: p.read_text() for p in sorted((ROOT / "k8s").glob("*.yaml"))}
-    assert sorted(committed) == sorted(fresh), "k8s/ has other files than the renderer writes; run `python -m cluster.k8s --out k8s`"
+    assert sorted(committed) == sorted(fresh), "k8s/ has other files than the renderer writes; run `python -m tandem.k8s --out k8s`"
     for name, text in fresh.items():
-        assert committed[name] == text, f"k8s/{name} is stale; run `python -m cluster.k8s --out k8s`"
+        assert committed[name] == text, f"k8s/{name} is stale; run `python -m tandem.k8s --out k8s`"
 
 
 def test_write_manifests_removes_files_of_an_earlier_rendering(tmp_path):

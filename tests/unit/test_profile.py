@@ -23,8 +23,8 @@ import torch
 
 from cluster.artifacts import atomic_save_torch, write_manifest
 from cluster.config import ConfigError, load_config
-from serving.profile import ProfileReport, profile, write_atomically
-from serving.profile_measure import forward_flops, probe_serve_app, served_latency, training_flops
+from profiling.measure import forward_flops, probe_serve_app, served_latency, training_flops
+from profiling.profile import ProfileReport, profile, write_atomically
 from tests.unit.artifact_helpers import MLP_ARGS, train_artifact
 from training.ds_config import zero_memory_formula
 
@@ -70,7 +70,7 @@ def add_onnx_files(folder: Path, pruned: bool = True) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
     from cluster.artifacts import load_model
-    from serving.prune import prune_model
+    from serving.optimize.prune import prune_model
 
     model, manifest = load_model(folder)
     example = torch.zeros(2, *manifest["model"]["input_shape"])
@@ -226,7 +226,7 @@ def test_served_figures_come_from_the_running_app(trained):
     served = trained[0].data["served"]
     assert [level["concurrency"] for level in served["levels"]] == [1, 32]
     for level in served["levels"]:
-        assert level["errors"] == 0, level["error_kinds"]
+        assert level["ok"] == level["requests"], level["codes"]
         assert level["requests"] >= level["concurrency"] and level["p50_ms"] > 0
     assert "Served end to end" in trained[0].html_path.read_text()
 
@@ -304,7 +304,7 @@ def test_an_unreachable_serve_url_fails_before_measuring():
         probe_serve_app(f"{url}/wrong", np.zeros(64, dtype=np.float32))
     with loopback_app() as url:
         level = served_latency(url, np.zeros(64, dtype=np.float32), concurrency=4, requests=8, deadline_s=10)
-    assert level["requests"] == 8 and level["errors"] == 0
+    assert level["requests"] == 8 and level["ok"] == 8
 
 
 # ---------------------------------------------------------------------------------------------

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from cluster.reference import BEGIN, END, config_reference_markdown
+from tandem.reference import BEGIN, END, config_reference_markdown
 
 ROOT = Path(__file__).resolve().parents[2]
 README = (ROOT / "README.md").read_text()
@@ -18,7 +18,7 @@ def test_readme_shows_the_two_commands():
 
 def test_config_reference_is_current():
     block = README[README.index(BEGIN) + len(BEGIN) : README.index(END)].strip()
-    assert block == config_reference_markdown(), "run `python -m cluster.reference` to regenerate the README reference"
+    assert block == config_reference_markdown(), "run `python -m tandem.reference` to regenerate the README reference"
 
 
 def test_ci_calls_make_test():

@@ -23,6 +23,8 @@ from pathlib import Path
 
 import numpy as np
 
+from cluster.errors import EngineError
+
 QUANT_MODES = ("dynamic", "static")
 CALIBRATION_EXAMPLES = 512
 CALIBRATION_BATCH = 64
@@ -42,7 +44,7 @@ def candidate_modes(requested: str, onnx_path: Path) -> list[str]:
     if requested in QUANT_MODES:
         return [requested]
     if requested != "auto":
-        raise ValueError(f"export.quantize: '{requested}' is not one of none, dynamic, static, auto")
+        raise EngineError(f"export.quantize: '{requested}' is not one of none, dynamic, static, auto")
     return ["static", "dynamic"] if has_convolutions(onnx_path) else ["dynamic", "static"]
 
 
@@ -113,4 +115,4 @@ def quantize_int8(mode: str, source: Path, target: Path, calibration: np.ndarray
     elif mode == "static":
         quantize_static_int8(source, target, calibration)
     else:
-        raise ValueError(f"quantization mode '{mode}' is not one of {', '.join(QUANT_MODES)}")
+        raise EngineError(f"quantization mode '{mode}' is not one of {', '.join(QUANT_MODES)}")

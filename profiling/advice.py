@@ -10,8 +10,8 @@ from __future__ import annotations
 from typing import Any
 
 from cluster.config import TandemConfig
-from serving.profile_measure import peak_bandwidth
-from serving.profile_plots import human_bytes, human_flops, human_seconds
+from profiling.measure import peak_bandwidth
+from profiling.plots import human_bytes, human_flops, human_seconds
 
 
 def _row_at(engine: dict[str, Any], batch: int) -> dict[str, Any] | None:
@@ -173,7 +173,7 @@ def recommend_training_hardware(training: dict[str, Any], run: dict[str, Any] | 
 
 
 def recommend_served(served: list[dict[str, Any]] | None, inference: dict[str, Any]) -> dict[str, str] | None:
-    if not served or not served[0]["requests"] or served[0]["errors"] == served[0]["requests"]:
+    if not served or not served[0]["requests"] or served[0]["ok"] == 0:
         return None
     fastest = min(e["latency"][0]["p50_ms"] for e in inference["engines"])
     overhead = served[0]["p50_ms"] - fastest

@@ -14,11 +14,10 @@ from dataclasses import dataclass
 from typing import Literal
 
 from cluster.config import TandemConfig
-from cluster.k8s import (
+from tandem.k8s import (
     groups_for,
     image_ray_version,
     installed_ray_version,
-    kubernetes_setting,
     resource_names,
     worker_group_name,
 )
@@ -57,7 +56,7 @@ def _minutes(seconds: tuple[float, float]) -> str:
 
 def upgrade_needs_twice_the_gpus(config: TandemConfig) -> list[Finding]:
     """RayService NewCluster upgrades start a second cluster beside the serving one."""
-    if kubernetes_setting(config, "upgrade_strategy") != "NewCluster":
+    if config.cluster.kubernetes.upgrade_strategy != "NewCluster":
         return []
     gpu_groups = {n: g for n, g in groups_for(config, "serve").items() if g.gpus}
     if not gpu_groups:
@@ -176,7 +175,7 @@ def node_groups_scaled_to_zero(config: TandemConfig) -> list[Finding]:
 
 def image_ray_version_matches(config: TandemConfig) -> list[Finding]:
     installed = installed_ray_version()
-    declared = kubernetes_setting(config, "ray_version")
+    declared = config.cluster.kubernetes.ray_version
     image = config.cluster.image
     version = declared or image_ray_version(image)
     if version is None:
@@ -212,7 +211,7 @@ def image_has_tandem(config: TandemConfig) -> list[Finding]:
 
 def storage_outlives_pods(config: TandemConfig) -> list[Finding]:
     storage = config.cluster.storage
-    claim = kubernetes_setting(config, "storage_claim")
+    claim = config.cluster.kubernetes.storage_claim
     if claim and not storage.startswith("/"):
         return [Finding("error", "cluster.storage", f"{storage!r} must be an absolute path to mount cluster.kubernetes.storage_claim ({claim!r}) there; e.g. /mnt/tandem.")]
     if claim or "://" in storage:

@@ -26,6 +26,8 @@ import torch
 from torch import nn
 from torch.nn.utils import prune
 
+from cluster.errors import EngineError
+
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
 
@@ -56,7 +58,7 @@ def prunable_weights(model: nn.Module, structured: bool) -> list[tuple[str, nn.M
     if structured:
         found = found[:-1]
     if not found:
-        raise ValueError(f"{type(model).__name__} has no Linear or Conv weights to prune; remove export.prune from the config")
+        raise EngineError(f"{type(model).__name__} has no Linear or Conv weights to prune; remove export.prune from the config")
     return found
 
 
@@ -114,7 +116,7 @@ def measured_sparsity(weights: list[tuple[str, nn.Module, str]]) -> float:
 def prune_model(model: nn.Module, sparsity: float, structured: bool = False) -> PruneResult:
     """Prune `model` in place to `sparsity` and make it permanent; returns the measured result."""
     if not 0.0 <= sparsity < 1.0:
-        raise ValueError(f"export.prune.sparsity: {sparsity} must be at least 0 and below 1 (1 would zero every weight)")
+        raise EngineError(f"export.prune.sparsity: {sparsity} must be at least 0 and below 1 (1 would zero every weight)")
     weights = prunable_weights(model, structured)
     if structured:
         _prune_structured(weights, sparsity)

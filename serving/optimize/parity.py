@@ -23,13 +23,14 @@ from typing import Any
 import numpy as np
 
 from cluster.config import ParityGate
+from cluster.errors import TandemError
 from serving.engines import Engine
 
 SOURCE = "model.pt"
 PREDICT_CHUNK = 256
 
 
-class ParityGateError(ValueError):
+class ParityGateError(TandemError, ValueError):
     """An export crossed export.gate; `failures` lists every crossing, `report` holds the numbers."""
 
     def __init__(self, artifact_dir: Path, failures: list[str], report: dict[str, Any]):

@@ -1,7 +1,7 @@
 """KubeRay manifests derived from the Tandem config: RayCluster, RayJobs, RayService, kustomization.
 
 `render_manifests(config)` returns {filename: manifest}; `write_manifests(config, out_dir)` writes
-them as commented YAML. `python -m cluster.k8s [CONFIG] --out k8s` renders this repo's k8s/ (the
+them as commented YAML. `python -m tandem.k8s [CONFIG] --out k8s` renders this repo's k8s/ (the
 packaged example), which a test keeps equal to a fresh rendering.
 
     configmap.yaml       the resolved config (cluster.address: auto), mounted at /config on heads
@@ -26,8 +26,8 @@ Choices, and why:
   status, Serve deploys), and every Ray container, the autoscaler and the job submitter get
   RAY_AUTH_MODE=token and RAY_AUTH_TOKEN from that Secret explicitly, so older operators work too.
 
-Settings that are not in the config yet are read with `kubernetes_setting` (getattr with a default)
-from `config.cluster.kubernetes`, so this module works before and after that section exists.
+Settings of the manifests themselves (head pod size, RayJob TTL, upgrade strategy, storage claim)
+are the config's `cluster.kubernetes` section.
 """
 
 from __future__ import annotations
@@ -43,7 +43,8 @@ import yaml
 
 from cluster.artifacts import atomic_write_text
 from cluster.config import NodeGroup, TandemConfig, config_with, load_config
-from cluster.runtime import node_group_resources
+from cluster.runtime import node_group_resources, runtime_env
+from serving.serve_config import build_serve_config, dump_serve_config
 
 API_VERSION = "ray.io/v1"
 CONFIG_MOUNT = "/config"
@@ -51,28 +52,6 @@ CONFIG_FILE = "tandem.yaml"
 AUTH_TOKEN_KEY = "auth_token"  # the key KubeRay's own auth Secret uses
 SERVING_TOKEN_KEY = "token"
 HEADER_MARK = "# Rendered by `tandem k8s`"  # the first line of every file written here
-
-DEFAULTS: dict[str, Any] = {
-    "upgrade_strategy": "NewCluster",  # RayService: a new cluster beside the old one, zero downtime
-    "head_cpus": 2.0,
-    "head_memory": "8Gi",
-    "job_ttl_s": 300,  # keep a finished RayJob's cluster 5 minutes for `kubectl logs`
-    "job_backoff_limit": 0,  # a retry is a whole new cluster; training retries workers itself (max_failures)
-    "job_deadline_s": None,
-    "autoscaler_idle_timeout_s": 60,
-    "auth_secret": None,  # default: <name>-ray-token
-    "storage_claim": None,  # a ReadWriteMany PersistentVolumeClaim mounted at cluster.storage
-    "ray_version": None,  # default: read from the image tag, else the installed Ray
-}
-UPGRADE_STRATEGIES = ("NewCluster", "None")
-
-
-def kubernetes_setting(config: TandemConfig, name: str) -> Any:
-    """`config.cluster.kubernetes.<name>`, or its default while that section does not exist."""
-    section = getattr(config.cluster, "kubernetes", None)
-    value = getattr(section, name, None) if section is not None else None
-    return DEFAULTS[name] if value is None else value
-
 
 # ---------------------------------------------------------------------------------------------
 # names, versions, quantities
@@ -95,7 +74,7 @@ def installed_ray_version() -> str:
 
 def cluster_ray_version(config: TandemConfig) -> str:
     """spec.rayVersion: declared, else from the image tag, else the Ray installed here."""
-    return kubernetes_setting(config, "ray_version") or image_ray_version(config.cluster.image) or installed_ray_version()
+    return config.cluster.kubernetes.ray_version or image_ray_version(config.cluster.image) or installed_ray_version()
 
 
 def resource_names(config: TandemConfig) -> dict[str, str]:
@@ -106,7 +85,7 @@ def resource_names(config: TandemConfig) -> dict[str, str]:
         "tune": f"{name}-tune",
         "serve": f"{name}-serve",
         "configmap": f"{name}-config",
-        "auth_secret": kubernetes_setting(config, "auth_secret") or f"{name}-ray-token",
+        "auth_secret": config.cluster.kubernetes.auth_secret or f"{name}-ray-token",
         "serving_secret": f"{name}-serving-token",
     }
 
@@ -176,7 +155,7 @@ def container_resources(cpus: float, memory: str, gpus: int = 0) -> dict[str, An
 
 def storage_mount(config: TandemConfig) -> tuple[dict[str, Any], dict[str, Any]] | None:
     """(volume, volumeMount) of cluster.kubernetes.storage_claim at cluster.storage, if set."""
-    claim = kubernetes_setting(config, "storage_claim")
+    claim = config.cluster.kubernetes.storage_claim
     if not claim:
         return None
     if not config.cluster.storage.startswith("/"):
@@ -221,7 +200,7 @@ def head_group_spec(config: TandemConfig, extra_env: list[dict[str, Any]]) -> di
     if shared:
         volumes.append(shared[0])
         mounts.append(shared[1])
-    resources = container_resources(kubernetes_setting(config, "head_cpus"), kubernetes_setting(config, "head_memory"))
+    resources = container_resources(config.cluster.kubernetes.head_cpus, config.cluster.kubernetes.head_memory)
     container = ray_container(config, "head", resources, auth_env(config) + extra_env, mounts)
     return {
         # The head runs the GCS, the dashboard, job drivers and Serve's controller; no tasks or
@@ -286,7 +265,7 @@ def cluster_spec(config: TandemConfig, purpose: str, extra_env: list[dict[str, A
     if spec["enableInTreeAutoscaling"]:
         spec["autoscalerOptions"] = {
             "upscalingMode": "Default",
-            "idleTimeoutSeconds": kubernetes_setting(config, "autoscaler_idle_timeout_s"),
+            "idleTimeoutSeconds": config.cluster.kubernetes.autoscaler_idle_timeout_s,
             "env": auth_env(config),
         }
     if config.cluster.auth == "token":
@@ -314,22 +293,6 @@ def ray_cluster(kcfg: TandemConfig) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------
 
 
-def job_runtime_env(config: TandemConfig) -> dict[str, Any]:
-    """runtime_env of a RayJob: env_vars and pip; the code itself is in the image.
-
-    A local working_dir would be the submitter pod's directory, not the user's checkout, so only a
-    remote URI passes through. PYTHONUNBUFFERED: the driver's logs stream as they are written.
-    """
-    runtime = config.cluster.runtime_env
-    env: dict[str, Any] = {}
-    if runtime.working_dir and "://" in runtime.working_dir:
-        env["working_dir"] = runtime.working_dir
-    env["env_vars"] = {"PYTHONUNBUFFERED": "1", **runtime.env_vars}
-    if runtime.pip:
-        env["pip"] = list(runtime.pip)
-    return env
-
-
 def submitter_pod_template(config: TandemConfig) -> dict[str, Any]:
     """The pod that runs `ray job submit`: the cluster's image, and the token to submit with.
 
@@ -347,12 +310,14 @@ def submitter_pod_template(config: TandemConfig) -> dict[str, Any]:
 def ray_job(kcfg: TandemConfig, stage: str) -> dict[str, Any]:
     spec: dict[str, Any] = {
         "entrypoint": f"tandem {stage} {CONFIG_MOUNT}/{CONFIG_FILE}",
-        "runtimeEnvYAML": dump_yaml(job_runtime_env(kcfg)),
+        # A RayJob's code is in the image: only a remote working_dir URI passes (see runtime_env).
+        # PYTHONUNBUFFERED: the driver's logs stream as they are written.
+        "runtimeEnvYAML": dump_yaml(runtime_env(kcfg.cluster.runtime_env, env_vars={"PYTHONUNBUFFERED": "1"})),
         "shutdownAfterJobFinishes": True,
-        "ttlSecondsAfterFinished": kubernetes_setting(kcfg, "job_ttl_s"),
-        "backoffLimit": kubernetes_setting(kcfg, "job_backoff_limit"),
+        "ttlSecondsAfterFinished": kcfg.cluster.kubernetes.job_ttl_s,
+        "backoffLimit": kcfg.cluster.kubernetes.job_backoff_limit,
     }
-    deadline = kubernetes_setting(kcfg, "job_deadline_s")
+    deadline = kcfg.cluster.kubernetes.job_deadline_s
     if deadline:
         spec["activeDeadlineSeconds"] = deadline
     # K8sJobMode: a Kubernetes Job runs `ray job submit` and follows the logs, so `kubectl logs
@@ -365,21 +330,12 @@ def ray_job(kcfg: TandemConfig, stage: str) -> dict[str, Any]:
 
 def serve_config_yaml(kcfg: TandemConfig) -> str:
     """serveConfigV2: exactly the YAML of build_serve_config for the pods' config."""
-    from serving.serve_config import build_serve_config, dump_serve_config
-
     return dump_serve_config(build_serve_config(kcfg, kcfg.serving.artifact))
-
-
-def upgrade_strategy(config: TandemConfig) -> str:
-    strategy = kubernetes_setting(config, "upgrade_strategy")
-    if strategy not in UPGRADE_STRATEGIES:
-        raise ValueError(f"cluster.kubernetes.upgrade_strategy: {strategy!r} is not one of {UPGRADE_STRATEGIES}; pick one of those")
-    return strategy
 
 
 def ray_service(kcfg: TandemConfig) -> dict[str, Any]:
     spec = {
-        "upgradeStrategy": {"type": upgrade_strategy(kcfg)},
+        "upgradeStrategy": {"type": kcfg.cluster.kubernetes.upgrade_strategy},
         "serveConfigV2": serve_config_yaml(kcfg),
         "rayClusterConfig": cluster_spec(kcfg, "serve", serving_token_env(kcfg)),
     }
@@ -482,7 +438,7 @@ def write_manifests(config: TandemConfig, out_dir: str | Path) -> list[Path]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m cluster.k8s", description="Render KubeRay manifests from a Tandem config.")
+    parser = argparse.ArgumentParser(prog="python -m tandem.k8s", description="Render KubeRay manifests from a Tandem config.")
     parser.add_argument("config", nargs="?", help="Tandem YAML config (default: the packaged example).")
     parser.add_argument("--out", default="k8s", help="Folder to write into (default: k8s).")
     parser.add_argument("--set", dest="overrides", action="append", default=[], help="Override a config value (repeatable).")

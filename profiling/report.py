@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.artifacts import atomic_write_json, atomic_write_text
-from serving.profile_plots import human_bytes, human_flops, human_seconds
+from profiling.plots import human_bytes, human_flops, human_seconds
 
 CAPTIONS = {
     "cost": "Training vs inference cost per example: counted FLOPs (left) and measured time on one core (right).",
@@ -123,7 +123,7 @@ def comparison_rows(data: dict[str, Any]) -> list[list[str]]:
 
 def served_rows(data: dict[str, Any]) -> list[list[str]]:
     served = data.get("served") or {}
-    return [[str(level["concurrency"]), str(level["requests"]), str(level["errors"]), _ms(level["p50_ms"]), _ms(level["p99_ms"]),
+    return [[str(level["concurrency"]), str(level["requests"]), str(level["requests"] - level["ok"]), _ms(level["p50_ms"]), _ms(level["p99_ms"]),
              f"{level['requests_per_s']:,.0f}"] for level in served.get("levels") or []]
 
 
@@ -195,7 +195,7 @@ def render_html(data: dict[str, Any]) -> str:
     served = ""
     if data.get("served"):
         served = (f"<h2>Served end to end</h2><p>{html.escape(str(data['served']['url']))}, one example per request</p>"
-                  + _table(["concurrency", "requests", "errors", "p50 ms", "p99 ms", "requests/s"], served_rows(data)))
+                  + _table(["concurrency", "requests", "not ok", "p50 ms", "p99 ms", "requests/s"], served_rows(data)))
     sections = [
         f"<h1>{html.escape(title)}</h1>",
         f"<p class='sub'>{html.escape(_source_line(data))}<br>{html.escape(_machine_line(data))}<br>"
@@ -253,7 +253,7 @@ def summary(data: dict[str, Any], out_dir: Path | None = None) -> Any:
         _rich_table("Inference (latency per batch)", inference_header, inference_body),
     ]
     if data.get("served"):
-        parts.append(_rich_table(f"Served: {data['served']['url']}", ["concurrency", "requests", "errors", "p50 ms", "p99 ms", "requests/s"], served_rows(data)))
+        parts.append(_rich_table(f"Served: {data['served']['url']}", ["concurrency", "requests", "not ok", "p50 ms", "p99 ms", "requests/s"], served_rows(data)))
     parts.append(_rich_table("Training vs inference", ["per example", "training", "inference", "ratio"], comparison_rows(data)))
     recs = Text("Recommendations\n", style="bold")
     for i, rec in enumerate(data["recommendations"], 1):

@@ -1,6 +1,6 @@
 """The config reference in the README, generated from the pydantic models' field descriptions.
 
-`python -m cluster.reference` rewrites the block between the README's reference markers; a unit
+`python -m tandem.reference` rewrites the block between the README's reference markers; a unit
 test keeps the README equal to the models, so the reference never drifts from the code.
 """
 
@@ -12,7 +12,8 @@ from typing import Any
 
 from pydantic import BaseModel
 
-from cluster.config import TandemConfig, _inner_model
+from cluster.config import TandemConfig
+from cluster.config.problems import _inner_model
 
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
 README = Path(__file__).resolve().parents[1] / "README.md"

@@ -17,8 +17,8 @@ import typer
 from rich.console import Console
 from rich.text import Text
 
-from cluster.artifacts import ArtifactError
 from cluster.config import ConfigError, TandemConfig, load_config
+from cluster.errors import TandemError
 
 app = typer.Typer(
     help="Tandem: train, tune, optimize and serve a PyTorch model on one Ray cluster, from one config file.",
@@ -35,12 +35,9 @@ ConfigArg = Annotated[Path | None, typer.Argument(help="Tandem YAML config (defa
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config value: --set training.epochs=3 (repeatable).")]
 
 
-class UserFacingError(RuntimeError):
-    """A failure the user can fix; printed as one line, no traceback."""
-
-
 def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn known failures into clean messages and exit codes (2 for config problems)."""
+    """A problem the user can fix (a `TandemError`) prints as one line and exits 1, a config problem
+    prints every problem and exits 2; anything else is a bug and keeps its traceback."""
 
     @functools.wraps(fn)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -49,25 +46,11 @@ def friendly_errors(fn: Callable[..., Any]) -> Callable[..., Any]:
         except ConfigError as exc:
             err.print(Text("config error", style="bold red"), str(exc), highlight=False, soft_wrap=True)
             raise typer.Exit(2) from None
-        except (ArtifactError, UserFacingError) as exc:
-            err.print(Text("error", style="bold red"), str(exc), highlight=False, soft_wrap=True)
-            raise typer.Exit(1) from None
-        except Exception as exc:
-            if not isinstance(exc, _stage_errors()):
-                raise
+        except TandemError as exc:
             err.print(Text("error", style="bold red"), str(exc), highlight=False, soft_wrap=True)
             raise typer.Exit(1) from None
 
     return wrapper
-
-
-def _stage_errors() -> tuple[type[BaseException], ...]:
-    """The stages' own 'you can fix this' errors, imported only once a stage has raised."""
-    from cluster.submit import SubmitError
-    from serving.client import TandemHTTPError
-    from serving.parity import ParityGateError
-
-    return (SubmitError, TandemHTTPError, ParityGateError)
 
 
 def load(config: Path | None, overrides: list[str] | None) -> TandemConfig:
@@ -151,8 +134,8 @@ FromOpt = Annotated[str, typer.Option("--from", help="Artifact to use: 'latest',
 @friendly_errors
 def export(config: ConfigArg = None, set_: SetOpt = None, from_: FromOpt = "latest") -> None:
     """Export ONNX, int8 and pruned artifacts with parity reports (a crossed gate exits 1)."""
-    from serving.export import export as run_export
-    from serving.parity import format_report
+    from serving.optimize.export import export as run_export
+    from serving.optimize.parity import format_report
 
     result = run_export(load(config, set_), source=from_)
     console.print(format_report(result.report))
@@ -163,7 +146,7 @@ def export(config: ConfigArg = None, set_: SetOpt = None, from_: FromOpt = "late
 @friendly_errors
 def serve(config: ConfigArg = None, set_: SetOpt = None, from_: FromOpt = "latest") -> None:
     """Deploy (or roll out in place) the model as a Ray Serve application; Ctrl-C stops it."""
-    from serving.app import serve as run_serve
+    from serving.deploy import serve as run_serve
 
     run_serve(load(config, set_), artifact=from_, blocking=True)
 
@@ -192,7 +175,7 @@ def bench(
     concurrency: Annotated[list[int] | None, typer.Option("--concurrency", help="Repeatable.")] = None,
 ) -> None:
     """Load-test a running Tandem endpoint on loopback from a separate client process."""
-    from serving.app import base_url
+    from serving.deploy import base_url
     from serving.loadgen import load_from_process
     from training.data import load_dataset
 
@@ -201,7 +184,7 @@ def bench(
     examples = load_dataset(cfg).x[:256].tolist()
     for c in concurrency or [1, 8, 32]:
         r = load_from_process(target, examples, requests, c, cfg.serving.auth.token_env)
-        console.print(f"c={c:<3} {r['requests_per_s']:8.0f} req/s  p50 {r['p50_ms']:6.1f} ms  p99 {r['p99_ms']:6.1f} ms  ok {r['ok']}  shed {r['shed']}  failed {r['failed']}")
+        console.print(f"c={c:<3} {r.requests_per_s:8.0f} req/s  p50 {r.p50_ms:6.1f} ms  p99 {r.p99_ms:6.1f} ms  ok {r.ok}  refused {r.refused}  failed {r.failed}")
 
 
 @app.command()
@@ -215,7 +198,7 @@ def profile(
     quick: Annotated[bool, typer.Option("--quick", help="Fewer repetitions and batch sizes.")] = False,
 ) -> None:
     """Training cost versus inference cost of the model on this hardware: terminal summary, JSON, HTML with plots."""
-    from serving.profile import profile as run_profile
+    from profiling.profile import profile as run_profile
 
     report = run_profile(load(config, set_), source=from_, out_dir=out, serve_url=url, quick=quick)
     console.print(report.summary())
@@ -232,11 +215,11 @@ def run(
     requests: Annotated[int, typer.Option("--requests", help="Requests of the closing load test.")] = 300,
 ) -> None:
     """The whole lifecycle: train (or tune) -> export -> serve -> load test -> summary."""
-    from cluster.pipeline import run_lifecycle
+    from tandem.pipeline import run_lifecycle
 
     cfg = load(config, set_)
     if tune_ and cfg.tuning is None:
-        raise UserFacingError("--tune needs a `tuning:` section in the config")
+        raise TandemError("--tune needs a `tuning:` section in the config")
     console.print(Text("tandem run", style="bold"), f"{config or 'packaged example'}\n{summary(cfg)}", highlight=False)
     run_lifecycle(cfg, use_tune=tune_, keep_serving=keep_serving, requests=requests)
 
@@ -254,7 +237,7 @@ def submit(
     no_follow: Annotated[bool, typer.Option("--no-follow", help="Return after submitting instead of streaming the logs.")] = False,
 ) -> None:
     """Submit a stage to a running Ray cluster as a Ray job; exits with the job's status."""
-    from cluster.submit import submit as run_submit
+    from tandem.submit import submit as run_submit
 
     code = run_submit(load(config, set_), stage, address, config, set_ or [], follow=not no_follow)
     raise typer.Exit(code)
@@ -268,8 +251,8 @@ def k8s(
     out: Annotated[Path, typer.Option("--out", help="Folder for the manifests.")] = Path("k8s"),
 ) -> None:
     """Render KubeRay RayCluster / RayJob / RayService manifests and a kustomization.yaml."""
-    from cluster.checks import format_findings, has_errors, predeploy_checks
-    from cluster.k8s import write_manifests
+    from tandem.checks import format_findings, has_errors, predeploy_checks
+    from tandem.k8s import write_manifests
 
     cfg = load(config, set_)
     findings = predeploy_checks(cfg, "kubernetes")
@@ -284,7 +267,7 @@ def k8s(
 @friendly_errors
 def check(config: ConfigArg = None, set_: SetOpt = None) -> None:
     """Pre-deploy checks for job submission and Kubernetes (exit 1 on an error)."""
-    from cluster.checks import format_findings, has_errors, predeploy_checks
+    from tandem.checks import format_findings, has_errors, predeploy_checks
 
     findings = predeploy_checks(load(config, set_))
     console.print(format_findings(findings), soft_wrap=True)
@@ -299,13 +282,13 @@ def jobs(
     address: AddressOpt = None,
 ) -> None:
     """Inspect or stop jobs on a Ray cluster."""
-    from cluster import submit as jobs_api
+    from tandem import submit as jobs_api
 
     if action == "list":
         console.print(jobs_api.format_jobs(jobs_api.list_jobs(address)))
         return
     if action not in ("status", "logs", "stop") or job_id is None:
-        raise UserFacingError("usage: tandem jobs list | tandem jobs status|logs|stop JOB_ID")
+        raise TandemError("usage: tandem jobs list | tandem jobs status|logs|stop JOB_ID")
     if action == "status":
         console.print(jobs_api.job_status(address, job_id))
     elif action == "logs":

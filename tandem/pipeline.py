@@ -3,8 +3,8 @@
 train (or tune) -> export (ONNX, int8, parity report) -> serve -> check that served predictions
 equal the artifact's -> a short bounded load from a separate client process -> summary -> shut
 down (or keep serving). Each stage is the same library function its own verb calls; this module
-only sequences them, so it imports training, tuning and serving lazily (cluster stays the base
-package they all depend on).
+only sequences them, so it imports training, tuning and serving lazily (the load generator
+excepted: it is light).
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from rich.table import Table
 
 from cluster.config import TandemConfig
 from cluster.runtime import connect
+from serving.loadgen import LoadResult, load_from_process
 
 console = Console()
 
@@ -31,7 +32,7 @@ class RunSummary:
     parity: dict[str, Any]
     url: str
     served_match: float
-    load: dict[str, Any]
+    load: LoadResult
     timings_s: dict[str, float] = field(default_factory=dict)
 
 
@@ -81,8 +82,8 @@ def summary_table(summary: RunSummary) -> Table:
         table.add_row(f"parity {name}", f"accuracy {acc:.4f}, argmax agreement {row.get('argmax_agreement', float('nan')):.4f}" if acc is not None else str(row))
     table.add_row("served == artifact", f"{summary.served_match:.1%} of held-out examples")
     load = summary.load
-    table.add_row("load", f"{load['ok']}/{load['requests']} ok, {load['shed']} shed, {load['failed']} failed at concurrency {load['concurrency']}")
-    table.add_row("latency", f"p50 {load['p50_ms']:.1f} ms, p99 {load['p99_ms']:.1f} ms, {load['requests_per_s']:.0f} req/s")
+    table.add_row("load", f"{load.ok}/{load.requests} ok, {load.refused} refused, {load.failed} failed at concurrency {load.concurrency}")
+    table.add_row("latency", f"p50 {load.p50_ms:.1f} ms, p99 {load.p99_ms:.1f} ms, {load.requests_per_s:.0f} req/s")
     table.add_row("endpoint", summary.url)
     table.add_row("stage times", ", ".join(f"{k} {v:.0f}s" for k, v in summary.timings_s.items()))
     return table
@@ -91,10 +92,9 @@ def summary_table(summary: RunSummary) -> Table:
 def run_lifecycle(config: TandemConfig, use_tune: bool = False, keep_serving: bool = False, requests: int = 300, concurrency: int = 8) -> RunSummary:
     import os
 
-    from serving.app import serve, shutdown
-    from serving.export import export
-    from serving.loadgen import load_from_process
-    from serving.parity import format_report
+    from serving.deploy import serve, shutdown
+    from serving.optimize.export import export
+    from serving.optimize.parity import format_report
     from training.data import load_dataset, split
 
     timings: dict[str, float] = {}

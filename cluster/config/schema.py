@@ -1,30 +1,25 @@
-"""The one Tandem configuration: pydantic models, loading, `--set` overrides and cross-field checks.
+"""The pydantic models of every config section: what each field means, its default and its range.
 
-Every model forbids unknown keys and documents each field. `load_config` reports every problem
-at once as one `ConfigError`, each problem naming its dotted path, the bad value and the fix.
-Cross-section checks (a deployment on a node group that does not exist, ...) live in
-`cross_field_problems`, one small function per trap, so that they run even when another section
-has field errors of its own.
+Every model forbids unknown keys and documents each field (the README's config reference is
+generated from these descriptions). Checks across sections live in checks.py, loading in loading.py.
 """
 
 from __future__ import annotations
 
-import copy
 import difflib
 import hashlib
 import importlib
 import json
 import os
-import reprlib
 import sys
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 CONFIG_VERSION = 1
-PACKAGED_EXAMPLE = Path(__file__).with_name("example.yaml")
+PACKAGED_EXAMPLE = Path(__file__).parents[1] / "example.yaml"
 
 
 class Strict(BaseModel):
@@ -386,12 +381,12 @@ class Batching(Strict):
     )
 
 
-class Router(Strict):
+class RouterConfig(Strict):
     policy: Literal["spillover", "round_robin", "least_loaded"] = Field("spillover", description="How the ingress picks a deployment.")
     spill_threshold: PositiveInt = Field(32, description="spillover: in-flight requests of a deployment above which the next one is used.")
 
 
-class Cache(Strict):
+class CacheConfig(Strict):
     enabled: bool = Field(False, description="Cache results by input and model version.")
     max_entries: PositiveInt = Field(10000, description="Most cached results (LRU).")
     ttl_s: float = Field(300.0, gt=0, description="Seconds a cached result stays valid.")
@@ -426,8 +421,8 @@ class ServingConfig(Strict):
         description="Model deployments, in router preference order.",
     )
     batching: Batching = Field(default_factory=Batching, description="Batching inside each replica.")
-    router: Router = Field(default_factory=Router, description="Routing between deployments.")
-    cache: Cache = Field(default_factory=Cache, description="Result cache.")
+    router: RouterConfig = Field(default_factory=RouterConfig, description="Routing between deployments.")
+    cache: CacheConfig = Field(default_factory=CacheConfig, description="Result cache.")
     limits: Limits = Field(default_factory=Limits, description="Request limits.")
     auth: Auth = Field(default_factory=Auth, description="Bearer-token auth.")
 
@@ -463,419 +458,3 @@ class TandemConfig(Strict):
 
 
 # ---------------------------------------------------------------------------------------------
-# errors
-# ---------------------------------------------------------------------------------------------
-
-
-class Problem(BaseModel):
-    path: str
-    value: Any = None
-    message: str
-
-    def __str__(self) -> str:
-        shown = "" if self.value is None else f": {_short(self.value)}"
-        path = self.path or "<root>"
-        # A key with control characters (a stray \r, an escape sequence) is shown escaped: printed
-        # raw it would be invisible, or rewrite the user's terminal. Messages quote keys too.
-        return f"{path if path.isprintable() else ascii(path)}{shown} — {_escape_controls(self.message)}"
-
-
-def _escape_controls(text: str) -> str:
-    return "".join(c if c.isprintable() or c == "\n" else ascii(c)[1:-1] for c in text)
-
-
-class ConfigError(ValueError):
-    """Every problem of a config at once; `str()` lists them, one per line."""
-
-    def __init__(self, problems: list[Problem], source: str | None = None):
-        self.problems = problems
-        self.source = source
-        where = f" in {source}" if source else ""
-        lines = [f"{len(problems)} problem{'s' if len(problems) != 1 else ''}{where}:"]
-        lines += [f"  - {p}" for p in problems]
-        super().__init__("\n".join(lines))
-
-
-def _short(value: Any, limit: int = 80) -> str:
-    try:
-        text = json.dumps(value, default=str) if not isinstance(value, str) else repr(value)
-    except (ValueError, RecursionError):  # a YAML alias that contains itself, or very deep nesting
-        text = reprlib.repr(value)
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _dotted(loc: tuple[Any, ...]) -> str:
-    out = ""
-    for part in loc:
-        if isinstance(part, int):
-            out += f"[{part}]"
-        else:
-            out += f".{part}" if out else str(part)
-    return out
-
-
-def _model_at(model: type[BaseModel], loc: tuple[Any, ...]) -> type[BaseModel] | None:
-    """Walk a pydantic model class along an error location; return the model owning the last key."""
-    current: Any = model
-    for part in loc[:-1]:
-        if isinstance(part, int) or not (isinstance(current, type) and issubclass(current, BaseModel)):
-            if isinstance(part, int):
-                continue
-            return None
-        field = current.model_fields.get(part)
-        if field is None:
-            return None
-        current = _inner_model(field.annotation)
-    return current if isinstance(current, type) and issubclass(current, BaseModel) else None
-
-
-def _description_at(root: type[BaseModel], loc: tuple[Any, ...]) -> str | None:
-    keys = [p for p in loc if isinstance(p, str)]
-    owner = _model_at(root, tuple(keys))
-    field = owner.model_fields.get(keys[-1]) if owner and keys else None
-    return field.description if field else None
-
-
-def _inner_model(annotation: Any) -> Any:
-    """The BaseModel inside `X | None`, `list[X]` or `dict[str, X]`, else the annotation."""
-    for arg in getattr(annotation, "__args__", ()) or ():
-        inner = _inner_model(arg)
-        if isinstance(inner, type) and issubclass(inner, BaseModel):
-            return inner
-    return annotation
-
-
-def problems_from_validation(error: ValidationError, prefix: tuple[Any, ...], root: type[BaseModel], source: str | None) -> list[Problem]:
-    problems = []
-    for item in error.errors(include_url=False):
-        # pydantic adds union-member tags (e.g. 'TuningConfig', 'function-after[...]') to locations; drop them.
-        loc = prefix + tuple(p for p in item["loc"] if not (isinstance(p, str) and (p[:1].isupper() or "[" in p)))
-        path = _dotted(loc)
-        kind = item["type"]
-        if kind == "extra_forbidden":
-            owner = _model_at(root, loc)
-            valid = list(owner.model_fields) if owner else []
-            close = difflib.get_close_matches(str(loc[-1]), valid, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            where = f" in {source}" if source else ""
-            message = f"unknown key{where}; {hint}valid keys here: {', '.join(valid)}"
-            problems.append(Problem(path=path, message=message))
-            continue
-        message = item["msg"].removeprefix("Value error, ")
-        if kind == "missing":
-            message = "required field is missing; add it"
-        elif not item["msg"].startswith("Value error"):
-            # pydantic's own messages say what is wrong; the field's description says what is expected.
-            described = _description_at(root, loc)
-            if described:
-                message = f"{message}; expected: {described}"
-        problems.append(Problem(path=path, value=item.get("input") if kind != "missing" else None, message=message))
-    return problems
-
-
-# ---------------------------------------------------------------------------------------------
-# cross-field checks: one function per trap
-# ---------------------------------------------------------------------------------------------
-
-
-def _check_node_group_refs(sections: dict[str, Any]) -> list[Problem]:
-    cluster, training, serving = sections.get("cluster"), sections.get("training"), sections.get("serving")
-    if cluster is None:
-        return []
-    groups = sorted(cluster.node_groups)
-    problems = []
-    refs = []
-    if training is not None and training.node_group is not None:
-        refs.append(("training.node_group", training.node_group))
-    if serving is not None:
-        refs += [(f"serving.deployments[{i}].node_group", d.node_group) for i, d in enumerate(serving.deployments) if d.node_group]
-    for path, group in refs:
-        if group not in cluster.node_groups:
-            close = difflib.get_close_matches(group, groups, n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            problems.append(Problem(path=path, value=group, message=f"no such node group; {hint}cluster.node_groups has {groups}; add it there or pick one of those"))
-    return problems
-
-
-def _check_gpus_on_groups(sections: dict[str, Any]) -> list[Problem]:
-    cluster, training, serving = sections.get("cluster"), sections.get("training"), sections.get("serving")
-    if cluster is None:
-        return []
-    problems = []
-    if training is not None and training.use_gpu == "true":
-        group = cluster.node_groups.get(training.node_group or "")
-        if training.node_group and group is not None and group.gpus == 0:
-            problems.append(Problem(path="training.use_gpu", value="true", message=f"node group '{training.node_group}' has gpus: 0; set cluster.node_groups.{training.node_group}.gpus or use_gpu: auto"))
-        if not training.node_group and not any(g.gpus for g in cluster.node_groups.values()) and cluster.address == "local":
-            problems.append(Problem(path="training.use_gpu", value="true", message="no node group has GPUs; add gpus to a node group or set use_gpu: auto"))
-    if serving is not None:
-        for i, dep in enumerate(serving.deployments):
-            group = cluster.node_groups.get(dep.node_group or "")
-            if dep.gpus > 0 and group is not None:
-                if group.gpus == 0:
-                    problems.append(Problem(path=f"serving.deployments[{i}].gpus", value=dep.gpus, message=f"node group '{dep.node_group}' has gpus: 0; set cluster.node_groups.{dep.node_group}.gpus or use gpus: 0"))
-                elif dep.gpus > group.gpus:
-                    problems.append(Problem(path=f"serving.deployments[{i}].gpus", value=dep.gpus, message=f"more than the {group.gpus} GPU(s) of a '{dep.node_group}' node; the replica could never be placed; lower gpus"))
-    return problems
-
-
-def _check_fp16_needs_gpu(sections: dict[str, Any]) -> list[Problem]:
-    cluster, training, serving = sections.get("cluster"), sections.get("training"), sections.get("serving")
-    problems = []
-    if training is not None and training.precision == "fp16":
-        group_gpus = 0
-        if cluster is not None:
-            group = cluster.node_groups.get(training.node_group or "")
-            group_gpus = group.gpus if group else max((g.gpus for g in cluster.node_groups.values()), default=0)
-        if training.use_gpu == "false" or group_gpus == 0:
-            problems.append(Problem(path="training.precision", value="fp16", message="fp16 with loss scaling needs a GPU; use bf16 or fp32 on CPU, or give the node group gpus"))
-    if serving is not None:
-        for i, dep in enumerate(serving.deployments):
-            if dep.precision == "fp16" and dep.gpus == 0:
-                problems.append(Problem(path=f"serving.deployments[{i}].precision", value="fp16", message="fp16 inference needs gpus > 0; use bf16 or fp32 on CPU"))
-    return problems
-
-
-def derived_max_ongoing_requests(serving: ServingConfig, deployment: Deployment) -> int:
-    """Per-replica max_ongoing_requests: explicit, or enough for 4 full batches in flight.
-
-    Ray's default (5) is far below a batch; the router then retries with backoff and bursts stall
-    for seconds while the replica idles (see the README). Four batches keep one running, one
-    filling and two queued.
-    """
-    return deployment.max_ongoing_requests or max(4 * serving.batching.max_batch_size, 64)
-
-
-def _check_batches_can_fill(sections: dict[str, Any]) -> list[Problem]:
-    serving = sections.get("serving")
-    if serving is None:
-        return []
-    problems = []
-    for i, dep in enumerate(serving.deployments):
-        if dep.max_ongoing_requests is not None and serving.batching.max_batch_size > dep.max_ongoing_requests:
-            problems.append(
-                Problem(
-                    path="serving.batching.max_batch_size",
-                    value=serving.batching.max_batch_size,
-                    message=(
-                        f"larger than serving.deployments[{i}].max_ongoing_requests ({dep.max_ongoing_requests}); batches would never fill. "
-                        "Raise max_ongoing_requests or lower max_batch_size"
-                    ),
-                )
-            )
-    return problems
-
-
-def _check_tuning_paths(sections: dict[str, Any]) -> list[Problem]:
-    tuning = sections.get("tuning")
-    if tuning is None:
-        return []
-    problems = []
-    for path in tuning.space:
-        head = path.split(".")[0]
-        if head not in TandemConfig.model_fields or head in ("version", "name", "tuning"):
-            problems.append(Problem(path=f"tuning.space['{path}']", message=f"'{head}' is not a config section that can be searched; use a path like training.optimizer.lr"))
-    return problems
-
-
-CROSS_FIELD_CHECKS = (_check_node_group_refs, _check_gpus_on_groups, _check_fp16_needs_gpu, _check_batches_can_fill, _check_tuning_paths)
-
-
-def cross_field_problems(sections: dict[str, Any]) -> list[Problem]:
-    return [p for check in CROSS_FIELD_CHECKS for p in check(sections)]
-
-
-# ---------------------------------------------------------------------------------------------
-# loading
-# ---------------------------------------------------------------------------------------------
-
-
-def parse_override(text: str) -> tuple[list[str | int], Any]:
-    """`a.b[0].c=value` -> (['a', 'b', 0, 'c'], value parsed as YAML)."""
-    if "=" not in text:
-        raise ConfigError([Problem(path="--set", value=text, message="an override is PATH=VALUE, e.g. --set training.epochs=3")])
-    key, raw = text.split("=", 1)
-    parts: list[str | int] = []
-    for piece in key.strip().split("."):
-        name, *indices = piece.replace("]", "").split("[")
-        if name:
-            parts.append(name)
-        parts += [int(i) for i in indices if i.isdigit()]
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else ""
-    except yaml.YAMLError:
-        value = raw
-    return parts, value
-
-
-def set_path(tree: dict[str, Any], parts: list[str | int], value: Any) -> None:
-    """Set a value at a path in a plain dict/list tree, creating dicts on the way."""
-    node: Any = tree
-    for i, part in enumerate(parts[:-1]):
-        nxt = parts[i + 1]
-        if isinstance(node, list):
-            node = node[part]  # type: ignore[index]
-            continue
-        if not isinstance(node.get(part), (dict, list)):
-            node[part] = [] if isinstance(nxt, int) else {}
-        node = node[part]
-    node[parts[-1]] = value
-
-
-def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[str, Any]:
-    problems = []
-    for text in overrides or []:
-        try:
-            parts, value = parse_override(text)
-            set_path(raw, parts, value)
-        except ConfigError as exc:
-            problems += exc.problems
-        except (IndexError, KeyError, TypeError, AttributeError):
-            problems.append(Problem(path="--set", value=text, message="the path does not lead into the config; check the dotted path and list indices"))
-    if problems:
-        raise ConfigError(problems)
-    return raw
-
-
-def read_yaml(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    if not path.exists():
-        raise ConfigError([Problem(path="<file>", value=str(path), message="no such file; give the path of a Tandem YAML config")])
-    try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except yaml.YAMLError as exc:
-        mark = getattr(exc, "problem_mark", None)
-        where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError([Problem(path="<file>", value=str(path), message=f"not valid YAML{where}: {getattr(exc, 'problem', exc)}")]) from None
-    except UnicodeDecodeError:
-        raise ConfigError([Problem(path="<file>", value=str(path), message="not a text file (not UTF-8); give a YAML config")]) from None
-    except OSError as exc:  # a folder, no permission, ...
-        raise ConfigError([Problem(path="<file>", value=str(path), message=f"cannot be read ({exc.strerror or exc}); give the path of a Tandem YAML config")]) from None
-    except RecursionError:
-        raise ConfigError([Problem(path="<file>", value=str(path), message="nested too deeply to parse; a Tandem config is a few levels of sections")]) from None
-    if raw is None:
-        raw = {}
-    if not isinstance(raw, dict):
-        raise ConfigError([Problem(path="<root>", value=raw, message="a config is a YAML mapping of sections (cluster, model, data, training, ...)")], str(path))
-    return raw
-
-
-MAX_CONFIG_VALUES = 100_000
-
-
-def _alias_problems(tree: Any) -> list[Problem]:
-    """YAML aliases gone wrong: a value that contains itself (an alias inside its own anchor), or
-    aliases of aliases that expand to more values than any config holds ("billion laughs"). Both
-    pass a field typed Any and then hang or crash whatever prints or serializes the config. Each
-    shared value is walked once, so the check costs the distinct values, not the expansion."""
-    problems: list[Problem] = []
-    sizes: dict[int, int] = {}
-
-    def walk(node: Any, loc: tuple[Any, ...], ancestors: set[int]) -> int:
-        if not isinstance(node, (dict, list)):
-            return 1
-        if id(node) in sizes:
-            return sizes[id(node)]
-        if id(node) in ancestors:
-            problems.append(Problem(path=_dotted(loc), message="contains itself (a YAML alias used inside its own anchor); write the value out"))
-            return 1
-        ancestors.add(id(node))
-        size = 1 + sum(
-            walk(value, loc + (key if isinstance(key, (str, int)) else str(key),), ancestors)
-            for key, value in (node.items() if isinstance(node, dict) else enumerate(node))
-        )
-        ancestors.discard(id(node))
-        sizes[id(node)] = size
-        return size
-
-    total = walk(tree, (), set())
-    if total > MAX_CONFIG_VALUES:
-        problems.append(Problem(path="<root>", message=f"expands to {total:,} values (YAML aliases of aliases), over {MAX_CONFIG_VALUES:,}; a config is small, write it without nested aliases"))
-    return problems
-
-
-def validate_config(raw: Any, source: str | None = None) -> TandemConfig:
-    """Validate a plain dict; every problem (field and cross-field) is reported in one ConfigError."""
-    if not isinstance(raw, dict):
-        raise ConfigError([Problem(path="<root>", value=raw, message="a config is a mapping of sections (cluster, model, data, training, ...)")], source)
-    try:
-        aliases = _alias_problems(raw)
-    except RecursionError:
-        aliases = [Problem(path="<root>", message="nested too deeply; a Tandem config is a few levels of sections")]
-    if aliases:
-        raise ConfigError(aliases, source)
-    problems: list[Problem] = []
-    sections: dict[str, Any] = {}
-    for key in raw:
-        if not isinstance(key, str) or key not in TandemConfig.model_fields:
-            close = difflib.get_close_matches(str(key), list(TandemConfig.model_fields), n=1)
-            hint = f"did you mean '{close[0]}'? " if close else ""
-            where = f" in {source}" if source else ""
-            problems.append(Problem(path=str(key), message=f"unknown section{where}; {hint}valid sections: {', '.join(TandemConfig.model_fields)}"))
-    # Validate each section on its own so one broken section does not hide the others' problems.
-    valid = True
-    for name, field in TandemConfig.model_fields.items():
-        if name not in raw:
-            sections[name] = field.get_default(call_default_factory=True)
-            continue
-        # The field's own constraints (name's pattern) live in its metadata, not its annotation.
-        adapter = TypeAdapter(Annotated[(field.annotation, *field.metadata)] if field.metadata else field.annotation)
-        try:
-            sections[name] = adapter.validate_python(raw[name])
-        except ValidationError as exc:
-            valid = False
-            problems += problems_from_validation(exc, (name,), TandemConfig, source)
-            sections[name] = _validate_without_errors(adapter, raw[name], exc)
-    problems += cross_field_problems({k: v for k, v in sections.items() if v is not None})
-    if problems or not valid:
-        raise ConfigError(problems, source)
-    try:
-        return TandemConfig(**sections)
-    except ValidationError as exc:  # a check the per-section pass could not see
-        raise ConfigError(problems_from_validation(exc, (), TandemConfig, source), source) from None
-
-
-def _validate_without_errors(adapter: TypeAdapter, raw: Any, error: ValidationError, rounds: int = 3) -> Any:
-    """The section with its broken fields dropped (defaults in their place), or None.
-
-    Only used so that cross-field checks still run on a section that has field errors, and all
-    problems are reported together.
-    """
-    trimmed = copy.deepcopy(raw)
-    for _ in range(rounds):
-        for item in error.errors():
-            loc = [p for p in item["loc"] if not (isinstance(p, str) and (p[:1].isupper() or "[" in p))]
-            _delete_path(trimmed, loc)
-        try:
-            return adapter.validate_python(trimmed)
-        except ValidationError as exc:
-            error = exc
-    return None
-
-
-def _delete_path(tree: Any, loc: list[Any]) -> None:
-    node = tree
-    for part in loc[:-1]:
-        try:
-            node = node[part]
-        except (KeyError, IndexError, TypeError):
-            return
-    if loc and isinstance(node, dict):
-        node.pop(loc[-1], None)
-
-
-def load_config(path: str | Path | None = None, overrides: list[str] | None = None) -> TandemConfig:
-    """Read a YAML config (the packaged example when path is None), apply `--set` overrides, validate."""
-    path = Path(path) if path is not None else PACKAGED_EXAMPLE
-    raw = apply_overrides(read_yaml(path), overrides)
-    return validate_config(raw, source=str(path))
-
-
-def config_with(config: TandemConfig, updates: dict[str, Any]) -> TandemConfig:
-    """A copy of config with dotted-path updates applied and validated again (used by tuning)."""
-    raw = config.to_dict()
-    for dotted, value in updates.items():
-        parts, _ = parse_override(f"{dotted}=")
-        set_path(raw, parts, value)
-    return validate_config(raw)
-

@@ -9,7 +9,7 @@ Steps, all from the verified model.pt and the config's `export` section:
 2. model.int8.onnx     int8 by export.quantize (dynamic | static | auto picks by measurement)
 3. model.pruned.pt     magnitude pruning to export.prune.sparsity, made permanent
    model.pruned.onnx   (and its ONNX export)
-4. parity              every artifact against model.pt on the held-out split (serving.parity)
+4. parity              every artifact against model.pt on the held-out split (serving.optimize.parity)
 5. gate                export.gate; when crossed, nothing is written
 6. commit              new files move into the artifacts folder, manifest.json gets "parity" and
                        "export" and fresh sha256 for every file
@@ -40,8 +40,8 @@ import numpy as np
 
 from cluster.artifacts import MODEL_FILE, ArtifactError, atomic_save_torch, load_model, resolve_artifact, write_manifest
 from cluster.config import TandemConfig
-from serving.engines import INT8_FILE, ONNX_FILE, PRUNED_FILE, PRUNED_ONNX_FILE, OnnxEngine, TorchEngine, ort_session
-from serving.parity import (
+from serving.engines import INT8_FILE, ONNX_FILE, PRUNED_FILE, PRUNED_ONNX_FILE, OnnxEngine, TorchEngine, ort_session, torch_threads
+from serving.optimize.parity import (
     SOURCE,
     ParityGateError,
     batch_of,
@@ -52,8 +52,8 @@ from serving.parity import (
     parity_entry,
     predict_all,
 )
-from serving.prune import PruneResult, apply_masks, prune_model
-from serving.quantize import calibration_sample, candidate_modes, quantize_int8
+from serving.optimize.prune import PruneResult, apply_masks, prune_model
+from serving.optimize.quantize import calibration_sample, candidate_modes, quantize_int8
 
 __all__ = ["ExportResult", "ExportError", "ParityGateError", "export", "export_onnx", "format_report"]
 
@@ -203,19 +203,6 @@ def export_onnx(model: Any, input_shape: tuple[int, ...], path: Path, opset: int
 # ---------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Fix torch's intra-op threads for the measurements, then give the process its setting back."""
-    import torch
-
-    before = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
-
-
 @dataclass
 class HeldOut:
     x_train: np.ndarray
@@ -229,7 +216,7 @@ def held_out_data(config: TandemConfig, input_shape: tuple[int, ...]) -> HeldOut
 
     dataset = load_dataset(config)  # the trainer's loader: same checks, same errors naming data.source
     if tuple(dataset.input_shape) != tuple(input_shape):
-        raise ValueError(
+        raise ExportError(
             f"data.source {config.data.source} gives examples of shape {dataset.input_shape} but the artifact's model takes "
             f"{tuple(input_shape)}; export with the config the model was trained with (data.source, data.args)"
         )
@@ -326,7 +313,7 @@ def prune_stage(model: Any, config: TandemConfig, fine_tune: FineTune | None) ->
     if spec.fine_tune_epochs and fine_tune is None:
         note = (
             f"export.prune.fine_tune_epochs: {spec.fine_tune_epochs} was not run: fine-tuning goes through the trainer, "
-            "which has to be passed to serving.export.export(fine_tune=...); the pruned model is exported as pruned"
+            "which has to be passed to serving.optimize.export.export(fine_tune=...); the pruned model is exported as pruned"
         )
         warnings.warn(note, stacklevel=3)
         info["fine_tune"] = f"not run ({note})"

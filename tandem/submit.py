@@ -9,7 +9,7 @@ from the job's status (0 SUCCEEDED, 1 FAILED or STOPPED, 2 when the checks found
 Token authentication: the client sends RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH names, or
 ~/.ray/auth_token, and only when RAY_AUTH_MODE=token, which `cluster.auth: token` (the default)
 sets unless the user already set it. A cluster on Kubernetes keeps its token in a Secret (see
-cluster/k8s.py); a head started with `ray start` uses the token of the shell that started it.
+tandem/k8s.py); a head started with `ray start` uses the token of the shell that started it.
 """
 
 from __future__ import annotations
@@ -23,18 +23,17 @@ import time
 from pathlib import Path
 from typing import Any, TextIO
 
-from cluster.checks import format_findings, has_errors, predeploy_checks
 from cluster.config import TandemConfig
+from cluster.errors import TandemError
+from cluster.runtime import runtime_env
+from tandem.checks import format_findings, has_errors, predeploy_checks
 
 STAGES = ("train", "tune", "export", "serve", "run", "validate")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
-# Never uploaded: a virtual environment alone is about 1.8 GB, over Ray's 500 MiB package limit.
-# Ray also skips what .gitignore and .rayignore list.
-UPLOAD_EXCLUDES = [".venv", ".git", ".cache", "__pycache__", "*.egg-info", ".pytest_cache"]
 POLL_S = 1.0
 
 
-class SubmitError(RuntimeError):
+class SubmitError(TandemError, RuntimeError):
     """A submission problem the user can fix; the message says how."""
 
 
@@ -100,19 +99,6 @@ def _job_call(fn: Any, job_id: str) -> Any:
 # ---------------------------------------------------------------------------------------------
 
 
-def job_runtime_env(config: TandemConfig, working_dir: Path) -> dict[str, Any]:
-    """runtime_env from cluster.runtime_env; PYTHONUNBUFFERED so logs stream as they are written."""
-    runtime = config.cluster.runtime_env
-    env: dict[str, Any] = {
-        "working_dir": str(working_dir),
-        "excludes": list(UPLOAD_EXCLUDES),
-        "env_vars": {"PYTHONUNBUFFERED": "1", **runtime.env_vars},
-    }
-    if runtime.pip:
-        env["pip"] = list(runtime.pip)
-    return env
-
-
 def config_path_in_job(config_path: str | Path | None, working_dir: Path) -> str | None:
     """The config's path as the job sees it: relative to the uploaded working_dir."""
     if config_path is None:
@@ -167,7 +153,8 @@ def submit(
     entrypoint = job_entrypoint(stage, config_path_in_job(config_path, working_dir), overrides)
     job_id = client.submit_job(
         entrypoint=entrypoint,
-        runtime_env=job_runtime_env(config, working_dir),
+        # PYTHONUNBUFFERED: the job's logs stream as they are written.
+        runtime_env=runtime_env(config.cluster.runtime_env, env_vars={"PYTHONUNBUFFERED": "1"}, upload=working_dir),
         submission_id=submission_id(config, stage),
         metadata={"tandem_stage": stage, "tandem_config": config.name, "config_hash": config.config_hash()},
     )

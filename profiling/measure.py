@@ -24,7 +24,7 @@ import contextlib
 import os
 import platform
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -32,7 +32,14 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from serving.parity import batch_of
+from cluster.errors import TandemError
+from serving.engines import torch_threads
+from serving.loadgen import run_load
+from serving.optimize.parity import batch_of
+
+
+class ProfileError(TandemError, ValueError):
+    """The profile could not be measured or written; the message names the cause and the fix."""
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Bytes one weight takes in each engine's format, for the roofline's traffic estimate.
@@ -62,17 +69,6 @@ def time_calls(fn: Callable[[], Any], budget_s: float, min_runs: int = 3, max_ru
         times.append(elapsed)
         spent += elapsed
     return np.asarray(times)
-
-
-@contextlib.contextmanager
-def torch_threads(threads: int) -> Iterator[None]:
-    """Run with `threads` intra-op threads, then restore the process's setting."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(int(threads))
-    try:
-        yield
-    finally:
-        torch.set_num_threads(before)
 
 
 def usable_cores() -> int:
@@ -356,71 +352,24 @@ def predict_url(url: str) -> str:
     return url if url.endswith("/v1/predict") else f"{url}/v1/predict"
 
 
-def probe_serve_app(url: str, example: np.ndarray, timeout_s: float = 10.0, headers: dict[str, str] | None = None) -> None:
+def probe_serve_app(url: str, example: np.ndarray, timeout_s: float = 10.0, token: str | None = None) -> None:
     """One request, so that a wrong URL fails before any measuring; raises ValueError naming the fix."""
     import httpx
 
     target = predict_url(url)
     try:
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
         response = httpx.post(target, json={"inputs": [example.tolist()]}, timeout=timeout_s, headers=headers)
     except httpx.HTTPError as exc:
-        raise ValueError(f"serve_url {url}: no answer from {target} ({exc}); start the app with `tandem serve` or drop the URL") from None
+        raise ProfileError(f"serve_url {url}: no answer from {target} ({exc}); start the app with `tandem serve` or drop the URL") from None
     if response.status_code == 401:
-        raise ValueError(f"serve_url {url}: {target} answered 401; export the token named by serving.auth.token_env")
+        raise ProfileError(f"serve_url {url}: {target} answered 401; export the token named by serving.auth.token_env")
     if response.status_code != 200:
-        raise ValueError(f"serve_url {url}: {target} answered {response.status_code} ({response.text[:200]}); check the URL and the route prefix")
+        raise ProfileError(f"serve_url {url}: {target} answered {response.status_code} ({response.text[:200]}); check the URL and the route prefix")
 
 
-def served_latency(url: str, example: np.ndarray, concurrency: int, requests: int, deadline_s: float, headers: dict[str, str] | None = None) -> dict[str, Any]:
-    """Closed-loop load on the app: `concurrency` clients, one example per request, `requests` in all.
-
-    Bounded in count and in time (`deadline_s`), so it always stops by itself.
-    """
-    import threading
-    from concurrent.futures import ThreadPoolExecutor
-
-    import httpx
-
-    target = predict_url(url)
-    body = {"inputs": [example.tolist()]}
-    latencies: list[float] = []
-    error_kinds: dict[str, int] = {}
-    lock = threading.Lock()
-    remaining = [requests]
-    stop_at = time.perf_counter() + deadline_s
-
-    def client() -> None:
-        with httpx.Client(timeout=30.0, headers=headers) as session:  # keep-alive: one connection per client
-            while time.perf_counter() < stop_at:
-                with lock:
-                    if remaining[0] <= 0:
-                        return
-                    remaining[0] -= 1
-                start = time.perf_counter()
-                try:
-                    status = session.post(target, json=body).status_code
-                    kind = None if status == 200 else str(status)
-                except httpx.HTTPError as exc:
-                    kind = type(exc).__name__
-                with lock:
-                    if kind is None:
-                        latencies.append(time.perf_counter() - start)
-                    else:
-                        error_kinds[kind] = error_kinds.get(kind, 0) + 1
-
-    started = time.perf_counter()
-    with ThreadPoolExecutor(max_workers=concurrency) as pool:
-        for _ in range(concurrency):
-            pool.submit(client)
-    wall = time.perf_counter() - started
-    times = np.asarray(latencies) if latencies else np.asarray([np.nan])
-    errors = sum(error_kinds.values())
-    return {
-        "concurrency": concurrency,
-        "requests": len(latencies) + errors,
-        "errors": errors,
-        "error_kinds": error_kinds,
-        "p50_ms": float(np.median(times)) * 1e3,
-        "p99_ms": float(np.percentile(times, 99)) * 1e3,
-        "requests_per_s": len(latencies) / wall if wall > 0 else 0.0,
-    }
+def served_latency(url: str, example: np.ndarray, concurrency: int, requests: int, deadline_s: float, token: str | None = None) -> dict[str, Any]:
+    """Closed-loop load on the app (serving.loadgen's LoadResult, as a dict): `concurrency` clients,
+    one example per request, `requests` in all, for at most `deadline_s`."""
+    base = url.rstrip("/").removesuffix("/v1/predict")
+    return run_load(base, np.asarray(example)[None], requests, concurrency, token, max_seconds=deadline_s).to_dict()

@@ -1,0 +1,52 @@
+"""The one Tandem configuration.
+
+    from cluster.config import load_config, TandemConfig
+    config = load_config("my.yaml", ["training.epochs=3"])   # every problem at once, or a TandemConfig
+
+Where things go:
+- schema.py    pydantic models of every section (a new field goes here, with its description)
+- checks.py    cross-section checks, one small function per trap (a new trap goes here)
+- problems.py  Problem and ConfigError: each problem names its dotted path, the value and the fix
+- loading.py   YAML reading (duplicate keys refused), `--set` overrides, validation, config_with
+
+Imports nothing of Tandem above `cluster.errors`.
+"""
+
+from cluster.config.checks import cross_field_problems
+from cluster.config.loading import apply_overrides, config_with, load_config, parse_override, read_yaml, set_path, validate_config
+from cluster.config.problems import ConfigError, Problem
+from cluster.config.schema import (
+    CONFIG_VERSION,
+    PACKAGED_EXAMPLE,
+    Augment,
+    Auth,
+    Autoscaling,
+    Batching,
+    CacheConfig,
+    CheckpointConfig,
+    ClusterConfig,
+    DataConfig,
+    Deployment,
+    DistillConfig,
+    ExportConfig,
+    KubernetesConfig,
+    Limits,
+    ModelConfig,
+    NodeGroup,
+    ParityGate,
+    RouterConfig,
+    RuntimeEnv,
+    ServingConfig,
+    TandemConfig,
+    TrainingConfig,
+    TuningConfig,
+    resolve_import_path,
+)
+
+__all__ = [
+    "CONFIG_VERSION", "PACKAGED_EXAMPLE", "Augment", "Auth", "Autoscaling", "Batching", "CacheConfig", "CheckpointConfig",
+    "ClusterConfig", "ConfigError", "DataConfig", "Deployment", "DistillConfig", "ExportConfig", "KubernetesConfig", "Limits",
+    "ModelConfig", "NodeGroup", "ParityGate", "Problem", "RouterConfig", "RuntimeEnv", "ServingConfig", "TandemConfig", "TrainingConfig",
+    "TuningConfig", "apply_overrides", "config_with", "cross_field_problems", "load_config", "parse_override", "read_yaml",
+    "resolve_import_path", "set_path", "validate_config",
+]

@@ -1,0 +1,193 @@
+"""Deploying the Serve application from Python, on the driver: `serve`, `shutdown`, `status`, URLs.
+
+    url = serving.deploy.serve(config, artifact="latest")   # deploy (or roll out) and wait until ready
+    serving.client.predict(url, [[0.0] * 64])
+    serving.deploy.shutdown()
+
+`tandem serve` and `tandem run` call these. A cluster that deploys from a file instead (`serve
+deploy`, a RayService) uses serving/serve_config.py; both take their settings from
+serving/settings.py, and both build the same `serving.app:build_app`.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import socket
+import tempfile
+import time
+from typing import Any
+
+from ray import serve as ray_serve
+
+from cluster.artifacts import read_manifest, resolve_artifact
+from cluster.config import TandemConfig
+from cluster.runtime import storage_root
+from serving.app import build_app
+from serving.protocol import token_digest
+from serving.settings import HAPROXY_READY_TIMEOUT_S, TOKEN_DIGEST_ENV, serve_env
+
+logger = logging.getLogger("tandem.serving")
+
+READY_TIMEOUT_S = 120.0
+
+
+_local_haproxy_env: dict[str, str] = {}
+
+
+def local_haproxy_env() -> dict[str, str]:
+    """Extra controller settings for a Serve that Tandem starts on this machine (one set per process).
+
+    HAProxy's files go to a private temp folder and its stats and metrics ports to free ports, so
+    that several local clusters (tests, developers) do not collide on /tmp/haproxy-serve, 8404
+    and 9101 (which HAProxy binds on every interface). The HAProxy manager is the controller's
+    child actor and inherits these; replicas do not need them.
+    """
+    if not _local_haproxy_env:
+        # Short: HAProxy refuses socket paths over 97 bytes and Serve adds the 56-character node id.
+        state = tempfile.mkdtemp(prefix="thap-", dir="/tmp")
+        _local_haproxy_env.update(
+            RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S=HAPROXY_READY_TIMEOUT_S,
+            # HAProxy's 4 default threads compete with the replicas on a small machine; one thread
+            # forwards far more requests per second than a Python replica answers.
+            RAY_SERVE_HAPROXY_NBTHREAD="1",
+            RAY_SERVE_HAPROXY_CONFIG_FILE_LOC=f"{state}/haproxy.cfg",
+            RAY_SERVE_HAPROXY_SOCKET_PATH=f"{state}/admin.sock",
+            RAY_SERVE_HAPROXY_SERVER_STATE_BASE=state,
+            RAY_SERVE_HAPROXY_SERVER_STATE_FILE=f"{state}/server-state",
+            RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH=f"{state}/metrics.sock",
+            RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()),
+            RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()),
+        )
+    return {**_local_haproxy_env, **{k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}}
+
+
+_ray_context: Any = None
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _ensure_ray(config: TandemConfig) -> bool:
+    """Start or join Ray for config.cluster unless this process is connected; True if Ray is local."""
+    global _ray_context
+    import ray
+
+    from cluster.runtime import connect
+
+    if not ray.is_initialized():
+        _ray_context = connect(config)
+        _ray_context.__enter__()
+    return config.cluster.address == "local"
+
+
+def _client_host(host: str) -> str:
+    return "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+
+
+def base_url(config: TandemConfig) -> str:
+    """The stable URL of the app: HAProxy or Serve's proxy plus the route prefix.
+
+    The port is the running Serve's (a Serve started earlier with other http_options keeps them)."""
+    from ray.serve.context import _get_global_client
+
+    http = _get_global_client().http_config
+    return f"http://{_client_host(http.host)}:{http.port}{config.serving.route_prefix.rstrip('/')}"
+
+
+def replica_urls(config: TandemConfig) -> list[str]:
+    """The ingress replicas' own direct-ingress URLs (empty when direct ingress is off).
+
+    Reads the controller's target groups (a private Serve API: the list HAProxy is fed)."""
+    import ray
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client()
+    groups = ray.get(client._controller.get_target_groups.remote(config.name, from_proxy_manager=True))
+    prefix = config.serving.route_prefix.rstrip("/")
+    host = _client_host(client.http_config.host)
+    urls = []
+    for group in groups:
+        if group.app_name == config.name and getattr(group.protocol, "value", group.protocol) == "HTTP":
+            urls += [f"http://{host}:{t.port}{prefix}" for t in group.targets if t.port != client.http_config.port]
+    return urls
+
+
+def wait_until_ready(url: str, version: str | None = None, timeout_s: float = READY_TIMEOUT_S, token: str | None = None) -> None:
+    """Poll GET {url}/healthz until it answers 200 (with `version`, when given)."""
+    import httpx
+
+    headers = {"Authorization": f"Bearer {token}"} if token else {}
+    deadline = time.monotonic() + timeout_s
+    last = "no answer"
+    while time.monotonic() < deadline:
+        try:
+            reply = httpx.get(f"{url}/healthz", timeout=5, headers=headers)
+            if reply.status_code == 200 and (version is None or reply.json().get("version") == version):
+                return
+            last = f"{reply.status_code} {reply.text[:200]}"
+        except httpx.HTTPError as exc:
+            last = repr(exc)
+        time.sleep(0.25)
+    raise TimeoutError(f"{url}/healthz did not answer 200 within {timeout_s:.0f} s (last: {last}); see the Serve logs under Ray's session folder")
+
+
+def serve(config: TandemConfig, artifact: str = "latest", blocking: bool = False) -> str:
+    """Deploy (or roll out in place) the app for `config` serving `artifact`; return its base URL.
+
+    A running app of the same name is updated: Serve starts replicas of the new version and drains
+    the old ones, so requests in flight during the rollout are answered.
+    """
+    local = _ensure_ray(config)
+    replica_env = serve_env(config.serving, os.environ)
+    controller_env = {**local_haproxy_env(), **replica_env} if local and config.serving.http_path == "haproxy" else dict(replica_env)
+    token_env = config.serving.auth.token_env
+    if token_env and os.environ.get(token_env):
+        # Local convenience: the replicas of an already running Ray do not see this process's env.
+        # They get the token's digest, never the token (see TOKEN_DIGEST_ENV).
+        replica_env[TOKEN_DIGEST_ENV] = token_digest(os.environ[token_env])
+    serving = config.serving
+    ray_serve.start(
+        http_options={"host": serving.host, "port": serving.port, "location": "EveryNode"},
+        controller_options={"runtime_env": {"env_vars": controller_env}},
+    )
+    path = resolve_artifact(artifact, storage_root(config), config.name)
+    version = str(read_manifest(path).get("version"))
+    app = build_app({"config": config.to_dict(), "artifact": str(path), "replica_env": replica_env})
+    ray_serve.run(app, name=config.name, route_prefix=serving.route_prefix, blocking=False)
+    url = base_url(config)
+    if config.serving.http_path == "direct":
+        url = next(iter(replica_urls(config)), url)
+    wait_until_ready(url, version, token=os.environ.get(token_env) if token_env else None)
+    logger.info("serving %s (model %s) at %s", config.name, version, url)
+    if blocking:
+        print(f"serving {config.name} (model {version}) at {url}; Ctrl-C stops it", flush=True)
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            shutdown()
+    return url
+
+
+def shutdown() -> None:
+    """Tear down Serve; shut Ray down too when serve() started it."""
+    global _ray_context
+    import ray
+
+    if ray.is_initialized():
+        ray_serve.shutdown()
+    if _ray_context is not None:
+        context, _ray_context = _ray_context, None
+        context.__exit__(None, None, None)
+
+
+def status(config: TandemConfig) -> dict[str, Any]:
+    """Replica counts per deployment of the running app (for tests and `tandem serve --status`)."""
+    app = ray_serve.status().applications.get(config.name)
+    if app is None:
+        return {}
+    return {name: {getattr(state, "value", str(state)): count for state, count in d.replica_states.items()} for name, d in app.deployments.items()}

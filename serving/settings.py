@@ -1,0 +1,196 @@
+"""Serving's deploy-time settings, derived from the config: one source for the app, `serve()`, the
+Serve config file and the RayService.
+
+- The Serve environment of the config's HTTP path (`serving.http_path`, see serving/app.py): the
+  variables Serve reads at import, for the controller and every replica.
+- The Serve options of every deployment: replicas or autoscaling, request limits, resources and
+  node-group pinning, back-pressure answers.
+- Limits derived from the config: max_ongoing_requests, the batcher's queue, the admission floor.
+
+Pure functions of the config (and, where named, of the caller's environment as an argument): no
+Ray Serve, no FastAPI, no `os.environ`. Imports the foundation (`cluster.*`) and
+serving/admission.py only.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from cluster.config import Deployment, ServingConfig, TandemConfig
+from cluster.runtime import pin_to_group
+from serving.admission import MIN_IN_FLIGHT
+
+APP_BUILDER = "serving.app:build_app"  # the import path Serve config files and RayServices name
+INGRESS = "Ingress"  # the router deployment's name, only with several model deployments
+# The ingress parses JSON and forwards to a model deployment: a quarter CPU is a scheduling
+# reservation (not a limit) that still fits beside the model replicas on a 2-core node.
+INGRESS_NUM_CPUS = 0.25
+# What `serve()` hands replicas that cannot see the token's own variable: its SHA-256, never the
+# token. Ray writes every runtime_env verbatim to runtime_env_agent.log, so a token passed there
+# would sit in the cluster's logs.
+TOKEN_DIGEST_ENV = "TANDEM_AUTH_TOKEN_SHA256"
+# A replica that dies (killed, out of memory, node lost) closes the connections of the requests
+# it held without an answer. HAProxy's default retries only connections that failed to open; a
+# prediction is a pure function of its input, so resending one that got no answer (on another
+# replica: `option redispatch`) is safe. HAProxy can resend only a request that fits its buffer
+# (tune.bufsize, 16 KiB in Ray: about a dozen 64-float examples); a larger one still fails with
+# its replica. Measured in RELIABILITY.md (tests/reliability/test_serving_faults.py).
+HAPROXY_RETRY_ON = "conn-failure empty-response junk-response"
+# Serve gives the HAProxy manager actor 5 s to report ready and kills it after three misses; a
+# head that is busy starting (a pod on a loaded node; here, 2 shared cores) misses that, and
+# `serve deploy` then fails with "HAProxyManager ... killed by ray.kill".
+HAPROXY_READY_TIMEOUT_S = "30"
+
+
+def has_router(config: TandemConfig) -> bool:
+    """Whether the app has a separate "Ingress" deployment (only with several model deployments)."""
+    return len(config.serving.deployments) > 1
+
+
+def ingress_deployment_name(config: TandemConfig) -> str:
+    return INGRESS if has_router(config) else config.serving.deployments[0].name
+
+
+def serve_env(serving: ServingConfig, caller_env: Mapping[str, str] | None = None) -> dict[str, str]:
+    """Environment variables for the Serve controller and every replica.
+
+    caller_env: the environment of the process that deploys; its RAY_SERVE_* variables win over
+    ours and travel to the replicas too. A config file (Serve config, RayService) passes none, so
+    that it follows from the config alone.
+    """
+    env: dict[str, str] = {}
+    if serving.http_path in ("haproxy", "direct"):
+        env["RAY_SERVE_THROUGHPUT_OPTIMIZED"] = "1"
+    if serving.http_path == "haproxy":
+        env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
+        env["RAY_SERVE_HAPROXY_RETRY_ON"] = HAPROXY_RETRY_ON
+    env.update({k: v for k, v in (caller_env or {}).items() if k.startswith("RAY_SERVE_")})
+    return env
+
+
+def controller_env(settings: Mapping[str, str]) -> dict[str, str]:
+    """The Serve controller's environment: the app's settings, plus HAProxy's readiness window."""
+    env = dict(settings)
+    if env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1":
+        env.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", HAPROXY_READY_TIMEOUT_S)
+    return env
+
+
+# ---------------------------------------------------------------------------------------------
+# limits derived from the config
+# ---------------------------------------------------------------------------------------------
+
+
+def derived_max_ongoing_requests(serving: ServingConfig, deployment: Deployment) -> int:
+    """Per-replica max_ongoing_requests: explicit, or enough for 4 full batches in flight.
+
+    Ray's default (5) is far below a batch; the router then retries with backoff and bursts stall
+    for seconds while the replica idles (see the README). Four batches keep one running, one
+    filling and two queued.
+    """
+    return deployment.max_ongoing_requests or max(4 * serving.batching.max_batch_size, 64)
+
+
+def batcher_queue_limit(serving: ServingConfig) -> int:
+    """Requests a replica's batcher queues before it may shed: two full batches (or the configured
+    queue limit when lower). Beyond them a request waits at least two forward passes, which is
+    when a missed target becomes likely; it is still served unless the predicted finish is late."""
+    return max(1, min(serving.limits.max_queued_requests, 2 * serving.batching.max_batch_size))
+
+
+def admission_floor(serving: ServingConfig) -> int:
+    """Requests a replica always admits: one full batch. Batching needs requests together, and a
+    closed-loop client pool up to that size is never refused (refusing it would only slow it)."""
+    return max(MIN_IN_FLIGHT, serving.batching.max_batch_size)
+
+
+# ---------------------------------------------------------------------------------------------
+# deployment options
+# ---------------------------------------------------------------------------------------------
+
+
+def autoscaling_options(deployment: Deployment) -> dict[str, Any]:
+    """`num_replicas` for a fixed count, else Serve's `autoscaling_config` (Serve refuses both)."""
+    scaling = deployment.autoscaling
+    if scaling.min_replicas == scaling.max_replicas:
+        return {"num_replicas": scaling.max_replicas}
+    config: dict[str, Any] = {
+        "min_replicas": scaling.min_replicas,
+        "max_replicas": scaling.max_replicas,
+        "target_ongoing_requests": scaling.target_ongoing_requests,
+        "upscale_delay_s": scaling.upscale_delay_s,
+        "downscale_delay_s": scaling.downscale_delay_s,
+    }
+    if scaling.initial_replicas is not None:
+        config["initial_replicas"] = scaling.initial_replicas
+    return {"autoscaling_config": config}
+
+
+def model_deployment_options(serving: ServingConfig, deployment: Deployment) -> dict[str, Any]:
+    """Options of one model deployment, keyed by the name the Serve app gives it."""
+    actor_options: dict[str, Any] = {"num_cpus": deployment.cpus, "num_gpus": deployment.gpus}
+    resources = pin_to_group(deployment.node_group)
+    if resources:
+        actor_options["resources"] = resources
+    return {
+        "name": deployment.name,
+        **autoscaling_options(deployment),
+        "max_ongoing_requests": derived_max_ongoing_requests(serving, deployment),
+        "max_queued_requests": deployment.max_queued_requests or serving.limits.max_queued_requests,
+        "ray_actor_options": actor_options,
+    }
+
+
+def ingress_options(serving: ServingConfig) -> dict[str, Any]:
+    """The HTTP entry: never scaled to zero, and never the bottleneck of what sits behind it.
+
+    One ingress replica forwards to one replica of each model deployment at their target load,
+    so it scales up to the widest deployment and aims at the sum of their targets. Its
+    max_ongoing_requests covers every model replica's own limit, so it only queues when they do.
+    """
+    deployments = serving.deployments
+    widest = max(d.autoscaling.max_replicas for d in deployments)
+    capacity = sum(derived_max_ongoing_requests(serving, d) * d.autoscaling.max_replicas for d in deployments)
+    scaling: dict[str, Any]
+    if widest == 1:
+        scaling = {"num_replicas": 1}
+    else:
+        # Up as fast as the quickest deployment behind it, down as slowly as the slowest.
+        scaling = {
+            "autoscaling_config": {
+                "min_replicas": 1,
+                "max_replicas": widest,
+                "target_ongoing_requests": sum(d.autoscaling.target_ongoing_requests for d in deployments),
+                "upscale_delay_s": min(d.autoscaling.upscale_delay_s for d in deployments),
+                "downscale_delay_s": max(d.autoscaling.downscale_delay_s for d in deployments),
+            }
+        }
+    return {
+        "name": INGRESS,
+        **scaling,
+        "max_ongoing_requests": capacity,
+        "max_queued_requests": serving.limits.max_queued_requests,
+        "ray_actor_options": {"num_cpus": INGRESS_NUM_CPUS},
+    }
+
+
+def deployment_options(config: TandemConfig, replica_env: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
+    """Serve options of every deployment of the app, by deployment name (the one source for
+    build_app and the Serve config file); replica_env goes into each replica's runtime_env."""
+    serving = config.serving
+    env = dict(replica_env or {})
+    options: dict[str, dict[str, Any]] = {}
+    entries = [model_deployment_options(serving, d) for d in serving.deployments]
+    if has_router(config):
+        entries.insert(0, ingress_options(serving))
+    for entry in entries:
+        # Serve's own refusals (more requests waiting for a slot than max_queued_requests) say when
+        # to retry too; without this they are 503s with no Retry-After.
+        entry = {**entry, "backpressure_config": {"status_code": 503, "retry_after_s": 1}}
+        if env:
+            actor = dict(entry.get("ray_actor_options", {}))
+            actor["runtime_env"] = {"env_vars": env}
+            entry["ray_actor_options"] = actor
+        options[entry["name"]] = entry
+    return options
