@@ -118,7 +118,11 @@ def train_and_save(folder: Path, builder: str, args: dict[str, Any], epochs: int
     model.eval()
     spec = {"builder": builder, "args": args, "input_shape": list(train.input_shape), "num_classes": 10}
     save_model_artifact(folder, model.state_dict(), spec)
-    return {"train_seconds": round(time.perf_counter() - started, 2), "parameters": sum(p.numel() for p in model.parameters()), "flops": flops_per_example(model, train.input_shape)}
+    return {
+        "train_seconds": round(time.perf_counter() - started, 2),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "flops": flops_per_example(model, train.input_shape),
+    }
 
 
 def export_arms(storage: Path, name: str, builder: str, args: dict[str, Any], threads: int) -> dict[str, Any]:
@@ -134,7 +138,11 @@ def export_arms(storage: Path, name: str, builder: str, args: dict[str, Any], th
         }
     )
     result = export(config, storage / "bench" / name / "artifacts", threads=threads, latency_budget_s=0.05)
-    return {"int8_method": result.info["quantize"]["method"], "exporter": result.info["onnx"]["exporter"], "bytes": {k: v["bytes"] for k, v in result.report.items()}}
+    return {
+        "int8_method": result.info["quantize"]["method"],
+        "exporter": result.info["onnx"]["exporter"],
+        "bytes": {k: v["bytes"] for k, v in result.report.items()},
+    }
 
 
 def load_arms(artifact: Path, threads: int) -> dict[str, Any]:
@@ -175,7 +183,10 @@ def fidelity(engines: dict[str, Any], x: np.ndarray) -> dict[str, dict[str, floa
     out = {}
     for name, engine in engines.items():
         logits = engine.predict(x)
-        out[name] = {"max_abs_logit_diff": float(np.abs(logits - reference).max()), "argmax_agreement": float((logits.argmax(1) == reference.argmax(1)).mean())}
+        out[name] = {
+            "max_abs_logit_diff": float(np.abs(logits - reference).max()),
+            "argmax_agreement": float((logits.argmax(1) == reference.argmax(1)).mean()),
+        }
     return out
 
 
@@ -226,7 +237,8 @@ def target_check(rows: list[dict[str, Any]]) -> dict[str, Any]:
     int8 = [r for r in rows if r["model"] == TARGET_MODEL and r["arm"] == "ort-int8" and r["batch"] >= TARGET_MIN_BATCH]
     met = bool(int8) and all(r["speedup_vs_eager"] >= TARGET_SPEEDUP and r["argmax_agreement"] >= TARGET_AGREEMENT for r in int8)
     return {
-        "target": f"ORT int8 >= {TARGET_SPEEDUP}x eager on {TARGET_MODEL} at batch >= {TARGET_MIN_BATCH}, argmax agreement >= {TARGET_AGREEMENT}",
+        "target": f"ORT int8 >= {TARGET_SPEEDUP}x eager on {TARGET_MODEL} at batch >= {TARGET_MIN_BATCH}, argmax agreement >= "
+        f"{TARGET_AGREEMENT}",
         "met": met,
         "speedups": {str(r["batch"]): r["speedup_vs_eager"] for r in int8},
         "argmax_agreement": int8[0]["argmax_agreement"] if int8 else None,
@@ -239,7 +251,8 @@ def markdown(rows: list[dict[str, Any]], setup: dict[str, Any]) -> str:
         f"{setup['threads']} thread(s)); load average {setup['load_average'][0]:.1f} at start, {setup['load_average_end'][0]:.1f} at end, "
         f"on {setup['cpus']} cores (above ~2 the machine is shared and every figure is noisier).",
         "",
-        "| model | batch | torch eager fp32 ms | ORT fp32 ms (x) | ORT int8 ms (x) | int8 method | % of fp32 peak (eager / ORT fp32 / int8) | max \\|Δlogit\\| fp32 / int8 | argmax agreement int8 |",
+        "| model | batch | torch eager fp32 ms | ORT fp32 ms (x) | ORT int8 ms (x) | int8 method | % of fp32 peak (eager / ORT fp32 / "
+        "int8) | max \\|Δlogit\\| fp32 / int8 | argmax agreement int8 |",
         "|---|---:|---:|---:|---:|---|---:|---:|---:|",
     ]
     by = {(r["model"], r["batch"], r["arm"]): r for r in rows}

@@ -90,8 +90,7 @@ def render(rows: dict[str, dict[str, Any]], meta: dict[str, Any]) -> str:
         "(tests/reliability/ and the fuzz tests) and records what each one injected and measured;",
         "do not edit by hand. Every row is a real run: real Ray Train + DeepSpeed, real Ray Serve over HTTP.",
         "",
-        f"Last run: {meta['date']} on {meta['machine']}; pytest exit code {meta['exit_code']}"
-        " (0: every test passed).",
+        f"Last run: {meta['date']} on {meta['machine']}; pytest exit code {meta['exit_code']} (0: every test passed).",
         "",
         "| Check | Test | Result | Figures |",
         "|---|---|---|---|",
@@ -109,7 +108,9 @@ def machine() -> str:
 def main(argv: list[str]) -> None:
     parser = argparse.ArgumentParser(prog="python -m benchmarks reliability", description=__doc__.splitlines()[0])
     parser.add_argument("-k", dest="keyword", help="rerun only the tests matching this pytest -k expression")
-    parser.add_argument("--collect", type=Path, metavar="DIR", help="report an earlier run's DIR/figures and DIR/junit.xml instead of rerunning")
+    parser.add_argument(
+        "--collect", type=Path, metavar="DIR", help="report an earlier run's DIR/figures and DIR/junit.xml instead of rerunning"
+    )
     args = parser.parse_args(argv)
     if args.collect:
         junit = args.collect / "junit.xml"

@@ -390,7 +390,9 @@ def replica_url(app_name: str, route_prefix: str) -> str:
     raise RuntimeError(f"no direct-ingress replica port for {app_name}; is RAY_SERVE_THROUGHPUT_OPTIMIZED on?")
 
 
-def session_serve_default(artifacts: dict[str, Path], requests: dict[int, int], roots: list[int], exclude: tuple[int, ...]) -> list[dict[str, Any]]:
+def session_serve_default(
+    artifacts: dict[str, Path], requests: dict[int, int], roots: list[int], exclude: tuple[int, ...]
+) -> list[dict[str, Any]]:
     """Ray Serve with its defaults: the proxy actor in the path (5 to 30 times the others' cost
     here, so one round, on its own)."""
     from ray import serve
@@ -462,7 +464,9 @@ def add_ratios(rows: list[dict[str, Any]]) -> None:
             row["throughput_vs_plain"] = row["requests_per_s"] / base["requests_per_s"]
             row["p50_vs_plain"] = row["p50_ms"] / base["p50_ms"]
             row["p99_vs_plain"] = row["p99_ms"] / base["p99_ms"]
-            row["cpu_vs_plain"] = row["server_cpu_ms_per_request"] / base["server_cpu_ms_per_request"] if base["server_cpu_ms_per_request"] else float("nan")
+            row["cpu_vs_plain"] = (
+                row["server_cpu_ms_per_request"] / base["server_cpu_ms_per_request"] if base["server_cpu_ms_per_request"] else float("nan")
+            )
 
 
 def targets(rows: list[dict[str, Any]], model: str = "wide") -> dict[str, Any]:
@@ -502,17 +506,21 @@ def markdown(rows: list[dict[str, Any]], engines: dict[str, dict[str, float]]) -
             f"\n### {model} (engine: {timing.get('batch_1_ms', float('nan')):.2f} ms at batch 1, "
             f"{timing.get('batch_32_ms', float('nan')):.2f} ms at batch 32)\n"
         )
-        lines.append("| arm | c=1 req/s (p50 ms) | c=8 req/s (p99 ms) | c=32 req/s (p99 ms) | batch @32 | server CPU ms/req @32 | vs plain @32: req/s, p99, CPU |")
+        lines.append(
+            "| arm | c=1 req/s (p50 ms) | c=8 req/s (p99 ms) | c=32 req/s (p99 ms) | batch @32 | server CPU ms/req @32 | vs plain @32: "
+            "req/s, p99, CPU |"
+        )
         lines.append("|---|---|---|---|---|---|---|")
         at = {(r["arm"], r["concurrency"]): r for r in rows if r["model"] == model}
         for arm in dict.fromkeys(r["arm"] for r in rows if r["model"] == model):
             c1, c8, c32 = at.get((arm, 1)), at.get((arm, 8)), at.get((arm, 32))
             if not (c1 and c8 and c32):
                 continue
-            ratios = f"{c32.get('throughput_vs_plain', float('nan')):.2f}x, {c32.get('p99_vs_plain', float('nan')):.2f}x, {c32.get('cpu_vs_plain', float('nan')):.2f}x"
+            ratios = ", ".join(f"{c32.get(key, float('nan')):.2f}x" for key in ("throughput_vs_plain", "p99_vs_plain", "cpu_vs_plain"))
             lines.append(
                 f"| {arm} | {c1['requests_per_s']:.0f} ({c1['p50_ms']:.1f}) | {c8['requests_per_s']:.0f} ({c8['p99_ms']:.1f}) | "
-                f"{c32['requests_per_s']:.0f} ({c32['p99_ms']:.1f}) | {c32['mean_batch_size']:.1f} | {c32['server_cpu_ms_per_request']:.2f} | {ratios} |"
+                f"{c32['requests_per_s']:.0f} ({c32['p99_ms']:.1f}) | {c32['mean_batch_size']:.1f} | "
+                f"{c32['server_cpu_ms_per_request']:.2f} | {ratios} |"
             )
     return "\n".join(lines)
 
@@ -601,7 +609,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     }
     (RESULTS / "serving.json").write_text(json.dumps(report, indent=2, default=float))
     table = markdown(rows, engines)
-    (RESULTS / "serving.md").write_text("## Serving benchmark\n" + table + "\n\nTargets (wide model):\n\n```\n" + json.dumps(report["targets"], indent=2) + "\n```\n")
+    (RESULTS / "serving.md").write_text(
+        "## Serving benchmark\n" + table + "\n\nTargets (wide model):\n\n```\n" + json.dumps(report["targets"], indent=2) + "\n```\n"
+    )
     plot(rows, RESULTS / "serving.png")
     print(table)
     print(json.dumps(report["targets"], indent=2))

@@ -115,13 +115,24 @@ def arm_tandem(stage: int, storage: Path) -> dict:
     from training.models import parameter_count
     from training.trainer import train
 
-    config = load_config(None, [
-        f"cluster.storage={storage}", "data.source=training.data:synthetic",
-        f"data.args={{samples: {SAMPLES}, features: {FEATURES}, classes: {CLASSES}}}", f"data.batch_size={BATCH}",
-        "data.augment=[]", "data.val_fraction=0.05", f"model.args.hidden={HIDDEN}", f"training.epochs={EPOCHS}",
-        f"training.max_steps_per_epoch={STEPS}", f"training.deepspeed.zero_stage={stage}", "training.schedule.name=constant",
-        f"training.checkpoint.every_epochs={EPOCHS}", "training.optimizer.weight_decay=0",
-    ])
+    config = load_config(
+        None,
+        [
+            f"cluster.storage={storage}",
+            "data.source=training.data:synthetic",
+            f"data.args={{samples: {SAMPLES}, features: {FEATURES}, classes: {CLASSES}}}",
+            f"data.batch_size={BATCH}",
+            "data.augment=[]",
+            "data.val_fraction=0.05",
+            f"model.args.hidden={HIDDEN}",
+            f"training.epochs={EPOCHS}",
+            f"training.max_steps_per_epoch={STEPS}",
+            f"training.deepspeed.zero_stage={stage}",
+            "training.schedule.name=constant",
+            f"training.checkpoint.every_epochs={EPOCHS}",
+            "training.optimizer.weight_decay=0",
+        ],
+    )
     started = time.perf_counter()
     result = train(config)
     wall = time.perf_counter() - started
@@ -146,7 +157,8 @@ def arm_tandem(stage: int, storage: Path) -> dict:
 def markdown(rows: list[dict]) -> str:
     ddp = next(r for r in rows if r["arm"] == "ddp")["step_time_s"]
     lines = [
-        "| arm | ranks | step time (ms) | vs DDP | start-up (s) | params/rank (measured / formula) | optimizer state/rank (measured / formula) |",
+        "| arm | ranks | step time (ms) | vs DDP | start-up (s) | params/rank (measured / formula) | optimizer state/rank (measured / "
+        "formula) |",
         "|---|---|---|---|---|---|---|",
     ]
     for r in rows:
@@ -156,7 +168,10 @@ def markdown(rows: list[dict]) -> str:
                 f"{r['param_bytes_per_rank'][0] / 1e6:.2f} / {r['formula_param_bytes'] / 1e6:.2f} MB",
                 f"{r['optimizer_bytes_per_rank'][0] / 1e6:.2f} / {r['formula_optimizer_bytes'] / 1e6:.2f} MB",
             )
-        lines.append(f"| {r['arm']} | {r['ranks']} | {r['step_time_s'] * 1e3:.1f} | {r['step_time_s'] / ddp:.2f}x | {r['startup_s']:.1f} | {mem[0]} | {mem[1]} |")
+        lines.append(
+            f"| {r['arm']} | {r['ranks']} | {r['step_time_s'] * 1e3:.1f} | {r['step_time_s'] / ddp:.2f}x | {r['startup_s']:.1f} | {mem[0]} "
+            f"| {mem[1]} |"
+        )
     return "\n".join(lines)
 
 
@@ -183,7 +198,17 @@ def main(argv: list[str] | None = None) -> dict:
     with tempfile.TemporaryDirectory() as storage:
         for stage in (1, 2, 3):
             rows.append(arm_tandem(stage, Path(storage)))
-    report = {"rows": rows, "setup": {"hidden": HIDDEN, "features": FEATURES, "batch_per_rank": BATCH, "epochs": EPOCHS, "steps_per_epoch": STEPS, "cpus": os.cpu_count()}}
+    report = {
+        "rows": rows,
+        "setup": {
+            "hidden": HIDDEN,
+            "features": FEATURES,
+            "batch_per_rank": BATCH,
+            "epochs": EPOCHS,
+            "steps_per_epoch": STEPS,
+            "cpus": os.cpu_count(),
+        },
+    }
     (RESULTS / "training.json").write_text(json.dumps(report, indent=2))
     (RESULTS / "training.md").write_text(markdown(rows) + "\n")
     plot(rows, RESULTS / "training.png")

@@ -40,13 +40,23 @@ def bench_config(storage: Path, seed: int, scheduler: str, args: argparse.Namesp
         f" scheduler: {{name: {scheduler}, grace_period: {args.grace}, reduction_factor: {args.reduction_factor}}},"
         " space: {training.optimizer.lr: {loguniform: [1.0e-4, 1.0e-1]}, model.args.hidden: {choice: [[16], [32], [64]]}}}"
     )
-    return load_config(None, [
-        f"cluster.storage={storage}", f"cluster.local.num_cpus={args.cpus}", "data.batch_size=64", "data.augment=[]",
-        f"training.max_steps_per_epoch={args.steps_per_epoch}", f"training.epochs={args.epochs}", "training.checkpoint.every_epochs=1",
-        # Constant learning rate: a cosine schedule that only decays near the end would make early
-        # epochs a poorer predictor of the final ranking, against ASHA's premise.
-        "training.schedule.name=constant", "training.schedule.warmup_steps=0", f"tuning={tuning}",
-    ])
+    return load_config(
+        None,
+        [
+            f"cluster.storage={storage}",
+            f"cluster.local.num_cpus={args.cpus}",
+            "data.batch_size=64",
+            "data.augment=[]",
+            f"training.max_steps_per_epoch={args.steps_per_epoch}",
+            f"training.epochs={args.epochs}",
+            "training.checkpoint.every_epochs=1",
+            # Constant learning rate: a cosine schedule that only decays near the end would make early
+            # epochs a poorer predictor of the final ranking, against ASHA's premise.
+            "training.schedule.name=constant",
+            "training.schedule.warmup_steps=0",
+            f"tuning={tuning}",
+        ],
+    )
 
 
 def time_to_target(result: Any, metric: str, mode: str, target: float, started_at: float) -> float | None:
@@ -90,8 +100,10 @@ def run_seed(seed: int, args: argparse.Namespace, storage: Path) -> dict[str, An
             "best_params": result.best.params,
             "best_sample": sample_index(result.best.trial_id),
             "best_metric": result.best.metric,
-            "trials": [{"sample": sample_index(t.trial_id), "params": t.params, "status": t.status, "epochs": t.epochs_trained, metric: t.metric}
-                       for t in sorted(result.trials, key=lambda t: t.trial_id)],
+            "trials": [
+                {"sample": sample_index(t.trial_id), "params": t.params, "status": t.status, "epochs": t.epochs_trained, metric: t.metric}
+                for t in sorted(result.trials, key=lambda t: t.trial_id)
+            ],
         }
     ttt = arms["fifo"]["time_to_within_2pct_s"], arms["asha"]["time_to_within_2pct_s"]
     return {
@@ -143,11 +155,15 @@ def markdown(seeds: list[dict[str, Any]], summary: dict[str, Any], args: argpars
     for s in seeds:
         f, a = s["arms"]["fifo"], s["arms"]["asha"]
         ttt = "-" if s["time_to_target_ratio"] is None else f"{s['time_to_target_ratio']:.2f}x"
-        lines.append(f"| {s['seed']} | {f['total_epochs']} | {a['total_epochs']} | {s['epoch_ratio']:.2f}x | {seconds(f['time_to_within_2pct_s'])} | "
-                     f"{seconds(a['time_to_within_2pct_s'])} | {ttt} | {'yes' if s['same_best'] else 'no'} | {a['stopped_trials']} |")
+        lines.append(
+            f"| {s['seed']} | {f['total_epochs']} | {a['total_epochs']} | {s['epoch_ratio']:.2f}x | {seconds(f['time_to_within_2pct_s'])} "
+            "| "
+            f"{seconds(a['time_to_within_2pct_s'])} | {ttt} | {'yes' if s['same_best'] else 'no'} | {a['stopped_trials']} |"
+        )
     lines += [
         "",
-        f"Mean epoch ratio {summary['mean_epoch_ratio']:.2f}x (target <= {TARGET_EPOCH_RATIO}x in every seed: {verdict(summary['meets_epoch_target'])}); "
+        f"Mean epoch ratio {summary['mean_epoch_ratio']:.2f}x (target <= {TARGET_EPOCH_RATIO}x in every seed: "
+        f"{verdict(summary['meets_epoch_target'])}); "
         f"same best configuration in {summary['same_best']} seeds (target >= 4/5: {verdict(summary['meets_same_best_target'])}).",
     ]
     return "\n".join(lines) + "\n"
@@ -203,8 +219,13 @@ def write_report(seeds: list[dict[str, Any]], args: argparse.Namespace, wall_s: 
     """JSON, markdown and plot of the seeds so far (rewritten after every seed: a long run that is
     cut short still leaves its finished seeds)."""
     summary = summarize(seeds)
-    report = {"benchmark": "tuning", "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
-              "wall_s": round(wall_s, 1), "summary": summary, "seeds": seeds}
+    report = {
+        "benchmark": "tuning",
+        "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
+        "wall_s": round(wall_s, 1),
+        "summary": summary,
+        "seeds": seeds,
+    }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tuning.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
     (args.out / "tuning.md").write_text(markdown(seeds, summary, args))

@@ -128,7 +128,10 @@ def _inside(folder: Path, name: Any) -> Path:
     root = Path(folder).resolve()
     candidate = (root / name).resolve()
     if Path(name).is_absolute() or root not in candidate.parents:
-        raise ArtifactError(f"{where} points outside its artifact folder ({candidate}); refusing to load it. Keep every file of an artifact inside its folder")
+        raise ArtifactError(
+            f"{where} points outside its artifact folder ({candidate}); refusing to load it. Keep every file of an artifact inside its "
+            "folder"
+        )
     return candidate
 
 
@@ -187,11 +190,18 @@ def read_verified(folder: Path, name: str) -> bytes:
         raise ArtifactError(f"{folder / name} is not listed in {folder / MANIFEST}; refusing an unverified file")
     path = _inside(folder, name)
     if not path.is_file():
-        raise ArtifactError(f"{path} is missing; the manifest lists it with sha256 {entry['sha256']}. Copy the whole artifacts folder, or train or export again")
+        raise ArtifactError(
+            f"{path} is missing; the manifest lists it with sha256 {entry['sha256']}. Copy the whole artifacts folder, or train or export "
+            "again"
+        )
     data = path.read_bytes()
     actual = hashlib.sha256(data).hexdigest()
     if actual != entry["sha256"]:
-        size = f" ({len(data)} bytes, the manifest records {entry['bytes']})" if isinstance(entry.get("bytes"), int) and entry["bytes"] != len(data) else ""
+        size = (
+            f" ({len(data)} bytes, the manifest records {entry['bytes']})"
+            if isinstance(entry.get("bytes"), int) and entry["bytes"] != len(data)
+            else ""
+        )
         raise ArtifactError(
             f"{path} fails its checksum{size}: sha256 {actual} but {folder / MANIFEST} records {entry['sha256']}; "
             "the file was truncated or altered, refusing to load it. Train or export it again (or copy the artifact again)"
@@ -240,7 +250,9 @@ def model_version(artifact: Path | dict[str, Any]) -> str:
     return entry["sha256"][:12]
 
 
-def save_model_artifact(folder: Path, state_dict: dict[str, Any], model_spec: dict[str, Any], info: dict[str, Any] | None = None) -> dict[str, Any]:
+def save_model_artifact(
+    folder: Path, state_dict: dict[str, Any], model_spec: dict[str, Any], info: dict[str, Any] | None = None
+) -> dict[str, Any]:
     """Write model.pt (atomically) and manifest.json for a trained model.
 
     model_spec: {"builder": "module:function", "args": {...}, "input_shape": [...], "num_classes": N},

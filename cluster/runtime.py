@@ -197,7 +197,9 @@ def start_local_ray(**init_kwargs: Any) -> None:
             ray.shutdown()
             if "timed out during startup" not in str(exc) or attempt == LOCAL_START_ATTEMPTS:
                 raise
-            logger.warning("the local Ray missed its start-up deadline (attempt %d of %d); starting it again", attempt, LOCAL_START_ATTEMPTS)
+            logger.warning(
+                "the local Ray missed its start-up deadline (attempt %d of %d); starting it again", attempt, LOCAL_START_ATTEMPTS
+            )
 
 
 def storage_root(config: TandemConfig) -> Path:

@@ -70,7 +70,8 @@ def recommend_serving_engine(config: TandemConfig, inference: dict[str, Any]) ->
     unit = "GPU" if engine["device"] == "cuda" else "core"
     return _advice(
         "serving engine",
-        f"serve on {'GPU' if unit == 'GPU' else 'CPU'} with {engine['label']}: p50 {row['p50_ms']:.3g} ms (p99 {row['p99_ms']:.3g} ms) at batch {batch} "
+        f"serve on {'GPU' if unit == 'GPU' else 'CPU'} with {engine['label']}: p50 {row['p50_ms']:.3g} ms (p99 {row['p99_ms']:.3g} ms) at "
+        f"batch {batch} "
         f"(serving.batching.max_batch_size) handles ~{per_unit:,.0f} examples/s per {unit} before the Serve path's own cost",
         f"{engine['label']} at batch {batch}: p50 {row['p50_ms']:.3g} ms, p99 {row['p99_ms']:.3g} ms, "
         + (f"{engine['threads']} thread" if engine["threads"] else "one GPU"),
@@ -83,12 +84,19 @@ def recommend_batching(inference: dict[str, Any]) -> dict[str, str]:
     best = max(engine["latency"], key=lambda r: r["examples_per_s"])
     gain = best["examples_per_s"] / first["examples_per_s"]
     if gain >= 2:
-        advice = (f"batch requests: {engine['label']} serves {gain:.1f}x more examples/s at batch {best['batch']} than at batch {first['batch']}; "
-                  f"keep adaptive batching on with max_batch_size >= {best['batch']} where latency allows")
+        advice = (
+            f"batch requests: {engine['label']} serves {gain:.1f}x more examples/s at batch {best['batch']} than at batch "
+            f"{first['batch']}; "
+            f"keep adaptive batching on with max_batch_size >= {best['batch']} where latency allows"
+        )
     else:
         advice = f"batching buys little here ({gain:.1f}x at best): keep batch waits short, they cost latency and return little throughput"
-    return _advice("batching", advice, f"{engine['label']}: {first['examples_per_s']:,.0f} examples/s at batch {first['batch']}, "
-                   f"{best['examples_per_s']:,.0f} at batch {best['batch']}")
+    return _advice(
+        "batching",
+        advice,
+        f"{engine['label']}: {first['examples_per_s']:,.0f} examples/s at batch {first['batch']}, "
+        f"{best['examples_per_s']:,.0f} at batch {best['batch']}",
+    )
 
 
 def recommend_quantization(config: TandemConfig, inference: dict[str, Any], training_ops: dict[str, int]) -> dict[str, str] | None:
@@ -101,11 +109,15 @@ def recommend_quantization(config: TandemConfig, inference: dict[str, Any], trai
     if speedup >= 1.1:
         advice = f"serve the int8 model: {speedup:.2f}x faster than ONNX fp32 at batch {batch}"
     elif any("convolution" in op for op in training_ops):
-        advice = f"do not quantize for speed: int8 is {speedup:.2f}x ONNX fp32 at batch {batch}; for convolutions try export.quantize: static"
+        advice = (
+            f"do not quantize for speed: int8 is {speedup:.2f}x ONNX fp32 at batch {batch}; for convolutions try export.quantize: static"
+        )
     else:
         weights = by_label["onnx-fp32"]["memory"]["weights_bytes"]
-        advice = (f"do not quantize for speed: int8 is {speedup:.2f}x ONNX fp32 at batch {batch}; the fp32 weights ({_bytes(weights)}) "
-                  "already sit in cache, so int8 buys a smaller file, not time")
+        advice = (
+            f"do not quantize for speed: int8 is {speedup:.2f}x ONNX fp32 at batch {batch}; the fp32 weights ({_bytes(weights)}) "
+            "already sit in cache, so int8 buys a smaller file, not time"
+        )
     return _advice("quantization", advice, f"p50 at batch {batch}: onnx-int8 {int8['p50_ms']:.3g} ms, onnx-fp32 {fp32['p50_ms']:.3g} ms")
 
 
@@ -124,20 +136,36 @@ def recommend_zero_stage(zero: dict[str, Any], machine: dict[str, Any], device: 
     stage0 = zero["stages"][0]
     needed = next((s for s in range(4) if zero["parameters"] <= limits[s]), None)
     thresholds = ", ".join(f"ZeRO-{s} above {_count(limits[s - 1])}" for s in (1, 2, 3))
-    where = f"{budget / 2**30:.1f} GiB per rank " + ("(one GPU each)" if device == "cuda" else f"({zero['workers']} workers on this machine)")
+    where = f"{budget / 2**30:.1f} GiB per rank " + (
+        "(one GPU each)" if device == "cuda" else f"({zero['workers']} workers on this machine)"
+    )
     if needed is None:
-        advice = f"the training state does not fit on {where} even at ZeRO-3; offload it (training.deepspeed.offload_optimizer: cpu) or add workers"
+        advice = (
+            f"the training state does not fit on {where} even at ZeRO-3; "
+            "offload it (training.deepspeed.offload_optimizer: cpu) or add workers"
+        )
     elif needed > zero["configured_stage"]:
-        advice = (f"raise training.deepspeed.zero_stage to {needed}: at ZeRO-{zero['configured_stage']} the state takes "
-                  f"{_bytes(configured['total_bytes'])} per rank, more than {where}")
+        advice = (
+            f"raise training.deepspeed.zero_stage to {needed}: at ZeRO-{zero['configured_stage']} the state takes "
+            f"{_bytes(configured['total_bytes'])} per rank, more than {where}"
+        )
     elif needed < zero["configured_stage"]:
         saved = stage0["total_bytes"] - configured["total_bytes"]
-        advice = (f"ZeRO-{needed} is enough for {zero['parameters']:,} parameters on {where}; the configured ZeRO-{zero['configured_stage']} saves "
-                  f"only {_bytes(saved)} per rank. Training needs {thresholds} (states only, activations not counted)")
+        advice = (
+            f"ZeRO-{needed} is enough for {zero['parameters']:,} parameters on {where}; the configured ZeRO-{zero['configured_stage']} "
+            "saves "
+            f"only {_bytes(saved)} per rank. Training needs {thresholds} (states only, activations not counted)"
+        )
     else:
-        advice = f"ZeRO-{needed} is the smallest stage that fits on {where}. Training needs {thresholds} (states only, activations not counted)"
-    return _advice("ZeRO stage", advice, f"{per_param[0]:.0f} / {per_param[1]:.1f} / {per_param[2]:.1f} / {per_param[3]:.1f} bytes per parameter per rank "
-                   f"at ZeRO-0/1/2/3 ({zero['precision']}, {zero['optimizer']}, {zero['workers']} workers)")
+        advice = (
+            f"ZeRO-{needed} is the smallest stage that fits on {where}. Training needs {thresholds} (states only, activations not counted)"
+        )
+    return _advice(
+        "ZeRO stage",
+        advice,
+        f"{per_param[0]:.0f} / {per_param[1]:.1f} / {per_param[2]:.1f} / {per_param[3]:.1f} bytes per parameter per rank "
+        f"at ZeRO-0/1/2/3 ({zero['precision']}, {zero['optimizer']}, {zero['workers']} workers)",
+    )
 
 
 def recommend_training_batch(config: TandemConfig, training: dict[str, Any], machine: dict[str, Any]) -> dict[str, str] | None:
@@ -145,30 +173,45 @@ def recommend_training_batch(config: TandemConfig, training: dict[str, Any], mac
         return None
     bandwidth = peak_bandwidth(machine, training["device"], training["threads"])
     ridge = training["peak_flops_per_s"] / bandwidth["bytes_per_s"] if bandwidth else None
-    figure = (f"{_flops(training['achieved_flops_per_s'])}/s of {_flops(training['peak_flops_per_s'])}/s "
-              f"({training['fraction_of_peak']:.1%}) at batch {training['batch_size']}, intensity {training['arithmetic_intensity']:.1f} FLOP/B"
-              + (f" vs ridge {ridge:.1f}" if ridge else ""))
+    figure = (
+        f"{_flops(training['achieved_flops_per_s'])}/s of {_flops(training['peak_flops_per_s'])}/s "
+        f"({training['fraction_of_peak']:.1%}) at batch {training['batch_size']}, intensity {training['arithmetic_intensity']:.1f} FLOP/B"
+        + (f" vs ridge {ridge:.1f}" if ridge else "")
+    )
     if training["fraction_of_peak"] >= 0.3:
         return _advice("training efficiency", "the training step uses the hardware well; a larger batch would buy little", figure)
     if ridge and training["arithmetic_intensity"] < ridge:
-        advice = (f"the training step reaches only {training['fraction_of_peak']:.1%} of peak and is memory-bound: raise data.batch_size "
-                  f"(now {config.data.batch_size}) so each weight read serves more examples; more bandwidth, not more FLOP/s, would help")
+        advice = (
+            f"the training step reaches only {training['fraction_of_peak']:.1%} of peak and is memory-bound: raise data.batch_size "
+            f"(now {config.data.batch_size}) so each weight read serves more examples; more bandwidth, not more FLOP/s, would help"
+        )
     else:
-        advice = (f"the training step reaches only {training['fraction_of_peak']:.1%} of peak and is overhead-bound (per-op dispatch, not "
-                  f"FLOPs or bytes): raise data.batch_size (now {config.data.batch_size}) to amortize it; faster hardware would barely shorten the step")
+        advice = (
+            f"the training step reaches only {training['fraction_of_peak']:.1%} of peak and is overhead-bound (per-op dispatch, not "
+            f"FLOPs or bytes): raise data.batch_size (now {config.data.batch_size}) to amortize it; faster hardware would barely shorten "
+            "the step"
+        )
     return _advice("training efficiency", advice, figure)
 
 
 def recommend_training_hardware(training: dict[str, Any], run: dict[str, Any] | None) -> dict[str, str]:
     run_s = training["run_s"]
-    figure = (f"{training['step_s'] * 1e3:.3g} ms per step at batch {training['batch_size']}, {training['micro_batches_per_epoch']} steps per "
-              f"worker per epoch, {training['workers']} workers, {training['epochs']} epochs")
+    figure = (
+        f"{training['step_s'] * 1e3:.3g} ms per step at batch {training['batch_size']}, {training['micro_batches_per_epoch']} steps per "
+        f"worker per epoch, {training['workers']} workers, {training['epochs']} epochs"
+    )
     if run and run.get("step_time_vs_in_process"):
         figure += f"; the run's steps took {run['step_time_vs_in_process']:.1f}x the bare step (DeepSpeed, all-reduce, data loading)"
     if run_s < 600:
-        advice = f"the configured run takes ~{_seconds(run_s)} of compute here ({_seconds(training['epoch_s'])} per epoch): {training['device'].upper()} is enough"
+        advice = (
+            f"the configured run takes ~{_seconds(run_s)} of compute here ({_seconds(training['epoch_s'])} per epoch): "
+            f"{training['device'].upper()} is enough"
+        )
     else:
-        advice = f"the configured run takes ~{_seconds(run_s)} here ({_seconds(training['epoch_s'])} per epoch): more workers or a GPU node group would pay"
+        advice = (
+            f"the configured run takes ~{_seconds(run_s)} here ({_seconds(training['epoch_s'])} per epoch): "
+            "more workers or a GPU node group would pay"
+        )
     return _advice("training hardware", advice, figure)
 
 
@@ -177,13 +220,25 @@ def recommend_served(served: list[dict[str, Any]] | None, inference: dict[str, A
         return None
     fastest = min(e["latency"][0]["p50_ms"] for e in inference["engines"])
     overhead = served[0]["p50_ms"] - fastest
-    return _advice("serving path", f"a request spends {overhead:.3g} ms in the Serve path beyond the model at concurrency 1: "
-                   "batching and a short path matter more than the engine here" if overhead > 2 * fastest else
-                   "the Serve path adds little beyond the model", f"served p50 {served[0]['p50_ms']:.3g} ms vs fastest engine p50 {fastest:.3g} ms at batch 1")
+    return _advice(
+        "serving path",
+        f"a request spends {overhead:.3g} ms in the Serve path beyond the model at concurrency 1: "
+        "batching and a short path matter more than the engine here"
+        if overhead > 2 * fastest
+        else "the Serve path adds little beyond the model",
+        f"served p50 {served[0]['p50_ms']:.3g} ms vs fastest engine p50 {fastest:.3g} ms at batch 1",
+    )
 
 
-def recommendations(config: TandemConfig, training: dict[str, Any], inference: dict[str, Any], zero: dict[str, Any],
-                    machine: dict[str, Any], run: dict[str, Any] | None, served: list[dict[str, Any]] | None) -> list[dict[str, str]]:
+def recommendations(
+    config: TandemConfig,
+    training: dict[str, Any],
+    inference: dict[str, Any],
+    zero: dict[str, Any],
+    machine: dict[str, Any],
+    run: dict[str, Any] | None,
+    served: list[dict[str, Any]] | None,
+) -> list[dict[str, str]]:
     found = [
         recommend_serving_engine(config, inference),
         recommend_batching(inference),

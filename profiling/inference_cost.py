@@ -46,7 +46,9 @@ class Candidate:
 
 def untrained_candidates(model: torch.nn.Module, input_shape: tuple[int, ...], num_classes: int) -> list[Candidate]:
     def torch_engine(precision: str) -> Callable[[], Engine]:
-        return lambda: TorchEngine(copy.deepcopy(model), input_shape=input_shape, num_classes=num_classes, precision=precision, threads=ENGINE_THREADS)
+        return lambda: TorchEngine(
+            copy.deepcopy(model), input_shape=input_shape, num_classes=num_classes, precision=precision, threads=ENGINE_THREADS
+        )
 
     return [Candidate("torch-fp32", torch_engine("fp32"), model, "fp32"), Candidate("torch-bf16", torch_engine("bf16"), model, "bf16")]
 
@@ -70,7 +72,11 @@ def artifact_candidates(folder: Path, prefix: str = "") -> tuple[list[Candidate]
                 notes.append(f"{prefix}{label}: {folder / name} is absent; run `tandem export` for this row")
             continue
         counted = load_model(folder, name)[0] if name == PRUNED_FILE else model
-        candidates.append(Candidate(prefix + label, lambda kwargs=kwargs: load_engine(folder, threads=ENGINE_THREADS, **kwargs), counted, weight_format, name))
+        candidates.append(
+            Candidate(
+                prefix + label, lambda kwargs=kwargs: load_engine(folder, threads=ENGINE_THREADS, **kwargs), counted, weight_format, name
+            )
+        )
     return candidates, notes
 
 
@@ -96,8 +102,10 @@ def distilled_students(config: TandemConfig, teacher: Path) -> list[Path]:
 def engine_candidates(config: TandemConfig, subject: Subject, train_set: ArrayDataset) -> tuple[list[Candidate], list[str]]:
     if not subject.trained:
         model = build_model(config, train_set.input_shape, train_set.num_classes)
-        notes = ["no trained artifact: the untrained model built from the config is profiled (torch rows only); "
-                 "latency and FLOPs do not depend on the weights. Run `tandem train` and `tandem export` for ONNX, int8 and pruned rows"]
+        notes = [
+            "no trained artifact: the untrained model built from the config is profiled (torch rows only); "
+            "latency and FLOPs do not depend on the weights. Run `tandem train` and `tandem export` for ONNX, int8 and pruned rows"
+        ]
         return untrained_candidates(model, train_set.input_shape, int(config.model.args.get("num_classes", train_set.num_classes))), notes
     candidates, notes = artifact_candidates(subject.artifact_dir)
     students = distilled_students(config, subject.artifact_dir)
@@ -108,7 +116,9 @@ def engine_candidates(config: TandemConfig, subject: Subject, train_set: ArrayDa
     return candidates, notes
 
 
-def engine_memory(candidate: Candidate, engine: Engine, folder: Path | None, params: int, activation_bytes: float, largest_batch: int) -> dict[str, Any]:
+def engine_memory(
+    candidate: Candidate, engine: Engine, folder: Path | None, params: int, activation_bytes: float, largest_batch: int
+) -> dict[str, Any]:
     """Weights in memory (or on disk for ONNX) and activations at the largest batch; measured on CUDA."""
     files = {}
     if folder is not None:
@@ -143,7 +153,9 @@ def profile_engine(candidate: Candidate, folder: Path | None, examples: np.ndarr
     for row in rows:
         row["achieved_flops_per_s"] = flops * row["batch"] / (row["p50_ms"] / 1e3)
         row["fraction_of_peak"] = row["achieved_flops_per_s"] / peak["flops_per_s"] if peak else None
-        row["arithmetic_intensity"] = flops * row["batch"] / inference_bytes(params, candidate.weight_format, row["batch"], input_bytes, activations)
+        row["arithmetic_intensity"] = (
+            flops * row["batch"] / inference_bytes(params, candidate.weight_format, row["batch"], input_bytes, activations)
+        )
     memory = engine_memory(candidate, engine, folder, params, activations, max(plan.batch_sizes))
     del engine  # an ORT session's threads and buffers go before the next engine is timed
     return {
@@ -162,14 +174,20 @@ def profile_engine(candidate: Candidate, folder: Path | None, examples: np.ndarr
     }
 
 
-def profile_inference(config: TandemConfig, subject: Subject, train_set: ArrayDataset, val_set: ArrayDataset, machine: dict[str, Any], plan: Plan) -> dict[str, Any]:
+def profile_inference(
+    config: TandemConfig, subject: Subject, train_set: ArrayDataset, val_set: ArrayDataset, machine: dict[str, Any], plan: Plan
+) -> dict[str, Any]:
     candidates, notes = engine_candidates(config, subject, train_set)
     engines = []
     with torch_threads(ENGINE_THREADS):  # TorchEngine sets the process's threads; restore them after
         for candidate in candidates:
             folder = None
             if candidate.file:
-                folder = subject.artifact_dir if not candidate.label.startswith("distilled-") else distilled_students(config, subject.artifact_dir)[-1]
+                folder = (
+                    subject.artifact_dir
+                    if not candidate.label.startswith("distilled-")
+                    else distilled_students(config, subject.artifact_dir)[-1]
+                )
             engines.append(profile_engine(candidate, folder, val_set.x, machine, plan))
     if any(e["weight_format"] == "int8" for e in engines):
         notes.append("int8 rows are compared with the fp32 peak (no int8 peak is measured)")
@@ -185,12 +203,14 @@ def serve_token(config: TandemConfig) -> str | None:
 
 
 def profile_served(config: TandemConfig, url: str, example: np.ndarray, plan: Plan) -> list[dict[str, Any]]:
-    return [served_latency(url, example, concurrency, requests=max(plan.served_requests, concurrency), deadline_s=60.0, token=serve_token(config))
-            for concurrency in (1, 32)]
+    return [
+        served_latency(
+            url, example, concurrency, requests=max(plan.served_requests, concurrency), deadline_s=60.0, token=serve_token(config)
+        )
+        for concurrency in (1, 32)
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
 # the report
 # ---------------------------------------------------------------------------------------------
-
-

@@ -41,6 +41,7 @@ from serving.optimize.parity import batch_of
 class ProfileError(TandemError, ValueError):
     """The profile could not be measured or written; the message names the cause and the fix."""
 
+
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 # Bytes one weight takes in each engine's format, for the roofline's traffic estimate.
 WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "int8": 1}
@@ -297,15 +298,15 @@ def training_bytes(num_params: int, optimizer: str, batch: int, input_bytes: flo
 # ---------------------------------------------------------------------------------------------
 
 
-def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, precision: str, device: str, grad_clip: float) -> Callable[[], None]:
+def training_step(
+    model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor, precision: str, device: str, grad_clip: float
+) -> Callable[[], None]:
     """One optimizer step on one micro-batch, as a worker runs it (without DeepSpeed's communication).
 
     bf16/fp16 run under autocast: products in the half type, weights and optimizer in fp32, which
     is what DeepSpeed's mixed precision computes per step.
     """
-    autocast = (
-        torch.autocast(device_type=device, dtype=DTYPES[precision]) if precision in ("bf16", "fp16") else contextlib.nullcontext()
-    )
+    autocast = torch.autocast(device_type=device, dtype=DTYPES[precision]) if precision in ("bf16", "fp16") else contextlib.nullcontext()
     model.train()
 
     def step() -> None:
@@ -321,7 +322,9 @@ def training_step(model: nn.Module, optimizer: torch.optim.Optimizer, x: torch.T
     return step
 
 
-def latency_by_batch(predict: Callable[[np.ndarray], Any], examples: np.ndarray, batch_sizes: list[int], budget_s: float) -> list[dict[str, Any]]:
+def latency_by_batch(
+    predict: Callable[[np.ndarray], Any], examples: np.ndarray, batch_sizes: list[int], budget_s: float
+) -> list[dict[str, Any]]:
     """p50/p99/mean latency and throughput of `predict` per batch size (real examples, repeated when few)."""
     rows = []
     for size in batch_sizes:
@@ -365,10 +368,14 @@ def probe_serve_app(url: str, example: np.ndarray, timeout_s: float = 10.0, toke
     if response.status_code == 401:
         raise ProfileError(f"serve_url {url}: {target} answered 401; export the token named by serving.auth.token_env")
     if response.status_code != 200:
-        raise ProfileError(f"serve_url {url}: {target} answered {response.status_code} ({response.text[:200]}); check the URL and the route prefix")
+        raise ProfileError(
+            f"serve_url {url}: {target} answered {response.status_code} ({response.text[:200]}); check the URL and the route prefix"
+        )
 
 
-def served_latency(url: str, example: np.ndarray, concurrency: int, requests: int, deadline_s: float, token: str | None = None) -> dict[str, Any]:
+def served_latency(
+    url: str, example: np.ndarray, concurrency: int, requests: int, deadline_s: float, token: str | None = None
+) -> dict[str, Any]:
     """Closed-loop load on the app (serving.loadgen's LoadResult, as a dict): `concurrency` clients,
     one example per request, `requests` in all, for at most `deadline_s`."""
     base = url.rstrip("/").removesuffix("/v1/predict")

@@ -133,14 +133,32 @@ def plot_roofline(data: dict[str, Any], path: Path) -> Path:
     high = max(points + ridges) * 4
     x = np.logspace(np.log10(low), np.log10(high), 200)
     for i, (label, peak, bandwidth, style) in enumerate(roofs):
-        ax.plot(x, np.minimum(peak, bandwidth * x), style, color="0.25" if i % 2 == 0 else "0.55", linewidth=1.2,
-                label=f"roof {label}: {human_flops(peak, 'FLOP/s')}, {human_bytes(bandwidth)}/s")
+        ax.plot(
+            x,
+            np.minimum(peak, bandwidth * x),
+            style,
+            color="0.25" if i % 2 == 0 else "0.55",
+            linewidth=1.2,
+            label=f"roof {label}: {human_flops(peak, 'FLOP/s')}, {human_bytes(bandwidth)}/s",
+        )
     for color, engine in zip(COLORS, data["inference"]["engines"], strict=False):
         rows = engine["latency"]
-        ax.plot([r["arithmetic_intensity"] for r in rows], [r["achieved_flops_per_s"] for r in rows], "o-", color=color, markersize=4,
-                label=f"{engine['label']} (batch {rows[0]['batch']}..{rows[-1]['batch']})")
-    ax.plot([training["arithmetic_intensity"]], [training["achieved_flops_per_s"]], "*", color="black", markersize=14,
-            label=f"training step (batch {training['batch_size']})")
+        ax.plot(
+            [r["arithmetic_intensity"] for r in rows],
+            [r["achieved_flops_per_s"] for r in rows],
+            "o-",
+            color=color,
+            markersize=4,
+            label=f"{engine['label']} (batch {rows[0]['batch']}..{rows[-1]['batch']})",
+        )
+    ax.plot(
+        [training["arithmetic_intensity"]],
+        [training["achieved_flops_per_s"]],
+        "*",
+        color="black",
+        markersize=14,
+        label=f"training step (batch {training['batch_size']})",
+    )
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("arithmetic intensity (FLOP per byte moved, estimated)")
@@ -157,7 +175,11 @@ def plot_zero_memory(data: dict[str, Any], path: Path) -> Path:
     fig = Figure(figsize=(7, 4.5))
     ax = fig.subplots()
     stages = [row["stage"] for row in zero["stages"]]
-    parts = (("params_bytes", "parameters", "#1f77b4"), ("grads_bytes", "gradients", "#ff7f0e"), ("optimizer_bytes", "optimizer state", "#2ca02c"))
+    parts = (
+        ("params_bytes", "parameters", "#1f77b4"),
+        ("grads_bytes", "gradients", "#ff7f0e"),
+        ("optimizer_bytes", "optimizer state", "#2ca02c"),
+    )
     bottom = [0.0] * len(stages)
     for key, label, color in parts:
         values = [row[key] / 1e6 for row in zero["stages"]]
@@ -166,9 +188,19 @@ def plot_zero_memory(data: dict[str, Any], path: Path) -> Path:
     run = zero.get("run")
     if run and run.get("param_bytes") is not None:
         measured = [run["param_bytes"] / 1e6, (run.get("optimizer_bytes") or 0.0) / 1e6]
-        ax.bar([run["stage"] + 0.2], [measured[0]], 0.38, color="#1f77b4", hatch="//", edgecolor="black", label="parameters (measured, run)")
-        ax.bar([run["stage"] + 0.2], [measured[1]], 0.38, bottom=[measured[0]], color="#2ca02c", hatch="//", edgecolor="black",
-               label="optimizer state (measured, run)")
+        ax.bar(
+            [run["stage"] + 0.2], [measured[0]], 0.38, color="#1f77b4", hatch="//", edgecolor="black", label="parameters (measured, run)"
+        )
+        ax.bar(
+            [run["stage"] + 0.2],
+            [measured[1]],
+            0.38,
+            bottom=[measured[0]],
+            color="#2ca02c",
+            hatch="//",
+            edgecolor="black",
+            label="optimizer state (measured, run)",
+        )
     configured = zero["configured_stage"]
     ax.annotate("configured", (configured - 0.2, bottom[configured]), textcoords="offset points", xytext=(0, 4), ha="center", fontsize=8)
     ax.set_xticks(stages, [f"ZeRO-{s}" for s in stages])
@@ -184,7 +216,10 @@ def plot_cost(data: dict[str, Any], path: Path) -> Path:
     comparison = data["comparison"]
     fig = Figure(figsize=(9, 4.2))
     left, right = fig.subplots(1, 2)
-    flops = [("training\n(fwd+bwd)", comparison["training_flops_per_example"]), ("inference\n(fwd)", comparison["inference_flops_per_example"])]
+    flops = [
+        ("training\n(fwd+bwd)", comparison["training_flops_per_example"]),
+        ("inference\n(fwd)", comparison["inference_flops_per_example"]),
+    ]
     left.bar([f[0] for f in flops], [f[1] for f in flops], color=["#444444", "#1f77b4"])
     for i, (_, value) in enumerate(flops):
         left.annotate(human_flops(value), (i, value), textcoords="offset points", xytext=(0, 3), ha="center", fontsize=8)
@@ -193,7 +228,10 @@ def plot_cost(data: dict[str, Any], path: Path) -> Path:
     times = [
         ("training\nstep", comparison["training_s_per_example"]),
         (f"inference\nbatch 1\n{comparison['best_batch1_engine']}", comparison["inference_s_per_example_batch1"]),
-        (f"inference\nbatch {comparison['best_throughput_batch']}\n{comparison['best_throughput_engine']}", comparison["inference_s_per_example_best"]),
+        (
+            f"inference\nbatch {comparison['best_throughput_batch']}\n{comparison['best_throughput_engine']}",
+            comparison["inference_s_per_example_best"],
+        ),
     ]
     right.bar(range(len(times)), [t[1] * 1e6 for t in times], color=["#444444", "#1f77b4", "#2ca02c"])
     right.set_xticks(range(len(times)), [t[0] for t in times], fontsize=8)

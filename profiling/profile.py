@@ -135,8 +135,13 @@ def write_atomically(target: Path, build: Callable[[Path], None]) -> None:
         raise
 
 
-def profile(config: TandemConfig, source: str | Path | None = None, out_dir: str | Path | None = None,
-            serve_url: str | None = None, quick: bool = False) -> ProfileReport:
+def profile(
+    config: TandemConfig,
+    source: str | Path | None = None,
+    out_dir: str | Path | None = None,
+    serve_url: str | None = None,
+    quick: bool = False,
+) -> ProfileReport:
     """Measure training and inference of the configured model here; write profile.json, profile.html and PNG plots.
 
     source: 'latest', a run folder or an artifacts folder (None: the latest artifact, else the
@@ -198,44 +203,64 @@ def peak_notes(machine: dict[str, Any]) -> list[str]:
     for peak in machine["peaks"]:
         one = single.get((peak["device"], peak["dtype"]))
         if peak["threads"] and peak["threads"] > 1 and one and peak["flops_per_s"] < one:
-            notes.append(f"{peak['device']} {peak['dtype']} with {peak['threads']} threads measured slower than with one "
-                         f"({peak['flops_per_s'] / 1e9:.3g} vs {one / 1e9:.3g} GFLOP/s): other processes held the cores")
+            notes.append(
+                f"{peak['device']} {peak['dtype']} with {peak['threads']} threads measured slower than with one "
+                f"({peak['flops_per_s'] / 1e9:.3g} vs {one / 1e9:.3g} GFLOP/s): other processes held the cores"
+            )
     return notes
 
 
 def above_peak_notes(training: dict[str, Any], inference: dict[str, Any]) -> list[str]:
     """A measurement above its measured peak means the peak run was disturbed, not that the engine beat the hardware."""
-    above = [f"{e['label']} at batch {r['batch']} ({r['fraction_of_peak']:.0%})" for e in inference["engines"] for r in e["latency"]
-             if (r["fraction_of_peak"] or 0) > 1]
+    above = [
+        f"{e['label']} at batch {r['batch']} ({r['fraction_of_peak']:.0%})"
+        for e in inference["engines"]
+        for r in e["latency"]
+        if (r["fraction_of_peak"] or 0) > 1
+    ]
     if (training["fraction_of_peak"] or 0) > 1:
         above.insert(0, f"the training step ({training['fraction_of_peak']:.0%})")
     if not above:
         return []
-    return [f"{len(above)} measurement(s) exceed the measured peak, e.g. {', '.join(above[:3])}: the peak's runs were slowed by other "
-            "work on the machine, so fractions of peak and the roofline are unreliable here; profile again on an idle machine"]
+    return [
+        f"{len(above)} measurement(s) exceed the measured peak, e.g. {', '.join(above[:3])}: the peak's runs were slowed by other "
+        "work on the machine, so fractions of peak and the roofline are unreliable here; profile again on an idle machine"
+    ]
 
 
 def report_notes(subject: Subject, machine: dict[str, Any], training: dict[str, Any], zero: dict[str, Any], quick: bool) -> list[str]:
     notes = []
     if quick:
-        notes.append("quick profile: small matrices and arrays, three batch sizes, short timings; peaks are rough and the triad "
-                     "arrays fit in cache (it measures cache, not DRAM, bandwidth)")
+        notes.append(
+            "quick profile: small matrices and arrays, three batch sizes, short timings; peaks are rough and the triad "
+            "arrays fit in cache (it measures cache, not DRAM, bandwidth)"
+        )
     if not subject.trained:
         notes.append("profiled the untrained model built from the config: no trained artifact was found (pass --from RUN to profile one)")
     if machine["load_average"] > machine["cores"]:
-        notes.append(f"the machine was busy while measuring (load average {machine['load_average']:.1f} on {machine['cores']} cores): "
-                     "peaks, step times and latencies are lower than on an idle machine")
+        notes.append(
+            f"the machine was busy while measuring (load average {machine['load_average']:.1f} on {machine['cores']} cores): "
+            "peaks, step times and latencies are lower than on an idle machine"
+        )
     notes += peak_notes(machine)
-    notes.append(f"the training step is measured in this process on {training['threads'] or 'one GPU'} thread(s), without DeepSpeed's "
-                 "communication; epoch and run times are estimates from it")
+    notes.append(
+        f"the training step is measured in this process on {training['threads'] or 'one GPU'} thread(s), without DeepSpeed's "
+        "communication; epoch and run times are estimates from it"
+    )
     run = zero.get("run")
     if run and run.get("parameters") and run["parameters"] != zero["parameters"]:
-        notes.append(f"the run's model has {run['parameters']:,} parameters and the config's {zero['parameters']:,}: the measured "
-                     "bytes are compared with the formula for the run's model")
+        notes.append(
+            f"the run's model has {run['parameters']:,} parameters and the config's {zero['parameters']:,}: the measured "
+            "bytes are compared with the formula for the run's model"
+        )
     if run:
-        notes.append(f"the run {run['source'].removesuffix('/metrics.jsonl')} trained with ZeRO-{run['stage']} (configured now: "
-                     f"ZeRO-{zero['configured_stage']}); its measured bytes sit at the ZeRO-{run['stage']} row")
+        notes.append(
+            f"the run {run['source'].removesuffix('/metrics.jsonl')} trained with ZeRO-{run['stage']} (configured now: "
+            f"ZeRO-{zero['configured_stage']}); its measured bytes sit at the ZeRO-{run['stage']} row"
+        )
     if run and (run["workers"] != zero["workers"] or run["precision"] != zero["precision"]):
-        notes.append(f"the run used {run['workers']} workers in {run['precision']}; the table is for the configured "
-                     f"{zero['workers']} workers in {zero['precision']}")
+        notes.append(
+            f"the run used {run['workers']} workers in {run['precision']}; the table is for the configured "
+            f"{zero['workers']} workers in {zero['precision']}"
+        )
     return notes

@@ -48,10 +48,15 @@ def machine_rows(data: dict[str, Any]) -> list[list[str]]:
     rows = []
     for peak in machine["peaks"]:
         bandwidth = next((b for b in machine["bandwidth"] if b["device"] == peak["device"] and b["threads"] == peak["threads"]), None)
-        rows.append([
-            peak["device"], str(peak["threads"] or "-"), peak["dtype"], f"{human_flops(peak['flops_per_s'], 'FLOP/s')} ({peak['op']}, {peak['size']}²)",
-            f"{human_bytes(bandwidth['bytes_per_s'])}/s" if bandwidth else "-",
-        ])
+        rows.append(
+            [
+                peak["device"],
+                str(peak["threads"] or "-"),
+                peak["dtype"],
+                f"{human_flops(peak['flops_per_s'], 'FLOP/s')} ({peak['op']}, {peak['size']}²)",
+                f"{human_bytes(bandwidth['bytes_per_s'])}/s" if bandwidth else "-",
+            ]
+        )
     return rows
 
 
@@ -61,20 +66,34 @@ def training_rows(data: dict[str, Any]) -> list[list[str]]:
         ["parameters", f"{t['parameters']:,}"],
         ["FLOPs per example, forward + backward (counted)", human_flops(t["flops_per_example"])],
         ["FLOPs per example, forward", human_flops(t["forward_flops_per_example"])],
-        ["step (in process)", f"{t['step_s'] * 1e3:.3g} ms at batch {t['batch_size']}, {t['optimizer']}, {t['precision']}, "
-                              f"{t['device']} {t['threads'] or ''}{' thread' if t['threads'] else ''}"],
+        [
+            "step (in process)",
+            f"{t['step_s'] * 1e3:.3g} ms at batch {t['batch_size']}, {t['optimizer']}, {t['precision']}, "
+            f"{t['device']} {t['threads'] or ''}{' thread' if t['threads'] else ''}",
+        ],
         ["samples/s per worker", f"{t['samples_per_s']:,.0f}"],
-        ["achieved / peak", f"{human_flops(t['achieved_flops_per_s'], 'FLOP/s')} / "
-                            f"{human_flops(t['peak_flops_per_s'], 'FLOP/s') if t['peak_flops_per_s'] else '-'} ({_pct(t['fraction_of_peak'])})"],
-        ["epoch (estimate)", f"{human_seconds(t['epoch_s'])}: {t['micro_batches_per_epoch']} micro-batches per worker, {t['workers']} workers"
-                             + (f", {t['core_sharing']:.1f} workers per core" if t["core_sharing"] > 1 else "")],
+        [
+            "achieved / peak",
+            f"{human_flops(t['achieved_flops_per_s'], 'FLOP/s')} / "
+            f"{human_flops(t['peak_flops_per_s'], 'FLOP/s') if t['peak_flops_per_s'] else '-'} ({_pct(t['fraction_of_peak'])})",
+        ],
+        [
+            "epoch (estimate)",
+            f"{human_seconds(t['epoch_s'])}: {t['micro_batches_per_epoch']} micro-batches per worker, {t['workers']} workers"
+            + (f", {t['core_sharing']:.1f} workers per core" if t["core_sharing"] > 1 else ""),
+        ],
         ["configured run (estimate)", f"{human_seconds(t['run_s'])} for {t['epochs']} epochs"],
     ]
     run = t.get("run")
     if run and run.get("step_time_s"):
-        rows.append(["run (measured)", f"{run['step_time_s'] * 1e3:.3g} ms per step, {run['samples_per_s']:,.0f} samples/s over "
-                                       f"{run['world_size']} workers, epoch {human_seconds(run.get('epoch_s') or 0)} "
-                                       f"({run.get('step_time_vs_in_process', 0):.1f}x the in-process step)"])
+        rows.append(
+            [
+                "run (measured)",
+                f"{run['step_time_s'] * 1e3:.3g} ms per step, {run['samples_per_s']:,.0f} samples/s over "
+                f"{run['world_size']} workers, epoch {human_seconds(run.get('epoch_s') or 0)} "
+                f"({run.get('step_time_vs_in_process', 0):.1f}x the in-process step)",
+            ]
+        )
     return rows
 
 
@@ -86,11 +105,21 @@ def zero_rows(data: dict[str, Any]) -> list[list[str]]:
         measured = "-"
         if run and run["stage"] == row["stage"]:
             formula = run.get("formula") or {}
-            measured = (f"params {human_bytes(run['param_bytes'])} (formula {human_bytes(formula.get('params', 0))}), "
-                        f"optimizer {human_bytes(run['optimizer_bytes'] or 0)} (formula {human_bytes(formula.get('optimizer', 0))})")
+            measured = (
+                f"params {human_bytes(run['param_bytes'])} (formula {human_bytes(formula.get('params', 0))}), "
+                f"optimizer {human_bytes(run['optimizer_bytes'] or 0)} (formula {human_bytes(formula.get('optimizer', 0))})"
+            )
         mark = " (configured)" if row["stage"] == zero["configured_stage"] else ""
-        rows.append([f"ZeRO-{row['stage']}{mark}", human_bytes(row["params_bytes"]), human_bytes(row["grads_bytes"]),
-                     human_bytes(row["optimizer_bytes"]), human_bytes(row["total_bytes"]), measured])
+        rows.append(
+            [
+                f"ZeRO-{row['stage']}{mark}",
+                human_bytes(row["params_bytes"]),
+                human_bytes(row["grads_bytes"]),
+                human_bytes(row["optimizer_bytes"]),
+                human_bytes(row["total_bytes"]),
+                measured,
+            ]
+        )
     return rows
 
 
@@ -101,7 +130,12 @@ def inference_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
     for engine in data["inference"]["engines"]:
         by_batch = {r["batch"]: r for r in engine["latency"]}
         best = max(engine["latency"], key=lambda r: r["examples_per_s"])
-        cells = [engine["label"], engine["device"], human_flops(engine["forward_flops_per_example"]), human_bytes(engine["memory"]["weights_bytes"])]
+        cells = [
+            engine["label"],
+            engine["device"],
+            human_flops(engine["forward_flops_per_example"]),
+            human_bytes(engine["memory"]["weights_bytes"]),
+        ]
         cells += [f"{_ms(by_batch[s]['p50_ms'])}/{_ms(by_batch[s]['p99_ms'])}" if s in by_batch else "-" for s in sizes]
         cells += [f"{best['examples_per_s']:,.0f} (b={best['batch']})", _pct(best["fraction_of_peak"])]
         rows.append(cells)
@@ -111,20 +145,46 @@ def inference_rows(data: dict[str, Any]) -> tuple[list[str], list[list[str]]]:
 def comparison_rows(data: dict[str, Any]) -> list[list[str]]:
     c = data["comparison"]
     return [
-        ["FLOPs per example", human_flops(c["training_flops_per_example"]), human_flops(c["inference_flops_per_example"]), f"{c['flops_ratio']:.2f}x"],
-        ["time per example, batch 1", human_seconds(c["training_s_per_example"]), f"{human_seconds(c['inference_s_per_example_batch1'])} ({c['best_batch1_engine']})",
-         f"{c['time_ratio_batch1']:.2f}x"],
-        ["time per example, best batch", human_seconds(c["training_s_per_example"]),
-         f"{human_seconds(c['inference_s_per_example_best'])} ({c['best_throughput_engine']}, b={c['best_throughput_batch']})", f"{c['time_ratio_best']:.2f}x"],
-        ["one epoch = inferences", f"{c['inferences_per_epoch_by_flops']:,.0f} by FLOPs",
-         f"{c['inferences_per_epoch_by_time_batch1']:,.0f} at batch 1 / {c['inferences_per_epoch_by_time_best']:,.0f} batched, by time", ""],
+        [
+            "FLOPs per example",
+            human_flops(c["training_flops_per_example"]),
+            human_flops(c["inference_flops_per_example"]),
+            f"{c['flops_ratio']:.2f}x",
+        ],
+        [
+            "time per example, batch 1",
+            human_seconds(c["training_s_per_example"]),
+            f"{human_seconds(c['inference_s_per_example_batch1'])} ({c['best_batch1_engine']})",
+            f"{c['time_ratio_batch1']:.2f}x",
+        ],
+        [
+            "time per example, best batch",
+            human_seconds(c["training_s_per_example"]),
+            f"{human_seconds(c['inference_s_per_example_best'])} ({c['best_throughput_engine']}, b={c['best_throughput_batch']})",
+            f"{c['time_ratio_best']:.2f}x",
+        ],
+        [
+            "one epoch = inferences",
+            f"{c['inferences_per_epoch_by_flops']:,.0f} by FLOPs",
+            f"{c['inferences_per_epoch_by_time_batch1']:,.0f} at batch 1 / {c['inferences_per_epoch_by_time_best']:,.0f} batched, by time",
+            "",
+        ],
     ]
 
 
 def served_rows(data: dict[str, Any]) -> list[list[str]]:
     served = data.get("served") or {}
-    return [[str(level["concurrency"]), str(level["requests"]), str(level["requests"] - level["ok"]), _ms(level["p50_ms"]), _ms(level["p99_ms"]),
-             f"{level['requests_per_s']:,.0f}"] for level in served.get("levels") or []]
+    return [
+        [
+            str(level["concurrency"]),
+            str(level["requests"]),
+            str(level["requests"] - level["ok"]),
+            _ms(level["p50_ms"]),
+            _ms(level["p99_ms"]),
+            f"{level['requests_per_s']:,.0f}",
+        ]
+        for level in served.get("levels") or []
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,8 +226,10 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
 def _figure(data: dict[str, Any], name: str) -> str:
     filename = data["plots"][name]
     caption = CAPTIONS[name]
-    return (f'<figure><img src="{html.escape(filename)}" alt="{html.escape(caption)}" data-plot="{html.escape(name)}">'
-            f"<figcaption>{html.escape(caption)}</figcaption></figure>")
+    return (
+        f'<figure><img src="{html.escape(filename)}" alt="{html.escape(caption)}" data-plot="{html.escape(name)}">'
+        f"<figcaption>{html.escape(caption)}</figcaption></figure>"
+    )
 
 
 def _source_line(data: dict[str, Any]) -> str:
@@ -188,25 +250,30 @@ def render_html(data: dict[str, Any]) -> str:
     title = f"Tandem profile: {data['name']}"
     notes = "".join(f"<li>{html.escape(n)}</li>" for n in data["notes"])
     recs = "".join(
-        f"<li><b>{html.escape(r['topic'])}</b>: {html.escape(r['advice'])}<div class='figure'>rests on: {html.escape(r['figure'])}</div></li>"
+        f"<li><b>{html.escape(r['topic'])}</b>: {html.escape(r['advice'])}<div class='figure'>rests on: "
+        f"{html.escape(r['figure'])}</div></li>"
         for r in data["recommendations"]
     )
     inference_header, inference_body = inference_rows(data)
     served = ""
     if data.get("served"):
-        served = (f"<h2>Served end to end</h2><p>{html.escape(str(data['served']['url']))}, one example per request</p>"
-                  + _table(["concurrency", "requests", "not ok", "p50 ms", "p99 ms", "requests/s"], served_rows(data)))
+        served = f"<h2>Served end to end</h2><p>{html.escape(str(data['served']['url']))}, one example per request</p>" + _table(
+            ["concurrency", "requests", "not ok", "p50 ms", "p99 ms", "requests/s"], served_rows(data)
+        )
     sections = [
         f"<h1>{html.escape(title)}</h1>",
         f"<p class='sub'>{html.escape(_source_line(data))}<br>{html.escape(_machine_line(data))}<br>"
         f"generated {html.escape(time.strftime('%Y-%m-%d %H:%M:%S'))}{' (quick)' if data['quick'] else ''}</p>",
         f"<div class='notes'><ul>{notes}</ul></div>" if notes else "",
         f"<h2>Recommendations</h2><ol class='rec'>{recs}</ol>",
-        "<h2>Training vs inference</h2>" + _table(["per example", "training", "inference", "training / inference"], comparison_rows(data)) + _figure(data, "cost"),
+        "<h2>Training vs inference</h2>"
+        + _table(["per example", "training", "inference", "training / inference"], comparison_rows(data))
+        + _figure(data, "cost"),
         "<h2>Machine limits</h2>" + _table(["device", "threads", "dtype", "GEMM peak", "triad bandwidth"], machine_rows(data)),
         "<h2>Training</h2>" + _table(["", "value"], training_rows(data)),
         "<h2>Memory per ZeRO stage (per rank)</h2>"
-        + _table(["stage", "parameters", "gradients", "optimizer", "total", "measured in the run"], zero_rows(data)) + _figure(data, "zero_memory"),
+        + _table(["stage", "parameters", "gradients", "optimizer", "total", "measured in the run"], zero_rows(data))
+        + _figure(data, "zero_memory"),
         "<h2>Inference</h2>" + _table(inference_header, inference_body) + _figure(data, "latency") + _figure(data, "throughput"),
         served,
         "<h2>Roofline</h2>" + _figure(data, "roofline"),
@@ -249,11 +316,19 @@ def summary(data: dict[str, Any], out_dir: Path | None = None) -> Any:
         Text(_machine_line(data), style="dim"),
         _rich_table("Machine limits", ["device", "threads", "dtype", "GEMM peak", "triad bandwidth"], machine_rows(data)),
         _rich_table("Training", ["", "value"], training_rows(data)),
-        _rich_table("ZeRO state per rank", ["stage", "parameters", "gradients", "optimizer", "total", "measured in the run"], zero_rows(data)),
+        _rich_table(
+            "ZeRO state per rank", ["stage", "parameters", "gradients", "optimizer", "total", "measured in the run"], zero_rows(data)
+        ),
         _rich_table("Inference (latency per batch)", inference_header, inference_body),
     ]
     if data.get("served"):
-        parts.append(_rich_table(f"Served: {data['served']['url']}", ["concurrency", "requests", "not ok", "p50 ms", "p99 ms", "requests/s"], served_rows(data)))
+        parts.append(
+            _rich_table(
+                f"Served: {data['served']['url']}",
+                ["concurrency", "requests", "not ok", "p50 ms", "p99 ms", "requests/s"],
+                served_rows(data),
+            )
+        )
     parts.append(_rich_table("Training vs inference", ["per example", "training", "inference", "ratio"], comparison_rows(data)))
     recs = Text("Recommendations\n", style="bold")
     for i, rec in enumerate(data["recommendations"], 1):

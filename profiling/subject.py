@@ -92,14 +92,21 @@ def checked_dataset(config: TandemConfig, subject: Subject) -> ArrayDataset:
     if subject.trained:
         expected = tuple(subject.manifest["model"]["input_shape"])
         if dataset.input_shape != expected:
-            raise ConfigError([Problem(path="data.source", value=config.data.source, message=(
-                f"returns examples of shape {dataset.input_shape}, but the model of {subject.artifact_dir} takes {expected}; "
-                "fix the data source, or profile another run with --from"))])
+            raise ConfigError(
+                [
+                    Problem(
+                        path="data.source",
+                        value=config.data.source,
+                        message=(
+                            f"returns examples of shape {dataset.input_shape}, but the model of {subject.artifact_dir} takes {expected}; "
+                            "fix the data source, or profile another run with --from"
+                        ),
+                    )
+                ]
+            )
     return dataset
 
 
 # ---------------------------------------------------------------------------------------------
 # training phase
 # ---------------------------------------------------------------------------------------------
-
-

@@ -68,14 +68,18 @@ def profile_training(config: TandemConfig, train_set: ArrayDataset, machine: dic
     threads = ENGINE_THREADS if device == "cpu" else None
     with torch_threads(ENGINE_THREADS):
         model = model.to(device)
-        step = training_step(model, build_optimizer(config, model.parameters()), x.to(device), y.to(device), t.precision, device, t.grad_clip)
+        step = training_step(
+            model, build_optimizer(config, model.parameters()), x.to(device), y.to(device), t.precision, device, t.grad_clip
+        )
         times = time_calls(step, plan.step_budget_s, min_runs=5)
     step_s = float(np.median(times))
     params = parameter_count(model)
     compute_dtype = "fp32" if t.precision == "fp32" else t.precision
     peak = peak_flops(machine, device, compute_dtype, threads)
     achieved = flops["per_example"] * batch / step_s
-    traffic = training_bytes(params, t.optimizer.name, batch, 4 * math.prod(train_set.input_shape), activation_bytes_per_example(model.cpu(), x))
+    traffic = training_bytes(
+        params, t.optimizer.name, batch, 4 * math.prod(train_set.input_shape), activation_bytes_per_example(model.cpu(), x)
+    )
     micro, steps = optimizer_steps_per_epoch(config, len(train_set.y))
     # Ray Train workers share this machine's cores: more single-thread workers than cores queue.
     sharing = max(1.0, t.workers * ENGINE_THREADS / usable_cores()) if device == "cpu" else 1.0
@@ -129,7 +133,9 @@ def run_measurements(subject: Subject, estimate: dict[str, Any]) -> dict[str, An
     }
     if last.get("step_time_s") and steps_per_epoch:
         measured["epoch_s"] = last["step_time_s"] * steps_per_epoch
-        expected_step = estimate["step_s"] * estimate["core_sharing"] * (estimate["micro_batches_per_epoch"] / estimate["optimizer_steps_per_epoch"])
+        expected_step = (
+            estimate["step_s"] * estimate["core_sharing"] * (estimate["micro_batches_per_epoch"] / estimate["optimizer_steps_per_epoch"])
+        )
         # Above 1: what DeepSpeed, gloo's all-reduce and the data loader add to the bare step.
         measured["step_time_vs_in_process"] = last["step_time_s"] / expected_step
     return measured
@@ -144,8 +150,15 @@ def zero_rows(params: int, workers: int, precision: str, optimizer: str) -> list
     rows = []
     for stage in range(4):
         f = zero_memory_formula(params, workers, stage, precision, optimizer)
-        rows.append({"stage": stage, "params_bytes": f["params"], "grads_bytes": f["grads"], "optimizer_bytes": f["optimizer"],
-                     "total_bytes": f["params"] + f["grads"] + f["optimizer"]})
+        rows.append(
+            {
+                "stage": stage,
+                "params_bytes": f["params"],
+                "grads_bytes": f["grads"],
+                "optimizer_bytes": f["optimizer"],
+                "total_bytes": f["params"] + f["grads"] + f["optimizer"],
+            }
+        )
     return rows
 
 
@@ -217,5 +230,3 @@ def zero_memory(config: TandemConfig, params: int, subject: Subject) -> dict[str
 # ---------------------------------------------------------------------------------------------
 # inference phase
 # ---------------------------------------------------------------------------------------------
-
-

@@ -220,7 +220,9 @@ def model_card(config: TandemConfig, manifest: dict[str, Any]) -> dict[str, Any]
         "dtype": DTYPE,
         "num_classes": int(manifest["model"]["num_classes"]),
         "metrics": manifest.get("metrics", {}),
-        "deployments": [{"name": d.name, "engine": d.engine, "precision": d.precision, "quantize": d.quantize} for d in config.serving.deployments],
+        "deployments": [
+            {"name": d.name, "engine": d.engine, "precision": d.precision, "quantize": d.quantize} for d in config.serving.deployments
+        ],
     }
 
 

@@ -45,8 +45,9 @@ The algorithm
 or until the batch is full): the benchmark's static arm and an escape hatch.
 
 Metrics: `stats()` returns batch sizes (last, mean), queue waits (last, mean), the current cap and
-wait, the fitted a and c, queue depth (now and its high-water mark since start) and shed count; the optional `on_batch` callback receives each
-batch's size, the requests' queue waits and the forward time (the Serve app feeds Ray metrics).
+wait, the fitted a and c, queue depth (now and its high-water mark since start) and shed count;
+the optional `on_batch` callback receives each batch's size, the requests' queue waits and the
+forward time (the Serve app feeds Ray metrics).
 """
 
 from __future__ import annotations

@@ -132,7 +132,9 @@ def wait_until_ready(url: str, version: str | None = None, timeout_s: float = RE
         except httpx.HTTPError as exc:
             last = repr(exc)
         time.sleep(0.25)
-    raise TimeoutError(f"{url}/healthz did not answer 200 within {timeout_s:.0f} s (last: {last}); see the Serve logs under Ray's session folder")
+    raise TimeoutError(
+        f"{url}/healthz did not answer 200 within {timeout_s:.0f} s (last: {last}); see the Serve logs under Ray's session folder"
+    )
 
 
 def serve(config: TandemConfig, artifact: str = "latest", blocking: bool = False) -> str:
@@ -190,4 +192,7 @@ def status(config: TandemConfig) -> dict[str, Any]:
     app = ray_serve.status().applications.get(config.name)
     if app is None:
         return {}
-    return {name: {getattr(state, "value", str(state)): count for state, count in d.replica_states.items()} for name, d in app.deployments.items()}
+    return {
+        name: {getattr(state, "value", str(state)): count for state, count in d.replica_states.items()}
+        for name, d in app.deployments.items()
+    }

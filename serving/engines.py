@@ -96,7 +96,9 @@ def _torch_dtype(precision: str, device: str) -> Any:
 class TorchEngine:
     """Eager torch on CPU or CUDA in fp32, bf16 or fp16, under torch.inference_mode."""
 
-    def __init__(self, model: Any, *, input_shape: tuple[int, ...], num_classes: int, precision: str = "fp32", device: str = "auto", threads: int = 1):
+    def __init__(
+        self, model: Any, *, input_shape: tuple[int, ...], num_classes: int, precision: str = "fp32", device: str = "auto", threads: int = 1
+    ):
         import torch
 
         self.device = _torch_device(device)
@@ -169,7 +171,9 @@ def ort_session(model: str | Path | bytes, threads: int = 1, device: str = "cpu"
 class OnnxEngine:
     """An onnxruntime session over one .onnx file (fp32 or int8)."""
 
-    def __init__(self, path: Path, *, input_shape: tuple[int, ...], num_classes: int, name: str = "onnx-fp32", threads: int = 1, device: str = "auto"):
+    def __init__(
+        self, path: Path, *, input_shape: tuple[int, ...], num_classes: int, name: str = "onnx-fp32", threads: int = 1, device: str = "auto"
+    ):
         self.session = ort_session(Path(path), threads=threads, device=device)
         self.input_name = self.session.get_inputs()[0].name
         self.output_name = self.session.get_outputs()[0].name
@@ -209,7 +213,10 @@ def check_engine_args(engine: str, precision: str, quantize: str, pruned: bool) 
     if quantize not in ("none", "int8"):
         raise EngineError(f"quantize '{quantize}' is not one of none, int8")
     if engine == "torch" and quantize != "none":
-        raise EngineError(f"quantize '{quantize}' is for engine 'onnxruntime'; the torch engine serves model.pt (set quantize: none or engine: onnxruntime)")
+        raise EngineError(
+            f"quantize '{quantize}' is for engine 'onnxruntime'; the torch engine serves model.pt (set quantize: none or engine: "
+            "onnxruntime)"
+        )
     if engine == "onnxruntime" and precision != "fp32":
         raise EngineError(f"precision '{precision}' is for engine 'torch'; onnxruntime serves fp32 or int8 (set quantize: int8 for int8)")
     if quantize == "int8" and pruned:
@@ -243,7 +250,9 @@ def load_engine(
         model, _ = load_model(folder, name)  # verifies sha256, torch.load(weights_only=True)
         return TorchEngine(model, input_shape=shape, num_classes=classes, precision=precision, device=device, threads=threads)
     name = INT8_FILE if quantize == "int8" else PRUNED_ONNX_FILE if pruned else ONNX_FILE
-    fix = "run `tandem export` first" + (" with export.quantize other than none" if quantize == "int8" else " with export.prune set" if pruned else "")
+    fix = "run `tandem export` first" + (
+        " with export.quantize other than none" if quantize == "int8" else " with export.prune set" if pruned else ""
+    )
     _require_listed(folder, manifest, name, fix)
     path = verify_file(folder, name)
     label = "onnx-int8" if quantize == "int8" else "onnx-pruned" if pruned else "onnx-fp32"

@@ -164,7 +164,9 @@ class Failover:
         # A call made while the deployment is down (every other one refused) only has the timeout.
         watch = asyncio.ensure_future(down.wait()) if not down.is_set() else None
         try:
-            done, _ = await asyncio.wait({call} | ({watch} if watch else set()), timeout=ATTEMPT_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {call} | ({watch} if watch else set()), timeout=ATTEMPT_TIMEOUT_S, return_when=asyncio.FIRST_COMPLETED
+            )
         except asyncio.CancelledError:
             call.cancel()
             raise

@@ -156,7 +156,15 @@ async def closed_loop(
                 except (OSError, EOFError, asyncio.TimeoutError, ValueError) as exc:
                     status, headers, body = NO_ANSWER, {}, repr(exc).encode()
                     await connection.close()
-                records.append({"index": index, "status": status, "seconds": time.perf_counter() - start, "retry_after": headers.get("retry-after"), "body": body})
+                records.append(
+                    {
+                        "index": index,
+                        "status": status,
+                        "seconds": time.perf_counter() - start,
+                        "retry_after": headers.get("retry-after"),
+                        "body": body,
+                    }
+                )
         finally:
             await connection.close()
 
@@ -199,12 +207,26 @@ def run_load(url: str, examples: Any, requests: int, concurrency: int, token: st
     return summarize(records, time.perf_counter() - start, concurrency)
 
 
-def load_from_process(url: str, examples: Any, requests: int, concurrency: int, token_env: str | None = None, max_seconds: float = 60.0) -> LoadResult:
+def load_from_process(
+    url: str, examples: Any, requests: int, concurrency: int, token_env: str | None = None, max_seconds: float = 60.0
+) -> LoadResult:
     """Run `run_load` in a separate Python process (its own GIL and event loop) and return its result."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
         json.dump(np.asarray(examples, dtype=np.float32).tolist(), handle)
-    cmd = [sys.executable, "-m", "serving.loadgen", url, "--inputs", handle.name, "--requests", str(requests),
-           "--concurrency", str(concurrency), "--max-seconds", str(max_seconds)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "serving.loadgen",
+        url,
+        "--inputs",
+        handle.name,
+        "--requests",
+        str(requests),
+        "--concurrency",
+        str(concurrency),
+        "--max-seconds",
+        str(max_seconds),
+    ]
     if token_env:
         cmd += ["--token-env", token_env]
     try:

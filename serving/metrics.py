@@ -37,12 +37,18 @@ class TandemMetrics:
         self.batch_cap = metrics.Gauge("tandem_batch_cap", "Current batch-size cap of the adaptive batcher.")
         self.planned_wait = metrics.Gauge("tandem_planned_wait_ms", "Wait the batcher chose before its last batch (ms).")
         self.shed = metrics.Counter("tandem_shed_total", "Requests refused with 503 by the batcher.")
-        self.admission_shed = metrics.Counter("tandem_admission_shed_total", "Requests refused with 503 on arrival, predicted to miss the latency target.")
+        self.admission_shed = metrics.Counter(
+            "tandem_admission_shed_total", "Requests refused with 503 on arrival, predicted to miss the latency target."
+        )
         self.cache_lookups = metrics.Counter("tandem_cache_lookups_total", "Result-cache lookups by result.", tag_keys=("result",))
         self.cache_hit_rate = metrics.Gauge("tandem_cache_hit_rate", "Result-cache hits / lookups since start.")
-        self.spillover = metrics.Counter("tandem_spillover_total", "Requests served by a deployment other than the first.", tag_keys=("target",))
+        self.spillover = metrics.Counter(
+            "tandem_spillover_total", "Requests served by a deployment other than the first.", tag_keys=("target",)
+        )
         self.replica_retries = metrics.Counter(
-            "tandem_replica_retries_total", "Requests resent by the ingress because a model replica died under them.", tag_keys=("target", "error")  # "deployment" is a tag Ray Serve reserves: Counter() would refuse it
+            "tandem_replica_retries_total",
+            "Requests resent by the ingress because a model replica died under them.",
+            tag_keys=("target", "error"),  # "deployment" is a tag Ray Serve reserves: Counter() would refuse it
         )
 
     def on_batch(self, batcher: Any) -> Any:

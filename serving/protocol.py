@@ -108,19 +108,30 @@ def check_bearer(header: str | None, digest: str | None) -> None:
         return
     scheme, _, given = (header or "").partition(" ")
     if scheme.lower() != "bearer" or not hmac.compare_digest(token_digest(given.strip()), digest):
-        raise RequestError(401, "unauthorized", "missing or wrong bearer token; send 'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"})
+        raise RequestError(
+            401, "unauthorized", "missing or wrong bearer token; send 'Authorization: Bearer <token>'", {"WWW-Authenticate": "Bearer"}
+        )
 
 
 async def read_body(request: Request, max_bytes: int) -> bytes:
     """The body, refusing it as soon as it passes max_bytes (before reading the rest)."""
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > max_bytes:
-        raise RequestError(413, "body_too_large", f"the body is {declared} bytes, over the {max_bytes}-byte limit (serving.limits.max_body_bytes); send fewer examples per request")
+        raise RequestError(
+            413,
+            "body_too_large",
+            f"the body is {declared} bytes, over the {max_bytes}-byte limit (serving.limits.max_body_bytes); send fewer examples per "
+            "request",
+        )
     chunks, size = [], 0
     async for chunk in request.stream():
         size += len(chunk)
         if size > max_bytes:
-            raise RequestError(413, "body_too_large", f"the body is over the {max_bytes}-byte limit (serving.limits.max_body_bytes); send fewer examples per request")
+            raise RequestError(
+                413,
+                "body_too_large",
+                f"the body is over the {max_bytes}-byte limit (serving.limits.max_body_bytes); send fewer examples per request",
+            )
         chunks.append(chunk)
     return b"".join(chunks)
 
@@ -165,7 +176,11 @@ def parse_predict(payload: Any, input_shape: tuple[int, ...], max_inputs: int) -
     depth = _depth(inputs)
     is_batch = depth == len(input_shape) + 1
     if is_batch and len(inputs) > max_inputs:
-        raise RequestError(413, "too_many_inputs", f'"inputs" holds {len(inputs)} examples, over the limit of {max_inputs} (serving.limits.max_inputs); split the request')
+        raise RequestError(
+            413,
+            "too_many_inputs",
+            f'"inputs" holds {len(inputs)} examples, over the limit of {max_inputs} (serving.limits.max_inputs); split the request',
+        )
     try:
         array = np.asarray(inputs)
     except (ValueError, TypeError):
@@ -177,13 +192,17 @@ def parse_predict(payload: Any, input_shape: tuple[int, ...], max_inputs: int) -
         array = array[None]
     if array.ndim != len(input_shape) + 1 or tuple(array.shape[1:]) != tuple(input_shape):
         got = list(array.shape if depth != len(input_shape) else array.shape[1:])
-        raise RequestError(422, "wrong_shape", f'"inputs" has shape {got}; expected {expected} (shape [N, {", ".join(map(str, input_shape))}])')
+        raise RequestError(
+            422, "wrong_shape", f'"inputs" has shape {got}; expected {expected} (shape [N, {", ".join(map(str, input_shape))}])'
+        )
     with np.errstate(over="ignore"):  # a number beyond float32 becomes inf, refused just below
         batch = array.astype(np.float32)
     finite = np.isfinite(batch).reshape(len(batch), -1).all(axis=1)
     if not finite.all():
         bad = int(np.argmin(finite))
-        raise RequestError(422, "not_finite", f'"inputs" example {bad} holds NaN or infinity (or a number beyond float32); send finite numbers')
+        raise RequestError(
+            422, "not_finite", f'"inputs" example {bad} holds NaN or infinity (or a number beyond float32); send finite numbers'
+        )
     return batch, probabilities
 
 

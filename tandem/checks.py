@@ -86,20 +86,33 @@ def deployments_fit_their_groups(config: TandemConfig) -> list[Finding]:
         candidates = {dep.node_group: groups[dep.node_group]} if dep.node_group in groups else groups
         most = max((g.gpus for g in candidates.values()), default=0)
         if dep.gpus > most:
-            where = f"a node of cluster.node_groups.{dep.node_group} has {most}" if dep.node_group else f"no node group has more than {most} per node"
-            findings.append(Finding("error", path, f"{dep.gpus:g} GPUs per replica, but {where}; the replica can never be placed. Lower gpus or add GPUs to a node group."))
+            where = (
+                f"a node of cluster.node_groups.{dep.node_group} has {most}"
+                if dep.node_group
+                else f"no node group has more than {most} per node"
+            )
+            findings.append(
+                Finding(
+                    "error",
+                    path,
+                    f"{dep.gpus:g} GPUs per replica, but {where}; the replica can never be placed. Lower gpus or add GPUs to a node group.",
+                )
+            )
             continue
         if dep.node_group in groups:
             group = groups[dep.node_group]
             per_node = int(group.gpus // dep.gpus)
             capacity = per_node * group.max_replicas
             if dep.autoscaling.min_replicas > capacity:
-                findings.append(Finding(
-                    "error",
-                    f"serving.deployments[{i}].autoscaling.min_replicas",
-                    f"{dep.autoscaling.min_replicas} replicas of {dep.gpus:g} GPUs, but cluster.node_groups.{dep.node_group} "
-                    f"holds at most {capacity} ({per_node} per node x max_replicas {group.max_replicas}); raise max_replicas or lower min_replicas.",
-                ))
+                findings.append(
+                    Finding(
+                        "error",
+                        f"serving.deployments[{i}].autoscaling.min_replicas",
+                        f"{dep.autoscaling.min_replicas} replicas of {dep.gpus:g} GPUs, but cluster.node_groups.{dep.node_group} "
+                        f"holds at most {capacity} ({per_node} per node x max_replicas {group.max_replicas}); raise max_replicas or lower "
+                        "min_replicas.",
+                    )
+                )
     return findings
 
 
@@ -113,12 +126,14 @@ def training_fits_its_group(config: TandemConfig) -> list[Finding]:
     if not uses_gpu or training.workers <= gpus:
         return []
     where = f"cluster.node_groups.{training.node_group}" if training.node_group else "the node groups"
-    return [Finding(
-        "error",
-        "training.workers",
-        f"{training.workers} workers need {training.workers} GPUs (one each), but {where} can have at most {gpus} "
-        "(gpus x max_replicas); the job would wait for placement forever. Lower training.workers or raise max_replicas.",
-    )]
+    return [
+        Finding(
+            "error",
+            "training.workers",
+            f"{training.workers} workers need {training.workers} GPUs (one each), but {where} can have at most {gpus} "
+            "(gpus x max_replicas); the job would wait for placement forever. Lower training.workers or raise max_replicas.",
+        )
+    ]
 
 
 # ---------------------------------------------------------------------------------------------
@@ -134,16 +149,21 @@ def deployments_scaled_to_zero(config: TandemConfig) -> list[Finding]:
         if scaling.min_replicas != 0:
             continue
         low, high = scaling.upscale_delay_s + REPLICA_START_S[0], scaling.upscale_delay_s + REPLICA_START_S[1]
-        delay = f"about {low:g}-{high:g} s: upscale_delay_s ({scaling.upscale_delay_s:g} s) + replica start and model load ({REPLICA_START_S[0]}-{REPLICA_START_S[1]} s)"
+        delay = (
+            f"about {low:g}-{high:g} s: upscale_delay_s ({scaling.upscale_delay_s:g} s) "
+            f"+ replica start and model load ({REPLICA_START_S[0]}-{REPLICA_START_S[1]} s)"
+        )
         group = groups.get(dep.node_group or "")
         if group is not None and group.min_replicas == 0:
             delay += f", plus a new node of cluster.node_groups.{dep.node_group} (min_replicas: 0) on Kubernetes, {_minutes(NODE_START_S)}"
-        findings.append(Finding(
-            "warning",
-            f"serving.deployments[{i}].autoscaling.min_replicas",
-            f"0: after downscale_delay_s ({scaling.downscale_delay_s:g} s) without requests the deployment has no replica, "
-            f"and the next request waits for a cold start, {delay}. Set min_replicas: 1 to keep one warm.",
-        ))
+        findings.append(
+            Finding(
+                "warning",
+                f"serving.deployments[{i}].autoscaling.min_replicas",
+                f"0: after downscale_delay_s ({scaling.downscale_delay_s:g} s) without requests the deployment has no replica, "
+                f"and the next request waits for a cold start, {delay}. Set min_replicas: 1 to keep one warm.",
+            )
+        )
     return findings
 
 
@@ -159,12 +179,15 @@ def node_groups_scaled_to_zero(config: TandemConfig) -> list[Finding]:
             users.append("serving waits for a node when it scales up")
         if not users:
             continue
-        findings.append(Finding(
-            "warning",
-            f"cluster.node_groups.{name}.min_replicas",
-            f"0: the group has no node while idle; {' and '.join(users)}: typically {_minutes(NODE_START_S)} on Kubernetes "
-            f"(pod scheduling, image pull, ray start; longer when the cluster autoscaler adds a{' GPU' if group.gpus else ''} machine).",
-        ))
+        findings.append(
+            Finding(
+                "warning",
+                f"cluster.node_groups.{name}.min_replicas",
+                f"0: the group has no node while idle; {' and '.join(users)}: typically {_minutes(NODE_START_S)} on Kubernetes "
+                f"(pod scheduling, image pull, ray start; longer when the cluster autoscaler adds a{' GPU' if group.gpus else ''} "
+                "machine).",
+            )
+        )
     return findings
 
 
@@ -179,20 +202,24 @@ def image_ray_version_matches(config: TandemConfig) -> list[Finding]:
     image = config.cluster.image
     version = declared or image_ray_version(image)
     if version is None:
-        return [Finding(
-            "warning",
-            "cluster.image",
-            f"{image!r}: the Ray version cannot be read from the tag; the manifests assume the installed {installed}. "
-            f"Build the image from the Dockerfile (Ray {installed}) or declare it in cluster.kubernetes.ray_version.",
-        )]
+        return [
+            Finding(
+                "warning",
+                "cluster.image",
+                f"{image!r}: the Ray version cannot be read from the tag; the manifests assume the installed {installed}. "
+                f"Build the image from the Dockerfile (Ray {installed}) or declare it in cluster.kubernetes.ray_version.",
+            )
+        ]
     if version != installed:
         source = "cluster.kubernetes.ray_version" if declared else "its tag"
-        return [Finding(
-            "warning",
-            "cluster.image",
-            f"{image!r} runs Ray {version} ({source}) but Ray {installed} is installed here; clients, jobs and "
-            f"Serve configs built with {installed} may not work against {version}. Use an image with Ray {installed}.",
-        )]
+        return [
+            Finding(
+                "warning",
+                "cluster.image",
+                f"{image!r} runs Ray {version} ({source}) but Ray {installed} is installed here; clients, jobs and "
+                f"Serve configs built with {installed} may not work against {version}. Use an image with Ray {installed}.",
+            )
+        ]
     return []
 
 
@@ -201,40 +228,52 @@ def image_has_tandem(config: TandemConfig) -> list[Finding]:
     repository = image.split("@")[0].rsplit(":", 1)[0]
     if repository.split("/")[-2:-1] != ["rayproject"]:
         return []
-    return [Finding(
-        "warning",
-        "cluster.image",
-        f"{image!r} is Ray's stock image, without Tandem, torch or DeepSpeed: `tandem train` fails in its pods. "
-        "Build the Dockerfile (docker build -t REGISTRY/tandem:TAG .), push it and set cluster.image.",
-    )]
+    return [
+        Finding(
+            "warning",
+            "cluster.image",
+            f"{image!r} is Ray's stock image, without Tandem, torch or DeepSpeed: `tandem train` fails in its pods. "
+            "Build the Dockerfile (docker build -t REGISTRY/tandem:TAG .), push it and set cluster.image.",
+        )
+    ]
 
 
 def storage_outlives_pods(config: TandemConfig) -> list[Finding]:
     storage = config.cluster.storage
     claim = config.cluster.kubernetes.storage_claim
     if claim and not storage.startswith("/"):
-        return [Finding("error", "cluster.storage", f"{storage!r} must be an absolute path to mount cluster.kubernetes.storage_claim ({claim!r}) there; e.g. /mnt/tandem.")]
+        return [
+            Finding(
+                "error",
+                "cluster.storage",
+                f"{storage!r} must be an absolute path to mount cluster.kubernetes.storage_claim ({claim!r}) there; e.g. /mnt/tandem.",
+            )
+        ]
     if claim or "://" in storage:
         return []
-    return [Finding(
-        "warning",
-        "cluster.storage",
-        f"{storage!r} is a folder inside each pod: a RayJob's cluster is deleted after the job (shutdownAfterJobFinishes), "
-        "taking the checkpoints and the artifact with it, and the RayService cannot find them. "
-        "Set cluster.kubernetes.storage_claim to a ReadWriteMany PersistentVolumeClaim and cluster.storage to its mount path.",
-    )]
+    return [
+        Finding(
+            "warning",
+            "cluster.storage",
+            f"{storage!r} is a folder inside each pod: a RayJob's cluster is deleted after the job (shutdownAfterJobFinishes), "
+            "taking the checkpoints and the artifact with it, and the RayService cannot find them. "
+            "Set cluster.kubernetes.storage_claim to a ReadWriteMany PersistentVolumeClaim and cluster.storage to its mount path.",
+        )
+    ]
 
 
 def submitted_storage_is_absolute(config: TandemConfig) -> list[Finding]:
     storage = config.cluster.storage
     if storage.startswith("/") or "://" in storage:
         return []
-    return [Finding(
-        "warning",
-        "cluster.storage",
-        f"{storage!r} is relative: a submitted job runs in Ray's copy of the working_dir, which Ray deletes later, "
-        "so the run folder would land there. Use an absolute path that the cluster's nodes share.",
-    )]
+    return [
+        Finding(
+            "warning",
+            "cluster.storage",
+            f"{storage!r} is relative: a submitted job runs in Ray's copy of the working_dir, which Ray deletes later, "
+            "so the run folder would land there. Use an absolute path that the cluster's nodes share.",
+        )
+    ]
 
 
 def names_fit_kubernetes(config: TandemConfig) -> list[Finding]:
@@ -242,14 +281,26 @@ def names_fit_kubernetes(config: TandemConfig) -> list[Finding]:
     names = resource_names(config)
     longest = max((names[k] for k in ("train", "tune", "serve")), key=len)
     if len(longest) > MAX_KUBERAY_NAME:
-        findings.append(Finding("error", "name", f"{config.name!r} is too long for KubeRay: {longest!r} must have at most {MAX_KUBERAY_NAME} characters; shorten name."))
+        findings.append(
+            Finding(
+                "error",
+                "name",
+                f"{config.name!r} is too long for KubeRay: {longest!r} must have at most {MAX_KUBERAY_NAME} characters; shorten name.",
+            )
+        )
     if not config.name[0].isalpha():
         findings.append(Finding("error", "name", f"{config.name!r} must start with a letter to name Kubernetes resources (DNS-1035)."))
     seen: dict[str, str] = {}
     for group in config.cluster.node_groups:
         other = seen.setdefault(worker_group_name(group), group)
         if other != group:
-            findings.append(Finding("error", f"cluster.node_groups.{group}", f"becomes worker group {worker_group_name(group)!r} on Kubernetes, like {other!r}; rename one."))
+            findings.append(
+                Finding(
+                    "error",
+                    f"cluster.node_groups.{group}",
+                    f"becomes worker group {worker_group_name(group)!r} on Kubernetes, like {other!r}; rename one.",
+                )
+            )
     return findings
 
 

@@ -58,16 +58,20 @@ def load(config: Path | None, overrides: list[str] | None) -> TandemConfig:
 
 
 def summary(cfg: TandemConfig) -> str:
-    groups = ", ".join(f"{n} ({g.cpus:g} CPU, {g.gpus} GPU, {g.min_replicas}-{g.max_replicas} nodes)" for n, g in cfg.cluster.node_groups.items())
+    groups = ", ".join(
+        f"{n} ({g.cpus:g} CPU, {g.gpus} GPU, {g.min_replicas}-{g.max_replicas} nodes)" for n, g in cfg.cluster.node_groups.items()
+    )
     t = cfg.training
     deps = ", ".join(f"{d.name}:{d.engine}{'/int8' if d.quantize == 'int8' else ''}" for d in cfg.serving.deployments)
+    tuning = "off" if cfg.tuning is None else f"{cfg.tuning.samples} samples, {cfg.tuning.scheduler.name}, {cfg.tuning.search.name}"
     lines = [
         f"name        {cfg.name}",
         f"cluster     address={cfg.cluster.address} storage={cfg.cluster.storage} groups: {groups}",
         f"model       {cfg.model.builder} {cfg.model.args}",
         f"data        {cfg.data.source} batch={cfg.data.batch_size} augment={[a.name for a in cfg.data.augment]}",
-        f"training    {t.workers} workers, ZeRO-{t.deepspeed.zero_stage}, {t.precision}, {t.epochs} epochs, {t.optimizer.name} lr={t.optimizer.lr:g}",
-        f"tuning      {'off' if cfg.tuning is None else f'{cfg.tuning.samples} samples, {cfg.tuning.scheduler.name}, {cfg.tuning.search.name}'}",
+        f"training    {t.workers} workers, ZeRO-{t.deepspeed.zero_stage}, {t.precision}, {t.epochs} epochs, {t.optimizer.name} "
+        f"lr={t.optimizer.lr:g}",
+        f"tuning      {tuning}",
         f"serving     {deps}; batching max={cfg.serving.batching.max_batch_size} p99<={cfg.serving.batching.target_p99_ms:g}ms",
     ]
     return "\n".join(lines)
@@ -118,7 +122,9 @@ def train(
 def tune(
     config: ConfigArg = None,
     set_: SetOpt = None,
-    resume: Annotated[bool, typer.Option("--resume", help="Continue the newest tuning run of this config without rerunning finished trials.")] = False,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Continue the newest tuning run of this config without rerunning finished trials.")
+    ] = False,
 ) -> None:
     """Search hyperparameters with Ray Tune around the same trainer; hands the best artifact on."""
     from tuning.tuner import tune as run_tune
@@ -184,7 +190,10 @@ def bench(
     examples = load_dataset(cfg).x[:256].tolist()
     for c in concurrency or [1, 8, 32]:
         r = load_from_process(target, examples, requests, c, cfg.serving.auth.token_env)
-        console.print(f"c={c:<3} {r.requests_per_s:8.0f} req/s  p50 {r.p50_ms:6.1f} ms  p99 {r.p99_ms:6.1f} ms  ok {r.ok}  refused {r.refused}  failed {r.failed}")
+        console.print(
+            f"c={c:<3} {r.requests_per_s:8.0f} req/s  p50 {r.p50_ms:6.1f} ms  p99 {r.p99_ms:6.1f} ms  ok {r.ok}  refused {r.refused}  "
+            f"failed {r.failed}"
+        )
 
 
 @app.command()

@@ -178,7 +178,9 @@ def pod_template(container: dict[str, Any], volumes: list[dict[str, Any]], group
     return {"spec": spec}
 
 
-def ray_container(config: TandemConfig, role: str, resources: dict[str, Any], env: list[dict[str, Any]], mounts: list[dict[str, Any]]) -> dict[str, Any]:
+def ray_container(
+    config: TandemConfig, role: str, resources: dict[str, Any], env: list[dict[str, Any]], mounts: list[dict[str, Any]]
+) -> dict[str, Any]:
     ports = [{"name": "serve", "containerPort": config.serving.port}]
     if role == "head":
         ports = [
@@ -285,7 +287,12 @@ def config_map(kcfg: TandemConfig) -> dict[str, Any]:
 
 
 def ray_cluster(kcfg: TandemConfig) -> dict[str, Any]:
-    return {"apiVersion": API_VERSION, "kind": "RayCluster", "metadata": metadata(kcfg, kcfg.name, "cluster"), "spec": cluster_spec(kcfg, "cluster")}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "RayCluster",
+        "metadata": metadata(kcfg, kcfg.name, "cluster"),
+        "spec": cluster_spec(kcfg, "cluster"),
+    }
 
 
 # ---------------------------------------------------------------------------------------------
@@ -339,7 +346,12 @@ def ray_service(kcfg: TandemConfig) -> dict[str, Any]:
         "serveConfigV2": serve_config_yaml(kcfg),
         "rayClusterConfig": cluster_spec(kcfg, "serve", serving_token_env(kcfg)),
     }
-    return {"apiVersion": API_VERSION, "kind": "RayService", "metadata": metadata(kcfg, resource_names(kcfg)["serve"], "serve"), "spec": spec}
+    return {
+        "apiVersion": API_VERSION,
+        "kind": "RayService",
+        "metadata": metadata(kcfg, resource_names(kcfg)["serve"], "serve"),
+        "spec": spec,
+    }
 
 
 def kustomization(filenames: list[str]) -> dict[str, Any]:
@@ -385,28 +397,47 @@ def dump_yaml(value: Any) -> str:
 def file_notes(config: TandemConfig) -> dict[str, list[str]]:
     """What each file is for and how to use it, written above its YAML."""
     names = resource_names(config)
-    token = [
-        f"Token auth: create the Secret once, e.g. `kubectl create secret generic {names['auth_secret']}",
-        f"--from-literal={AUTH_TOKEN_KEY}=$(openssl rand -hex 32)`; pods read it as RAY_AUTH_TOKEN.",
-    ] if config.cluster.auth == "token" else []
+    token = (
+        [
+            f"Token auth: create the Secret once, e.g. `kubectl create secret generic {names['auth_secret']}",
+            f"--from-literal={AUTH_TOKEN_KEY}=$(openssl rand -hex 32)`; pods read it as RAY_AUTH_TOKEN.",
+        ]
+        if config.cluster.auth == "token"
+        else []
+    )
     return {
         "configmap.yaml": [f"The resolved config; RayJob entrypoints read it at {CONFIG_MOUNT}/{CONFIG_FILE} on the head."],
         "raycluster.yaml": [
             "A long-running cluster for `tandem submit CONFIG train --address http://HEAD:8265`",
             f"(e.g. after `kubectl port-forward svc/{names['cluster']}-head-svc 8265`).",
-        ] + token,
-        "rayjob-train.yaml": ["Training on its own cluster, deleted after the job: `kubectl apply -f configmap.yaml -f rayjob-train.yaml`."] + token,
+        ]
+        + token,
+        "rayjob-train.yaml": ["Training on its own cluster, deleted after the job: `kubectl apply -f configmap.yaml -f rayjob-train.yaml`."]
+        + token,
         "rayjob-tune.yaml": ["Hyperparameter search on its own cluster, deleted after the job."] + token,
         "rayservice.yaml": [
             "The Serve application; serveConfigV2 is what `tandem serve-config` writes for this config.",
             f"It serves serving.artifact ({config.serving.artifact}) from cluster.storage: train first, into storage every pod shares.",
-        ] + token + ([f"The endpoint's bearer token comes from Secret {names['serving_secret']} (key {SERVING_TOKEN_KEY})."] if config.serving.auth.token_env else []),
+        ]
+        + token
+        + (
+            [f"The endpoint's bearer token comes from Secret {names['serving_secret']} (key {SERVING_TOKEN_KEY})."]
+            if config.serving.auth.token_env
+            else []
+        ),
         "kustomization.yaml": [
             "`kubectl apply -k DIR` creates everything at once; usually apply what you need, e.g. the",
             "configmap and a RayJob. Use this file as the base of overlays (namespace, image, ...).",
-        ] + token + ([
-            f"Clients outside the cluster: export RAY_AUTH_TOKEN=$(kubectl get secret {names['auth_secret']} -o jsonpath='{{.data.{AUTH_TOKEN_KEY}}}' | base64 -d)",
-        ] if token else []),
+        ]
+        + token
+        + (
+            [
+                f"Clients outside the cluster: export RAY_AUTH_TOKEN=$(kubectl get secret {names['auth_secret']} -o "
+                f"jsonpath='{{.data.{AUTH_TOKEN_KEY}}}' | base64 -d)",
+            ]
+            if token
+            else []
+        ),
     }
 
 

@@ -66,7 +66,9 @@ def served_agreement(url: str, artifact_dir: Path, config: TandemConfig, example
     from serving.engines import load_engine
 
     deployment = config.serving.deployments[0]
-    engine = load_engine(artifact_dir, engine=deployment.engine, precision=deployment.precision, quantize=deployment.quantize, threads=1, device="cpu")
+    engine = load_engine(
+        artifact_dir, engine=deployment.engine, precision=deployment.precision, quantize=deployment.quantize, threads=1, device="cpu"
+    )
     local = engine.predict(examples).argmax(1)
     served = np.asarray(predict(url, examples.tolist(), token=token)["predictions"])
     return float((served == local).mean())
@@ -76,10 +78,17 @@ def summary_table(summary: RunSummary) -> Table:
     table = Table(title="tandem run", show_header=False)
     m = summary.train_metrics
     table.add_row("artifact", str(summary.artifact_dir))
-    table.add_row("trained", f"val_accuracy {m.get('val_accuracy', float('nan')):.4f}, val_loss {m.get('val_loss', float('nan')):.4f}, {m.get('step', '?')} steps")
+    table.add_row(
+        "trained",
+        f"val_accuracy {m.get('val_accuracy', float('nan')):.4f}, val_loss {m.get('val_loss', float('nan')):.4f}, {m.get('step', '?')} "
+        "steps",
+    )
     for name, row in summary.parity.items():
         acc = row.get("accuracy")
-        table.add_row(f"parity {name}", f"accuracy {acc:.4f}, argmax agreement {row.get('argmax_agreement', float('nan')):.4f}" if acc is not None else str(row))
+        table.add_row(
+            f"parity {name}",
+            f"accuracy {acc:.4f}, argmax agreement {row.get('argmax_agreement', float('nan')):.4f}" if acc is not None else str(row),
+        )
     table.add_row("served == artifact", f"{summary.served_match:.1%} of held-out examples")
     load = summary.load
     table.add_row("load", f"{load.ok}/{load.requests} ok, {load.refused} refused, {load.failed} failed at concurrency {load.concurrency}")
@@ -89,7 +98,9 @@ def summary_table(summary: RunSummary) -> Table:
     return table
 
 
-def run_lifecycle(config: TandemConfig, use_tune: bool = False, keep_serving: bool = False, requests: int = 300, concurrency: int = 8) -> RunSummary:
+def run_lifecycle(
+    config: TandemConfig, use_tune: bool = False, keep_serving: bool = False, requests: int = 300, concurrency: int = 8
+) -> RunSummary:
     import os
 
     from serving.deploy import serve, shutdown

@@ -68,7 +68,15 @@ def load_dataset(config) -> ArrayDataset:
     try:
         dataset = source(**config.data.args)
     except TypeError as exc:
-        raise ConfigError([Problem(path="data.args", value=config.data.args, message=f"{config.data.source} rejected these arguments ({exc}); fix data.args")]) from None
+        raise ConfigError(
+            [
+                Problem(
+                    path="data.args",
+                    value=config.data.args,
+                    message=f"{config.data.source} rejected these arguments ({exc}); fix data.args",
+                )
+            ]
+        ) from None
     problems = dataset_problems(dataset, config.data.source)
     if problems:
         raise ConfigError([Problem(path="data.source", value=config.data.source, message=p) for p in problems])
@@ -85,7 +93,9 @@ def dataset_problems(dataset, source: str) -> list[str]:
     elif x.dtype != np.float32:
         problems.append(f"x has dtype {x.dtype}; expected float32 (cast with x.astype(np.float32))")
     if not isinstance(y, np.ndarray) or y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
-        problems.append(f"y has shape {getattr(y, 'shape', None)} and dtype {getattr(y, 'dtype', None)}; expected integer labels of shape (N,)")
+        problems.append(
+            f"y has shape {getattr(y, 'shape', None)} and dtype {getattr(y, 'dtype', None)}; expected integer labels of shape (N,)"
+        )
     elif isinstance(x, np.ndarray) and x.ndim >= 1 and len(y) != len(x):
         problems.append(f"x has {len(x)} examples but y has {len(y)}; they must match")
     elif y.min() < 0:

@@ -48,7 +48,16 @@ def _precision_sections(config: TandemConfig) -> dict[str, Any]:
         return {"bf16": {"enabled": True}}
     if precision == "fp16":
         # Dynamic loss scaling (loss_scale 0): fp16 gradients underflow without it.
-        return {"fp16": {"enabled": True, "loss_scale": 0, "initial_scale_power": 16, "loss_scale_window": 1000, "hysteresis": 2, "min_loss_scale": 1}}
+        return {
+            "fp16": {
+                "enabled": True,
+                "loss_scale": 0,
+                "initial_scale_power": 16,
+                "loss_scale_window": 1000,
+                "hysteresis": 2,
+                "min_loss_scale": 1,
+            }
+        }
     return {}
 
 
@@ -111,13 +120,24 @@ def override_conflicts(derived: dict[str, Any], overrides: dict[str, Any]) -> li
     problems = []
     for path, value in _flatten(overrides).items():
         if path in ("optimizer", "scheduler") or path.startswith(("optimizer.", "scheduler.")):
-            problems.append(Problem(path=f"training.deepspeed.overrides.{path}", value=value,
-                                    message="the optimizer and schedule come from training.optimizer and training.schedule; set them there"))
+            problems.append(
+                Problem(
+                    path=f"training.deepspeed.overrides.{path}",
+                    value=value,
+                    message="the optimizer and schedule come from training.optimizer and training.schedule; set them there",
+                )
+            )
             continue
         if path in flat_derived and flat_derived[path] != value:
             source = _SOURCE_FIELDS.get(path, "the Tandem config")
-            problems.append(Problem(path=f"training.deepspeed.overrides.{path}", value=value,
-                                    message=f"conflicts with the derived value {flat_derived[path]!r} (from {source}); change {source} instead or drop the override"))
+            problems.append(
+                Problem(
+                    path=f"training.deepspeed.overrides.{path}",
+                    value=value,
+                    message=f"conflicts with the derived value {flat_derived[path]!r} (from {source}); change {source} instead or drop the "
+                    "override",
+                )
+            )
     return problems
 
 
@@ -161,7 +181,9 @@ def build_scheduler(config: TandemConfig, optimizer: torch.optim.Optimizer, tota
     return torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(config, step, total_steps))
 
 
-def zero_memory_formula(num_params: int, world_size: int, zero_stage: int, precision: str = "fp32", optimizer: str = "adamw") -> dict[str, float]:
+def zero_memory_formula(
+    num_params: int, world_size: int, zero_stage: int, precision: str = "fp32", optimizer: str = "adamw"
+) -> dict[str, float]:
     """Bytes per rank for parameters, gradients and optimizer state under a ZeRO stage.
 
     The ZeRO paper's accounting: with mixed precision each parameter has 2-byte weights and

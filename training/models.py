@@ -19,7 +19,9 @@ def _flat_size(input_shape: tuple[int, ...]) -> int:
     return int(math.prod(input_shape))
 
 
-def mlp(input_shape: tuple[int, ...], num_classes: int, hidden: list[int] | tuple[int, ...] = (256, 256), dropout: float = 0.0) -> nn.Module:
+def mlp(
+    input_shape: tuple[int, ...], num_classes: int, hidden: list[int] | tuple[int, ...] = (256, 256), dropout: float = 0.0
+) -> nn.Module:
     """Flatten -> [Linear -> ReLU -> Dropout] per hidden width -> Linear."""
     layers: list[nn.Module] = [nn.Flatten()]
     width = _flat_size(input_shape)
@@ -71,7 +73,9 @@ class TransformerClassifier(nn.Module):
     """Splits the input into tokens of `token_size` features, adds learned positions, runs a
     TransformerEncoder and classifies the mean token. Image-like inputs use one row per token."""
 
-    def __init__(self, input_shape: tuple[int, ...], num_classes: int, dim: int = 64, depth: int = 2, heads: int = 4, token_size: int | None = None):
+    def __init__(
+        self, input_shape: tuple[int, ...], num_classes: int, dim: int = 64, depth: int = 2, heads: int = 4, token_size: int | None = None
+    ):
         super().__init__()
         features = _flat_size(input_shape)
         self.token_size = int(token_size or (input_shape[-1] if len(input_shape) > 1 else _image_shape(input_shape)[-1]))
@@ -90,7 +94,9 @@ class TransformerClassifier(nn.Module):
         return self.head(h.mean(dim=1))
 
 
-def transformer(input_shape: tuple[int, ...], num_classes: int, dim: int = 64, depth: int = 2, heads: int = 4, token_size: int | None = None) -> nn.Module:
+def transformer(
+    input_shape: tuple[int, ...], num_classes: int, dim: int = 64, depth: int = 2, heads: int = 4, token_size: int | None = None
+) -> nn.Module:
     return TransformerClassifier(input_shape, num_classes, dim, depth, heads, token_size)
 
 
@@ -111,4 +117,9 @@ def build_model(config, input_shape: tuple[int, ...], num_classes: int) -> nn.Mo
 def model_spec(config, input_shape: tuple[int, ...], num_classes: int) -> dict:
     """What an artifact's manifest needs to rebuild the module without the config."""
     args = {k: v for k, v in config.model.args.items() if k != "num_classes"}
-    return {"builder": config.model.builder, "args": args, "input_shape": list(input_shape), "num_classes": int(config.model.args.get("num_classes", num_classes))}
+    return {
+        "builder": config.model.builder,
+        "args": args,
+        "input_shape": list(input_shape),
+        "num_classes": int(config.model.args.get("num_classes", num_classes)),
+    }

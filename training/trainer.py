@@ -28,7 +28,14 @@ from training.ds_config import deepspeed_config
 
 CHECKPOINTS = "checkpoints"
 PLACEMENT = {"pack": "PACK", "spread": "SPREAD", "strict_pack": "STRICT_PACK", "strict_spread": "STRICT_SPREAD"}
-PASS_THROUGH_ENV = ("TORCH_EXTENSIONS_DIR", "TANDEM_FAULT_AT_STEP", "TANDEM_FAULT_RANK", "TANDEM_FAULT_MARKER", "TANDEM_PROGRESS_DIR", "OMP_NUM_THREADS")
+PASS_THROUGH_ENV = (
+    "TORCH_EXTENSIONS_DIR",
+    "TANDEM_FAULT_AT_STEP",
+    "TANDEM_FAULT_RANK",
+    "TANDEM_FAULT_MARKER",
+    "TANDEM_PROGRESS_DIR",
+    "OMP_NUM_THREADS",
+)
 
 
 @dataclass
@@ -52,17 +59,41 @@ def preflight(config: TandemConfig) -> dict[str, Any]:
         model = build_model(config, dataset.input_shape, dataset.num_classes)
     except (TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: torch refusing a size (hidden: [-3])
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
-        raise ConfigError([Problem(path="model.args", value=config.model.args, message=f"{config.model.builder} could not be built ({message}); fix model.args")]) from None
+        raise ConfigError(
+            [
+                Problem(
+                    path="model.args",
+                    value=config.model.args,
+                    message=f"{config.model.builder} could not be built ({message}); fix model.args",
+                )
+            ]
+        ) from None
     try:
         with torch.no_grad():
             logits = model(torch.from_numpy(dataset.x[:2]))
     except RuntimeError as exc:
-        raise ConfigError([Problem(path="data.source", value=config.data.source,
-                                   message=f"examples of shape {dataset.input_shape} do not fit {config.model.builder} ({str(exc).splitlines()[0]}); fix the data source or model.args")]) from None
+        raise ConfigError(
+            [
+                Problem(
+                    path="data.source",
+                    value=config.data.source,
+                    message=f"examples of shape {dataset.input_shape} do not fit {config.model.builder} ({str(exc).splitlines()[0]}); fix "
+                    "the data source or model.args",
+                )
+            ]
+        ) from None
     expected = config.model.args.get("num_classes", dataset.num_classes)
     if tuple(logits.shape) != (2, expected) or dataset.num_classes > expected:
-        raise ConfigError([Problem(path="model.args.num_classes", value=expected,
-                                   message=f"the model outputs {tuple(logits.shape[1:])} per example but the data has {dataset.num_classes} classes; fix model.args.num_classes")])
+        raise ConfigError(
+            [
+                Problem(
+                    path="model.args.num_classes",
+                    value=expected,
+                    message=f"the model outputs {tuple(logits.shape[1:])} per example but the data has {dataset.num_classes} classes; fix "
+                    "model.args.num_classes",
+                )
+            ]
+        )
     ds = deepspeed_config(config, config.training.workers)  # raises on override conflicts
     teacher_dir(config)  # a missing or altered teacher artifact is refused here, not in the workers
     return {"input_shape": dataset.input_shape, "num_classes": dataset.num_classes, "deepspeed": ds}
@@ -75,9 +106,13 @@ def resolve_use_gpu(config: TandemConfig) -> bool:
         return False
     has_gpus = ray.cluster_resources().get("GPU", 0) > 0
     if config.training.use_gpu == "true" and not has_gpus:
-        raise ConfigError([Problem(path="training.use_gpu", value="true", message="the Ray cluster has no GPUs; set use_gpu: auto or false")])
+        raise ConfigError(
+            [Problem(path="training.use_gpu", value="true", message="the Ray cluster has no GPUs; set use_gpu: auto or false")]
+        )
     if config.training.precision == "fp16" and not has_gpus:
-        raise ConfigError([Problem(path="training.precision", value="fp16", message="the Ray cluster has no GPUs; fp16 needs one, use bf16 or fp32")])
+        raise ConfigError(
+            [Problem(path="training.precision", value="fp16", message="the Ray cluster has no GPUs; fp16 needs one, use bf16 or fp32")]
+        )
     return has_gpus
 
 
@@ -102,7 +137,12 @@ def teacher_dir(config: TandemConfig) -> str | None:
 
 
 def build_trainer(
-    config: TandemConfig, run_dir: Path, use_gpu: bool, resume_from: str | None = None, callbacks: list | None = None, hparams_from_config: bool = False
+    config: TandemConfig,
+    run_dir: Path,
+    use_gpu: bool,
+    resume_from: str | None = None,
+    callbacks: list | None = None,
+    hparams_from_config: bool = False,
 ):
     """hparams_from_config: after loading `resume_from`, take lr and weight decay from `config`
     rather than from the checkpoint (PBT: an exploiting trial keeps its own mutated values)."""
@@ -115,17 +155,26 @@ def build_trainer(
     resources: dict[str, float] = {"CPU": t.cpus_per_worker, **pin_to_group(t.node_group)}
     if use_gpu:
         resources["GPU"] = 1
-    scaling = ScalingConfig(num_workers=t.workers, use_gpu=use_gpu, resources_per_worker=resources, placement_strategy=PLACEMENT[t.placement])
+    scaling = ScalingConfig(
+        num_workers=t.workers, use_gpu=use_gpu, resources_per_worker=resources, placement_strategy=PLACEMENT[t.placement]
+    )
     run = RunConfig(
         name=CHECKPOINTS,
         storage_path=str(run_dir),
-        checkpoint_config=CheckpointConfig(num_to_keep=t.checkpoint.keep, checkpoint_score_attribute=t.checkpoint.metric, checkpoint_score_order=t.checkpoint.mode),
+        checkpoint_config=CheckpointConfig(
+            num_to_keep=t.checkpoint.keep, checkpoint_score_attribute=t.checkpoint.metric, checkpoint_score_order=t.checkpoint.mode
+        ),
         failure_config=FailureConfig(max_failures=t.max_failures),
         worker_runtime_env={"env_vars": worker_env(use_gpu)},
         callbacks=[MetricsLog(run_dir)] + list(callbacks or []),
     )
-    loop_config = {"config": config.to_dict(), "use_gpu": use_gpu, "resume_from": resume_from, "teacher_dir": teacher_dir(config),
-                   "hparams_from_config": hparams_from_config}
+    loop_config = {
+        "config": config.to_dict(),
+        "use_gpu": use_gpu,
+        "resume_from": resume_from,
+        "teacher_dir": teacher_dir(config),
+        "hparams_from_config": hparams_from_config,
+    }
     return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run)
 
 
@@ -223,7 +272,11 @@ def consolidate(config: TandemConfig, run_dir: Path, result: Any) -> TrainResult
             # The last epoch's number, not the count of metrics lines: a driver killed between a
             # checkpoint and its metrics line, then resumed, leaves one line fewer than epochs.
             "epochs": int(history[-1]["epoch"]) if history else 0,
-            "deepspeed": {"zero_stage": config.training.deepspeed.zero_stage, "workers": config.training.workers, "precision": config.training.precision},
+            "deepspeed": {
+                "zero_stage": config.training.deepspeed.zero_stage,
+                "workers": config.training.workers,
+                "precision": config.training.precision,
+            },
         },
     )
     print(f"[tandem] artifact {run_dir / 'artifacts'} (version {manifest['version']})", flush=True)

@@ -99,9 +99,25 @@ def plan_trials(config: TandemConfig, nodes: list[dict[str, Any]], use_gpu: bool
     total = sum(n.get("CPU", 0) for n in pool)
     where = f"node group '{training.node_group}'" if training.node_group else "the cluster"
     if not pool:
-        raise ConfigError([Problem(path="training.node_group", value=training.node_group, message=f"no alive node of {where}; start one or unset training.node_group")])
+        raise ConfigError(
+            [
+                Problem(
+                    path="training.node_group",
+                    value=training.node_group,
+                    message=f"no alive node of {where}; start one or unset training.node_group",
+                )
+            ]
+        )
     if use_gpu and not any(n.get("GPU", 0) >= 1 for n in pool):
-        raise ConfigError([Problem(path="training.use_gpu", value=training.use_gpu, message=f"{where} has no GPU; set training.use_gpu: false or add GPU nodes")])
+        raise ConfigError(
+            [
+                Problem(
+                    path="training.use_gpu",
+                    value=training.use_gpu,
+                    message=f"{where} has no GPU; set training.use_gpu: false or add GPU nodes",
+                )
+            ]
+        )
 
     wanted = min(tuning.max_concurrent_trials or n_trials, n_trials)
     if tuning.cpus_per_worker is not None:
@@ -115,26 +131,49 @@ def plan_trials(config: TandemConfig, nodes: list[dict[str, Any]], use_gpu: bool
         fit = max(1, min(n_trials, math.floor(total / (workers * training.cpus_per_worker) + 1e-9)))
         cpus = min(training.cpus_per_worker, _floor_to((total - fit * TRIAL_FUNCTION_CPU) / (fit * workers)))
     if cpus < MIN_CPUS_PER_WORKER:
-        raise ConfigError([Problem(
-            path="tuning.max_concurrent_trials", value=tuning.max_concurrent_trials,
-            message=f"{wanted} trials x {workers} worker(s) on {total:g} CPUs leaves {cpus:g} CPU per worker; lower max_concurrent_trials or workers_per_trial",
-        )])
+        raise ConfigError(
+            [
+                Problem(
+                    path="tuning.max_concurrent_trials",
+                    value=tuning.max_concurrent_trials,
+                    message=f"{wanted} trials x {workers} worker(s) on {total:g} CPUs leaves {cpus:g} CPU per worker; lower "
+                    "max_concurrent_trials or workers_per_trial",
+                )
+            ]
+        )
 
     fit = trials_that_fit(config, pool, workers, cpus, use_gpu)
     if fit == 0:
         gpu = " and 1 GPU" if use_gpu else ""
-        raise ConfigError([Problem(
-            path="tuning.workers_per_trial", value=workers,
-            message=(
-                f"one trial needs {workers} worker(s) of {cpus:g} CPU{gpu} ({training.placement} placement) but {where} has "
-                f"{total:g} CPUs on {len(pool)} node(s), the largest {max(n.get('CPU', 0) for n in pool):g}; "
-                "lower tuning.workers_per_trial or tuning.cpus_per_worker, or add nodes"
-            ),
-        )])
+        raise ConfigError(
+            [
+                Problem(
+                    path="tuning.workers_per_trial",
+                    value=workers,
+                    message=(
+                        f"one trial needs {workers} worker(s) of {cpus:g} CPU{gpu} ({training.placement} placement) but {where} has "
+                        f"{total:g} CPUs on {len(pool)} node(s), the largest {max(n.get('CPU', 0) for n in pool):g}; "
+                        "lower tuning.workers_per_trial or tuning.cpus_per_worker, or add nodes"
+                    ),
+                )
+            ]
+        )
     if tuning.max_concurrent_trials is not None and fit < wanted:
-        raise ConfigError([Problem(
-            path="tuning.max_concurrent_trials", value=tuning.max_concurrent_trials,
-            message=f"only {fit} trial(s) of {workers} x {cpus:g} CPU fit on {where} ({total:g} CPUs); lower max_concurrent_trials to {fit} or lower tuning.cpus_per_worker",
-        )])
-    return TrialPlan(workers=workers, cpus_per_worker=round(cpus, 4), use_gpu=use_gpu, max_concurrent=min(fit, wanted),
-                     eligible_cpus=total, eligible_nodes=len(pool))
+        raise ConfigError(
+            [
+                Problem(
+                    path="tuning.max_concurrent_trials",
+                    value=tuning.max_concurrent_trials,
+                    message=f"only {fit} trial(s) of {workers} x {cpus:g} CPU fit on {where} ({total:g} CPUs); lower max_concurrent_trials "
+                    f"to {fit} or lower tuning.cpus_per_worker",
+                )
+            ]
+        )
+    return TrialPlan(
+        workers=workers,
+        cpus_per_worker=round(cpus, 4),
+        use_gpu=use_gpu,
+        max_concurrent=min(fit, wanted),
+        eligible_cpus=total,
+        eligible_nodes=len(pool),
+    )

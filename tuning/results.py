@@ -63,8 +63,11 @@ def summarize_result(result: Any, space: SearchSpace, metric: str, mode: str, ep
     """One Tune Result -> a TrialSummary (history from its reports, starts from segments.jsonl)."""
     frame = result.metrics_dataframe
     rows = [] if frame is None else frame.to_dict("records")
-    history = [{"epoch": int(r["epoch"]), metric: _finite(r.get(metric)), "time": _finite(r.get("reported_at"))}
-               for r in rows if _finite(r.get("epoch")) is not None]
+    history = [
+        {"epoch": int(r["epoch"]), metric: _finite(r.get(metric)), "time": _finite(r.get("reported_at"))}
+        for r in rows
+        if _finite(r.get("epoch")) is not None
+    ]
     values = [h[metric] for h in history if h[metric] is not None]
     last_epoch = history[-1]["epoch"] if history else 0
     if result.error is not None:
@@ -90,7 +93,9 @@ def summarize_result(result: Any, space: SearchSpace, metric: str, mode: str, ep
         history=history,
         starts=len(starts),
         exploited_from=list(dict.fromkeys(s["from_trial"] for s in starts if s.get("from_trial") and s["from_trial"] != trial_id)),
-        error=None if result.error is None else f"{type(result.error).__name__}: {str(result.error).splitlines()[0] if str(result.error) else ''}",
+        error=None
+        if result.error is None
+        else f"{type(result.error).__name__}: {str(result.error).splitlines()[0] if str(result.error) else ''}",
         sampled=sampled,
         checkpoint=result.checkpoint.path if result.checkpoint is not None else None,
     )
@@ -152,8 +157,12 @@ def results_table(trials: list[TrialSummary], best: TrialSummary | None, metric:
         mark = "*" if best is not None and t.trial_id == best.trial_id else ""
         status = t.status + (f" (from {', '.join(t.exploited_from)})" if t.exploited_from else "")
         table.add_row(
-            mark, t.trial_id, *(format_value(t.params.get(p)) for p in paths),
-            "-" if t.metric is None else f"{t.metric:.4f}", str(t.epochs_trained), f"[{styles.get(t.status, 'white')}]{status}[/]",
+            mark,
+            t.trial_id,
+            *(format_value(t.params.get(p)) for p in paths),
+            "-" if t.metric is None else f"{t.metric:.4f}",
+            str(t.epochs_trained),
+            f"[{styles.get(t.status, 'white')}]{status}[/]",
         )
     return table
 
@@ -168,10 +177,37 @@ def write_csv(path: Path, trials: list[TrialSummary], metric: str, mode: str) ->
     paths = list(trials[0].params) if trials else []
     buffer = io.StringIO()
     writer = csv.writer(buffer)
-    writer.writerow(["trial_id", "status", "epochs_trained", "epochs_reported", "last_epoch", metric, f"best_{metric}", *paths, "starts", "exploited_from", "path"])
+    writer.writerow(
+        [
+            "trial_id",
+            "status",
+            "epochs_trained",
+            "epochs_reported",
+            "last_epoch",
+            metric,
+            f"best_{metric}",
+            *paths,
+            "starts",
+            "exploited_from",
+            "path",
+        ]
+    )
     for t in ordered(trials, mode):
-        writer.writerow([t.trial_id, t.status, t.epochs_trained, t.epochs_reported, t.last_epoch, t.metric, t.best_metric,
-                         *(format_value(t.params.get(p)) for p in paths), t.starts, " ".join(t.exploited_from), t.path])
+        writer.writerow(
+            [
+                t.trial_id,
+                t.status,
+                t.epochs_trained,
+                t.epochs_reported,
+                t.last_epoch,
+                t.metric,
+                t.best_metric,
+                *(format_value(t.params.get(p)) for p in paths),
+                t.starts,
+                " ".join(t.exploited_from),
+                t.path,
+            ]
+        )
     atomic_write_text(path, buffer.getvalue())
 
 
@@ -206,8 +242,15 @@ def plot_trials(path: Path, trials: list[TrialSummary], best: TrialSummary | Non
         xs, ys = zip(*points, strict=True)
         is_best = best is not None and t.trial_id == best.trial_id
         label = f"{t.trial_id} " + ", ".join(f"{short_name(k)}={format_value(v)}" for k, v in t.params.items())
-        line = ax.plot(xs, ys, styles.get(t.status, "-"), marker="o", markersize=3, linewidth=2.8 if is_best else 1.2,
-                       label=("* " if is_best else "") + label + ("" if t.status == "completed" else f" [{t.status}]"))[0]
+        line = ax.plot(
+            xs,
+            ys,
+            styles.get(t.status, "-"),
+            marker="o",
+            markersize=3,
+            linewidth=2.8 if is_best else 1.2,
+            label=("* " if is_best else "") + label + ("" if t.status == "completed" else f" [{t.status}]"),
+        )[0]
         if t.status != "completed":
             ax.plot(xs[-1], ys[-1], "x", color=line.get_color(), markersize=10, markeredgewidth=2)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
@@ -238,7 +281,11 @@ def write_tuning_manifest(run_dir: Path, info: dict[str, Any], files: list[str])
     manifest = {
         "kind": "tuning",
         **info,
-        "files": {name: {"sha256": sha256_file(run_dir / name), "bytes": (run_dir / name).stat().st_size} for name in files if (run_dir / name).is_file()},
+        "files": {
+            name: {"sha256": sha256_file(run_dir / name), "bytes": (run_dir / name).stat().st_size}
+            for name in files
+            if (run_dir / name).is_file()
+        },
     }
     atomic_write_json(run_dir / TUNING_MANIFEST, manifest)
     return manifest

@@ -35,7 +35,13 @@ def _check_metric(config: TandemConfig, space: SearchSpace) -> list[Problem]:
         return []
     close = difflib.get_close_matches(metric, REPORTED_METRICS, n=1)
     hint = f"did you mean '{close[0]}'? " if close else ""
-    return [Problem(path="tuning.metric", value=metric, message=f"the training loop does not report it; {hint}reported: {', '.join(REPORTED_METRICS)}")]
+    return [
+        Problem(
+            path="tuning.metric",
+            value=metric,
+            message=f"the training loop does not report it; {hint}reported: {', '.join(REPORTED_METRICS)}",
+        )
+    ]
 
 
 def _check_mode(config: TandemConfig, space: SearchSpace) -> list[Problem]:
@@ -44,7 +50,13 @@ def _check_mode(config: TandemConfig, space: SearchSpace) -> list[Problem]:
     if better is None or better == mode:
         return []
     direction = "higher" if better == "max" else "lower"
-    return [Problem(path="tuning.mode", value=mode, message=f"{direction} {metric} is better, so mode {mode} would pick the worst trial; set tuning.mode: {better}")]
+    return [
+        Problem(
+            path="tuning.mode",
+            value=mode,
+            message=f"{direction} {metric} is better, so mode {mode} would pick the worst trial; set tuning.mode: {better}",
+        )
+    ]
 
 
 def _check_asha(config: TandemConfig, space: SearchSpace) -> list[Problem]:
@@ -53,8 +65,14 @@ def _check_asha(config: TandemConfig, space: SearchSpace) -> list[Problem]:
         return []
     max_t = scheduler.max_t or config.training.epochs
     if scheduler.grace_period >= max_t:
-        return [Problem(path="tuning.scheduler.grace_period", value=scheduler.grace_period,
-                        message=f"not below max_t ({max_t} epochs), so no trial could ever be stopped early; lower grace_period or raise training.epochs")]
+        return [
+            Problem(
+                path="tuning.scheduler.grace_period",
+                value=scheduler.grace_period,
+                message=f"not below max_t ({max_t} epochs), so no trial could ever be stopped early; lower grace_period or raise "
+                "training.epochs",
+            )
+        ]
     return []
 
 
@@ -65,18 +83,39 @@ def _check_pbt(config: TandemConfig, space: SearchSpace) -> list[Problem]:
     problems = []
     interval = tuning.scheduler.perturbation_interval
     if interval >= training.epochs:
-        problems.append(Problem(path="tuning.scheduler.perturbation_interval", value=interval,
-                                message=f"not below training.epochs ({training.epochs}); PBT would never exploit. Lower it or train longer"))
+        problems.append(
+            Problem(
+                path="tuning.scheduler.perturbation_interval",
+                value=interval,
+                message=f"not below training.epochs ({training.epochs}); PBT would never exploit. Lower it or train longer",
+            )
+        )
     if interval % training.checkpoint.every_epochs:
-        problems.append(Problem(path="training.checkpoint.every_epochs", value=training.checkpoint.every_epochs,
-                                message=f"PBT copies the checkpoint taken at each perturbation (every {interval} epochs); set every_epochs to a divisor of {interval}"))
+        problems.append(
+            Problem(
+                path="training.checkpoint.every_epochs",
+                value=training.checkpoint.every_epochs,
+                message=f"PBT copies the checkpoint taken at each perturbation (every {interval} epochs); set every_epochs to a divisor of "
+                f"{interval}",
+            )
+        )
     if tuning.search.name == "optuna":
-        problems.append(Problem(path="tuning.search.name", value="optuna",
-                                message="PBT explores by mutating running trials, which a model-based searcher cannot follow; use search: random with pbt"))
+        problems.append(
+            Problem(
+                path="tuning.search.name",
+                value="optuna",
+                message="PBT explores by mutating running trials, which a model-based searcher cannot follow; use search: random with pbt",
+            )
+        )
     for path in space.paths:
         if path.startswith("model."):
-            problems.append(Problem(path=f"tuning.space['{path}']",
-                                    message="PBT copies weights between trials, so every trial must have the same architecture; search model.* with asha or fifo"))
+            problems.append(
+                Problem(
+                    path=f"tuning.space['{path}']",
+                    message="PBT copies weights between trials, so every trial must have the same architecture; search model.* with asha "
+                    "or fifo",
+                )
+            )
     return problems
 
 
@@ -86,11 +125,21 @@ def _check_search(config: TandemConfig, space: SearchSpace) -> list[Problem]:
     for entry in space.entries:
         where = f"tuning.space['{entry.path}']"
         if search == "grid" and (entry.kind in CONTINUOUS or entry.kind == "randint"):
-            problems.append(Problem(path=where, value={entry.kind: list(entry.args)},
-                                    message=f"search: grid enumerates values and cannot enumerate {entry.kind}; use grid: [values] or search: random"))
+            problems.append(
+                Problem(
+                    path=where,
+                    value={entry.kind: list(entry.args)},
+                    message=f"search: grid enumerates values and cannot enumerate {entry.kind}; use grid: [values] or search: random",
+                )
+            )
         if search == "optuna" and entry.kind == "grid":
-            problems.append(Problem(path=where, value={entry.kind: list(entry.args)},
-                                    message="search: optuna samples every value and has no grid; use choice: [...] or search: random"))
+            problems.append(
+                Problem(
+                    path=where,
+                    value={entry.kind: list(entry.args)},
+                    message="search: optuna samples every value and has no grid; use choice: [...] or search: random",
+                )
+            )
     return problems
 
 
@@ -116,7 +165,9 @@ def _asha(config: TandemConfig, space: SearchSpace) -> Any:
     from ray.tune.schedulers import ASHAScheduler
 
     s = config.tuning.scheduler
-    return ASHAScheduler(time_attr=TIME_ATTR, max_t=s.max_t or config.training.epochs, grace_period=s.grace_period, reduction_factor=s.reduction_factor)
+    return ASHAScheduler(
+        time_attr=TIME_ATTR, max_t=s.max_t or config.training.epochs, grace_period=s.grace_period, reduction_factor=s.reduction_factor
+    )
 
 
 def _median(config: TandemConfig, space: SearchSpace) -> Any:
@@ -136,7 +187,9 @@ def _pbt(config: TandemConfig, space: SearchSpace) -> Any:
             # A grid sets the starting values; PBT mutates it as a choice among the same values.
             domain = tune.choice(list(range(len(entry.args))) if entry.encoded else list(entry.args))
         mutations[entry.path] = domain
-    return PopulationBasedTraining(time_attr=TIME_ATTR, perturbation_interval=config.tuning.scheduler.perturbation_interval, hyperparam_mutations=mutations)
+    return PopulationBasedTraining(
+        time_attr=TIME_ATTR, perturbation_interval=config.tuning.scheduler.perturbation_interval, hyperparam_mutations=mutations
+    )
 
 
 SCHEDULERS: dict[str, Callable[[TandemConfig, SearchSpace], Any]] = {"fifo": _fifo, "asha": _asha, "median": _median, "pbt": _pbt}

@@ -89,7 +89,13 @@ def parse_space(config: TandemConfig) -> SearchSpace:
     if config.tuning is None:
         raise ConfigError([Problem(path="tuning", message="no tuning section; add tuning: {space: {...}} to search hyperparameters")])
     if not config.tuning.space:
-        raise ConfigError([Problem(path="tuning.space", message="the search space is empty; add e.g. training.optimizer.lr: {loguniform: [1.0e-4, 1.0e-2]}")])
+        raise ConfigError(
+            [
+                Problem(
+                    path="tuning.space", message="the search space is empty; add e.g. training.optimizer.lr: {loguniform: [1.0e-4, 1.0e-2]}"
+                )
+            ]
+        )
     entries, problems = [], []
     for path, spec in config.tuning.space.items():
         entry, entry_problems = _parse_entry(config, path, spec)
@@ -106,7 +112,11 @@ def _parse_entry(config: TandemConfig, path: str, spec: dict[str, Any]) -> tuple
     if kind not in DISCRETE and isinstance(args, list):
         args = [_yaml_number(a) for a in args]
     if path.split(".")[0] not in SEARCHABLE:
-        return None, [space_problem(path, f"only {', '.join(SEARCHABLE[:-1])} or {SEARCHABLE[-1]} change what a trial trains; search a path under one of them")]
+        return None, [
+            space_problem(
+                path, f"only {', '.join(SEARCHABLE[:-1])} or {SEARCHABLE[-1]} change what a trial trains; search a path under one of them"
+            )
+        ]
     shape_problem = _argument_problem(kind, args)
     if shape_problem:
         return None, [space_problem(path, shape_problem, args)]
@@ -203,7 +213,9 @@ def _value_problems(config: TandemConfig, entry: SpaceEntry) -> list[Problem]:
         except ConfigError as exc:
             reasons = "; ".join(f"{p.path}: {p.message}" for p in exc.problems)
             fix = " (an integer field takes randint or choice)" if entry.kind in CONTINUOUS and "integer" in reasons else ""
-            problems.append(space_problem(entry.path, f"{entry.kind} can produce {value!r}, which the config rejects: {reasons}{fix}", entry.args))
+            problems.append(
+                space_problem(entry.path, f"{entry.kind} can produce {value!r}, which the config rejects: {reasons}{fix}", entry.args)
+            )
             break  # one failing value says enough about this entry
     return problems
 

@@ -204,7 +204,9 @@ class StopTrainRunOnCleanup:
 
 def next_segment_dir(trial_dir: Path) -> Path:
     """A fresh folder for this start's Train run: train-0, train-1, ..."""
-    taken = [int(p.name[len(SEGMENT_PREFIX):]) for p in Path(trial_dir).glob(f"{SEGMENT_PREFIX}*") if p.name[len(SEGMENT_PREFIX):].isdigit()]
+    taken = [
+        int(p.name[len(SEGMENT_PREFIX) :]) for p in Path(trial_dir).glob(f"{SEGMENT_PREFIX}*") if p.name[len(SEGMENT_PREFIX) :].isdigit()
+    ]
     folder = Path(trial_dir) / f"{SEGMENT_PREFIX}{max(taken, default=-1) + 1}"
     folder.mkdir(parents=True)
     return folder
@@ -237,7 +239,9 @@ def _messages(channel: Any, fit_thread: threading.Thread) -> Iterator[tuple]:
             return
 
 
-def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], space: SearchSpace, updates: dict[str, Any], use_gpu: bool, experiment_dir: str) -> None:
+def run_trial(
+    sampled: dict[str, Any], *, base: dict[str, Any], space: SearchSpace, updates: dict[str, Any], use_gpu: bool, experiment_dir: str
+) -> None:
     """Tune's function trainable: train one sampled configuration, reporting each epoch to Tune."""
     from ray import tune
 
@@ -253,8 +257,16 @@ def run_trial(sampled: dict[str, Any], *, base: dict[str, Any], space: SearchSpa
         # Local storage: the persisted folder itself; remote storage: a local copy for this start.
         resume_from = stack.enter_context(start.as_directory()) if start is not None else None
         segment = next_segment_dir(trial_dir)
-        log_segment(trial_dir, {"event": "start", "segment": segment.name, "params": space.decode(sampled),
-                                "resume_from": start.path if start else None, "from_trial": donor_trial(start.path if start else None)})
+        log_segment(
+            trial_dir,
+            {
+                "event": "start",
+                "segment": segment.name,
+                "params": space.decode(sampled),
+                "resume_from": start.path if start else None,
+                "from_trial": donor_trial(start.path if start else None),
+            },
+        )
         channel = TrialChannel.remote()
         ACTIVE.reset(channel, trial_dir)
         callbacks = [ForwardReports(channel), AnnounceController(channel), WaitForTune(channel)]

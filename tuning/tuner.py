@@ -104,7 +104,9 @@ def preflight_values(config: TandemConfig, space: SearchSpace) -> None:
                 preflight(config_with(base, {entry.path: value}))
             except ConfigError as exc:
                 reasons = "; ".join(f"{p.path}: {p.message}" for p in exc.problems)
-                problems.append(Problem(path=f"tuning.space['{entry.path}']", value=value, message=f"a trial with this value would fail: {reasons}"))
+                problems.append(
+                    Problem(path=f"tuning.space['{entry.path}']", value=value, message=f"a trial with this value would fail: {reasons}")
+                )
                 break
     if problems:
         raise ConfigError(problems)
@@ -138,9 +140,17 @@ def check_same_search(config: TandemConfig, run_dir: Path) -> None:
     now = config.to_dict()
     changed = [k for k in SEARCHED_SECTIONS if stored.get(k) != now[k]]
     if changed:
-        raise ConfigError([Problem(path=", ".join(changed), message=(
-            f"--resume continues {run_dir}, which was started with different {', '.join(changed)}; "
-            "resume with the config it was started with, or start a new tune without --resume"))])
+        raise ConfigError(
+            [
+                Problem(
+                    path=", ".join(changed),
+                    message=(
+                        f"--resume continues {run_dir}, which was started with different {', '.join(changed)}; "
+                        "resume with the config it was started with, or start a new tune without --resume"
+                    ),
+                )
+            ]
+        )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -158,8 +168,14 @@ def make_trainable(config: TandemConfig, space: SearchSpace, plan: TrialPlan, ru
 
     from tuning.trial import run_trial
 
-    trainable = tune.with_parameters(run_trial, base=config.to_dict(), space=space, updates=plan.trial_updates(), use_gpu=plan.use_gpu,
-                                     experiment_dir=str(run_dir / EXPERIMENT))
+    trainable = tune.with_parameters(
+        run_trial,
+        base=config.to_dict(),
+        space=space,
+        updates=plan.trial_updates(),
+        use_gpu=plan.use_gpu,
+        experiment_dir=str(run_dir / EXPERIMENT),
+    )
     # The trial function only waits on its Train run; the workers ask for the real resources.
     return tune.with_resources(trainable, {"CPU": TRIAL_FUNCTION_CPU})
 
@@ -193,8 +209,12 @@ def make_tuner(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_di
         callbacks=callbacks,
         verbose=1,
     )
-    return tune.Tuner(make_trainable(config, space, plan, run_dir), param_space=param_space(space, tuning.search.name),
-                      tune_config=tune_config, run_config=run_config)
+    return tune.Tuner(
+        make_trainable(config, space, plan, run_dir),
+        param_space=param_space(space, tuning.search.name),
+        tune_config=tune_config,
+        run_config=run_config,
+    )
 
 
 def restore_tuner(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_dir: Path) -> Any:
@@ -202,7 +222,9 @@ def restore_tuner(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run
 
     # Finished trials are kept as they are; unfinished and errored ones continue from their last
     # Tune checkpoint. Tune restores the scheduler, the searcher and the callbacks it pickled.
-    return Tuner.restore(str(run_dir / EXPERIMENT), trainable=make_trainable(config, space, plan, run_dir), resume_unfinished=True, resume_errored=True)
+    return Tuner.restore(
+        str(run_dir / EXPERIMENT), trainable=make_trainable(config, space, plan, run_dir), resume_unfinished=True, resume_errored=True
+    )
 
 
 @contextlib.contextmanager
@@ -227,8 +249,9 @@ def tune(config: TandemConfig, resume: bool | str | Path = False, callbacks: lis
     """Search `config.tuning.space`; every trial is a Ray Train + DeepSpeed run of the same trainer.
 
     resume: True (or "latest") continues the newest tuning run of this config, a path continues that
-    run; finished trials are not run again, unfinished ones continue from their last checkpoint. callbacks: extra ray.tune Callbacks (on resume, Tune restores the
-    callbacks the run started with instead).
+    run; finished trials are not run again, unfinished ones continue from their last checkpoint.
+    callbacks: extra ray.tune Callbacks (on resume, Tune restores the callbacks the run started
+    with instead).
     """
     import ray
 
@@ -246,7 +269,11 @@ def tune(config: TandemConfig, resume: bool | str | Path = False, callbacks: lis
         else:
             run_dir = new_run_dir(storage_root(config), config.name, prefix=TUNE_PREFIX)
             atomic_write_text(run_dir / "config.yaml", config.to_yaml())
-        print(f"[tandem] tuning run {run_dir}: {n_trials} trial(s), {config.tuning.scheduler.name} + {config.tuning.search.name}; {plan.describe()}", flush=True)
+        print(
+            f"[tandem] tuning run {run_dir}: {n_trials} trial(s), {config.tuning.scheduler.name} + {config.tuning.search.name}; "
+            f"{plan.describe()}",
+            flush=True,
+        )
         with _env(TUNE_GLOBAL_CHECKPOINT_S=EXPERIMENT_SNAPSHOT_S):
             if resume:
                 tuner = restore_tuner(config, space, plan, run_dir)
@@ -265,36 +292,71 @@ def report(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_dir: P
     trials = [summarize_result(r, space, tuning.metric, tuning.mode, config.training.epochs) for r in grid]
     best = pick_best(trials, tuning.mode)
     total_epochs = sum(t.epochs_trained for t in trials)
-    summary = {"name": config.name, "metric": tuning.metric, "mode": tuning.mode, "scheduler": tuning.scheduler.name, "search": tuning.search.name,
-               "total_epochs": total_epochs, "wall_s": round(wall_s, 2), "peak_running_trials": peak, "plan": plan.__dict__}
+    summary = {
+        "name": config.name,
+        "metric": tuning.metric,
+        "mode": tuning.mode,
+        "scheduler": tuning.scheduler.name,
+        "search": tuning.search.name,
+        "total_epochs": total_epochs,
+        "wall_s": round(wall_s, 2),
+        "peak_running_trials": peak,
+        "plan": plan.__dict__,
+    }
     files = write_results(config, run_dir, trials, best, summary)
     if best is None:
         errors = "; ".join(f"{t.trial_id}: {t.error}" for t in trials if t.error) or "no trial reported a checkpoint"
-        raise ArtifactError(f"no trial of {run_dir} finished with a checkpoint, so there is no best model ({errors}); see {files['results_csv']}")
+        raise ArtifactError(
+            f"no trial of {run_dir} finished with a checkpoint, so there is no best model ({errors}); see {files['results_csv']}"
+        )
 
     best_trial_config = trial_config(config, space, best.sampled, plan.trial_updates())
     # To retrain the winner at full size: the user's config with the best values, not the trial's worker plan.
     atomic_write_text(run_dir / "best_config.yaml", config_with(config, best.params).to_yaml())
     artifact_dir, best_metrics = consolidate_best(best_trial_config, run_dir, best)
     files["manifest"] = run_dir / TUNING_MANIFEST
-    write_tuning_manifest(run_dir, {
-        **summary,
-        "best": {"trial_id": best.trial_id, "params": best.params, "metric": best.metric, "epochs": best.last_epoch,
-                 "checkpoint": best.checkpoint, "trial_config_hash": best_trial_config.config_hash()},
-        "artifact": {"path": "artifacts", "version": read_manifest(artifact_dir)["version"]},
-        "config_hash": config.config_hash(),
-        "trials": {t.trial_id: {"status": t.status, "epochs_trained": t.epochs_trained, "metric": t.metric} for t in trials},
-    }, ["config.yaml", "best_config.yaml", "metrics.jsonl", RESULTS_CSV, RESULTS_JSON, RESULTS_PNG])
+    write_tuning_manifest(
+        run_dir,
+        {
+            **summary,
+            "best": {
+                "trial_id": best.trial_id,
+                "params": best.params,
+                "metric": best.metric,
+                "epochs": best.last_epoch,
+                "checkpoint": best.checkpoint,
+                "trial_config_hash": best_trial_config.config_hash(),
+            },
+            "artifact": {"path": "artifacts", "version": read_manifest(artifact_dir)["version"]},
+            "config_hash": config.config_hash(),
+            "trials": {t.trial_id: {"status": t.status, "epochs_trained": t.epochs_trained, "metric": t.metric} for t in trials},
+        },
+        ["config.yaml", "best_config.yaml", "metrics.jsonl", RESULTS_CSV, RESULTS_JSON, RESULTS_PNG],
+    )
     print(f"[tandem] best trial {best.trial_id}: {tuning.metric} {best.metric:.4f} with {best.params}; results in {run_dir}", flush=True)
-    return TuneResult(run_dir=run_dir, artifact_dir=artifact_dir, best=best, trials=trials, plan=plan, total_epochs=total_epochs,
-                      wall_s=wall_s, peak_running_trials=peak, best_metrics=best_metrics, files=files)
+    return TuneResult(
+        run_dir=run_dir,
+        artifact_dir=artifact_dir,
+        best=best,
+        trials=trials,
+        plan=plan,
+        total_epochs=total_epochs,
+        wall_s=wall_s,
+        peak_running_trials=peak,
+        best_metrics=best_metrics,
+        files=files,
+    )
 
 
-def write_results(config: TandemConfig, run_dir: Path, trials: list[TrialSummary], best: TrialSummary | None, summary: dict[str, Any]) -> dict[str, Path]:
+def write_results(
+    config: TandemConfig, run_dir: Path, trials: list[TrialSummary], best: TrialSummary | None, summary: dict[str, Any]
+) -> dict[str, Path]:
     """The table on stdout; results.csv, results.json and the plot in the run folder."""
     tuning = config.tuning
-    title = (f"{config.name}: {len(trials)} trials, {tuning.scheduler.name} + {tuning.search.name}, "
-             f"{summary['total_epochs']} epochs trained, {sum(t.status == 'stopped' for t in trials)} stopped early")
+    title = (
+        f"{config.name}: {len(trials)} trials, {tuning.scheduler.name} + {tuning.search.name}, "
+        f"{summary['total_epochs']} epochs trained, {sum(t.status == 'stopped' for t in trials)} stopped early"
+    )
     print_table(trials, best, tuning.metric, tuning.mode, title)
     files = {"results_csv": run_dir / RESULTS_CSV, "results_json": run_dir / RESULTS_JSON, "plot": run_dir / RESULTS_PNG}
     write_csv(files["results_csv"], trials, tuning.metric, tuning.mode)

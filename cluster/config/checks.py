@@ -28,7 +28,13 @@ def _check_node_group_refs(sections: dict[str, Any]) -> list[Problem]:
         if group not in cluster.node_groups:
             close = difflib.get_close_matches(group, groups, n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
-            problems.append(Problem(path=path, value=group, message=f"no such node group; {hint}cluster.node_groups has {groups}; add it there or pick one of those"))
+            problems.append(
+                Problem(
+                    path=path,
+                    value=group,
+                    message=f"no such node group; {hint}cluster.node_groups has {groups}; add it there or pick one of those",
+                )
+            )
     return problems
 
 
@@ -40,17 +46,42 @@ def _check_gpus_on_groups(sections: dict[str, Any]) -> list[Problem]:
     if training is not None and training.use_gpu == "true":
         group = cluster.node_groups.get(training.node_group or "")
         if training.node_group and group is not None and group.gpus == 0:
-            problems.append(Problem(path="training.use_gpu", value="true", message=f"node group '{training.node_group}' has gpus: 0; set cluster.node_groups.{training.node_group}.gpus or use_gpu: auto"))
+            problems.append(
+                Problem(
+                    path="training.use_gpu",
+                    value="true",
+                    message=f"node group '{training.node_group}' has gpus: 0; set cluster.node_groups.{training.node_group}.gpus or "
+                    "use_gpu: auto",
+                )
+            )
         if not training.node_group and not any(g.gpus for g in cluster.node_groups.values()) and cluster.address == "local":
-            problems.append(Problem(path="training.use_gpu", value="true", message="no node group has GPUs; add gpus to a node group or set use_gpu: auto"))
+            problems.append(
+                Problem(
+                    path="training.use_gpu", value="true", message="no node group has GPUs; add gpus to a node group or set use_gpu: auto"
+                )
+            )
     if serving is not None:
         for i, dep in enumerate(serving.deployments):
             group = cluster.node_groups.get(dep.node_group or "")
             if dep.gpus > 0 and group is not None:
                 if group.gpus == 0:
-                    problems.append(Problem(path=f"serving.deployments[{i}].gpus", value=dep.gpus, message=f"node group '{dep.node_group}' has gpus: 0; set cluster.node_groups.{dep.node_group}.gpus or use gpus: 0"))
+                    problems.append(
+                        Problem(
+                            path=f"serving.deployments[{i}].gpus",
+                            value=dep.gpus,
+                            message=f"node group '{dep.node_group}' has gpus: 0; set cluster.node_groups.{dep.node_group}.gpus or use "
+                            "gpus: 0",
+                        )
+                    )
                 elif dep.gpus > group.gpus:
-                    problems.append(Problem(path=f"serving.deployments[{i}].gpus", value=dep.gpus, message=f"more than the {group.gpus} GPU(s) of a '{dep.node_group}' node; the replica could never be placed; lower gpus"))
+                    problems.append(
+                        Problem(
+                            path=f"serving.deployments[{i}].gpus",
+                            value=dep.gpus,
+                            message=f"more than the {group.gpus} GPU(s) of a '{dep.node_group}' node; the replica could never be placed; "
+                            "lower gpus",
+                        )
+                    )
     return problems
 
 
@@ -63,11 +94,23 @@ def _check_fp16_needs_gpu(sections: dict[str, Any]) -> list[Problem]:
             group = cluster.node_groups.get(training.node_group or "")
             group_gpus = group.gpus if group else max((g.gpus for g in cluster.node_groups.values()), default=0)
         if training.use_gpu == "false" or group_gpus == 0:
-            problems.append(Problem(path="training.precision", value="fp16", message="fp16 with loss scaling needs a GPU; use bf16 or fp32 on CPU, or give the node group gpus"))
+            problems.append(
+                Problem(
+                    path="training.precision",
+                    value="fp16",
+                    message="fp16 with loss scaling needs a GPU; use bf16 or fp32 on CPU, or give the node group gpus",
+                )
+            )
     if serving is not None:
         for i, dep in enumerate(serving.deployments):
             if dep.precision == "fp16" and dep.gpus == 0:
-                problems.append(Problem(path=f"serving.deployments[{i}].precision", value="fp16", message="fp16 inference needs gpus > 0; use bf16 or fp32 on CPU"))
+                problems.append(
+                    Problem(
+                        path=f"serving.deployments[{i}].precision",
+                        value="fp16",
+                        message="fp16 inference needs gpus > 0; use bf16 or fp32 on CPU",
+                    )
+                )
     return problems
 
 
@@ -83,7 +126,8 @@ def _check_batches_can_fill(sections: dict[str, Any]) -> list[Problem]:
                     path="serving.batching.max_batch_size",
                     value=serving.batching.max_batch_size,
                     message=(
-                        f"larger than serving.deployments[{i}].max_ongoing_requests ({dep.max_ongoing_requests}); batches would never fill. "
+                        f"larger than serving.deployments[{i}].max_ongoing_requests ({dep.max_ongoing_requests}); batches would never "
+                        "fill. "
                         "Raise max_ongoing_requests or lower max_batch_size"
                     ),
                 )
@@ -99,7 +143,12 @@ def _check_tuning_paths(sections: dict[str, Any]) -> list[Problem]:
     for path in tuning.space:
         head = path.split(".")[0]
         if head not in TandemConfig.model_fields or head in ("version", "name", "tuning"):
-            problems.append(Problem(path=f"tuning.space['{path}']", message=f"'{head}' is not a config section that can be searched; use a path like training.optimizer.lr"))
+            problems.append(
+                Problem(
+                    path=f"tuning.space['{path}']",
+                    message=f"'{head}' is not a config section that can be searched; use a path like training.optimizer.lr",
+                )
+            )
     return problems
 
 

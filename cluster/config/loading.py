@@ -59,54 +59,56 @@ def apply_overrides(raw: dict[str, Any], overrides: list[str] | None) -> dict[st
         except ConfigError as exc:
             problems += exc.problems
         except (IndexError, KeyError, TypeError, AttributeError):
-            problems.append(Problem(path="--set", value=text, message="the path does not lead into the config; check the dotted path and list indices"))
+            problems.append(
+                Problem(path="--set", value=text, message="the path does not lead into the config; check the dotted path and list indices")
+            )
     if problems:
         raise ConfigError(problems)
     return raw
 
 
-class _UniqueKeyLoader(yaml.SafeLoader):
-    """PyYAML's safe loader, recording every mapping key given twice.
+def _load_yaml(text: str) -> tuple[Any, list[Problem]]:
+    """The YAML document, and a Problem for every mapping key given twice in it.
 
     YAML requires unique keys, but PyYAML keeps the last value silently: `epochs: 3` followed by
-    `epochs: 30` would train for 30 with no word. Merge keys (`<<: *anchor`) are not duplicates.
+    `epochs: 30` would train for 30 with no word. The check walks the parsed nodes (which know
+    their lines) before they become Python values; a merge key (`<<: *anchor`) is not a duplicate.
     """
-
-    def __init__(self, stream: str):
-        super().__init__(stream)
-        self.duplicates: list[tuple[Any, int, int]] = []  # (key, line, line of its first occurrence)
-
-    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> dict[Any, Any]:
-        first_line: dict[Any, int] = {}
-        for key_node, _ in node.value:
-            if key_node.tag == "tag:yaml.org,2002:merge":
-                continue
-            key = self.construct_object(key_node, deep=True)
-            try:
-                seen = first_line.get(key)
-            except TypeError:  # an unhashable key: the constructor below refuses it with its own message
-                continue
-            if seen is None:
-                first_line[key] = key_node.start_mark.line + 1
-            else:
-                self.duplicates.append((key, key_node.start_mark.line + 1, seen))
-        return super().construct_mapping(node, deep=deep)
-
-
-def _load_yaml(text: str) -> tuple[Any, list[tuple[Any, int, int]]]:
-    """The YAML document and the duplicate keys found in it."""
-    loader = _UniqueKeyLoader(text)
+    loader = yaml.SafeLoader(text)
     try:
-        return loader.get_single_data(), loader.duplicates
+        node = loader.get_single_node()
+        problems = _duplicate_keys(node, (), set()) if node is not None else []
+        return (loader.construct_document(node) if node is not None else None), problems
     finally:
         loader.dispose()
 
 
-def duplicate_key_problem(key: Any, line: int, first_line: int) -> Problem:
-    return Problem(
-        path=str(key),
-        message=f"duplicate key at line {line} (first given at line {first_line}); YAML would silently keep only the last value, so keep one of them",
-    )
+def _duplicate_keys(node: yaml.Node, loc: tuple[Any, ...], visited: set[int]) -> list[Problem]:
+    if id(node) in visited:  # an alias seen before (or inside its own anchor): walked once
+        return []
+    visited.add(id(node))
+    problems: list[Problem] = []
+    if isinstance(node, yaml.SequenceNode):
+        for index, item in enumerate(node.value):
+            problems += _duplicate_keys(item, loc + (index,), visited)
+    elif isinstance(node, yaml.MappingNode):
+        first_line: dict[str, int] = {}
+        for key_node, value_node in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge" or not isinstance(key_node, yaml.ScalarNode):
+                continue
+            key, line = key_node.value, key_node.start_mark.line + 1
+            if key in first_line:
+                problems.append(
+                    Problem(
+                        path=_dotted(loc + (key,)),
+                        message=f"duplicate key at line {line} (first given at line {first_line[key]}); "
+                        "YAML would silently keep only the last value, so keep one of them",
+                    )
+                )
+            else:
+                first_line[key] = line
+            problems += _duplicate_keys(value_node, loc + (key,), visited)
+    return problems
 
 
 def read_yaml(path: str | Path) -> dict[str, Any]:
@@ -118,19 +120,32 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" at line {mark.line + 1}, column {mark.column + 1}" if mark else ""
-        raise ConfigError([Problem(path="<file>", value=str(path), message=f"not valid YAML{where}: {getattr(exc, 'problem', exc)}")]) from None
+        raise ConfigError(
+            [Problem(path="<file>", value=str(path), message=f"not valid YAML{where}: {getattr(exc, 'problem', exc)}")]
+        ) from None
     except UnicodeDecodeError:
         raise ConfigError([Problem(path="<file>", value=str(path), message="not a text file (not UTF-8); give a YAML config")]) from None
     except OSError as exc:  # a folder, no permission, ...
-        raise ConfigError([Problem(path="<file>", value=str(path), message=f"cannot be read ({exc.strerror or exc}); give the path of a Tandem YAML config")]) from None
+        raise ConfigError(
+            [
+                Problem(
+                    path="<file>", value=str(path), message=f"cannot be read ({exc.strerror or exc}); give the path of a Tandem YAML config"
+                )
+            ]
+        ) from None
     except RecursionError:
-        raise ConfigError([Problem(path="<file>", value=str(path), message="nested too deeply to parse; a Tandem config is a few levels of sections")]) from None
+        raise ConfigError(
+            [Problem(path="<file>", value=str(path), message="nested too deeply to parse; a Tandem config is a few levels of sections")]
+        ) from None
     if duplicates:
-        raise ConfigError([duplicate_key_problem(*d) for d in duplicates], str(path))
+        raise ConfigError(duplicates, str(path))
     if raw is None:
         raw = {}
     if not isinstance(raw, dict):
-        raise ConfigError([Problem(path="<root>", value=raw, message="a config is a YAML mapping of sections (cluster, model, data, training, ...)")], str(path))
+        raise ConfigError(
+            [Problem(path="<root>", value=raw, message="a config is a YAML mapping of sections (cluster, model, data, training, ...)")],
+            str(path),
+        )
     return raw
 
 
@@ -151,7 +166,9 @@ def _alias_problems(tree: Any) -> list[Problem]:
         if id(node) in sizes:
             return sizes[id(node)]
         if id(node) in ancestors:
-            problems.append(Problem(path=_dotted(loc), message="contains itself (a YAML alias used inside its own anchor); write the value out"))
+            problems.append(
+                Problem(path=_dotted(loc), message="contains itself (a YAML alias used inside its own anchor); write the value out")
+            )
             return 1
         ancestors.add(id(node))
         size = 1 + sum(
@@ -164,14 +181,22 @@ def _alias_problems(tree: Any) -> list[Problem]:
 
     total = walk(tree, (), set())
     if total > MAX_CONFIG_VALUES:
-        problems.append(Problem(path="<root>", message=f"expands to {total:,} values (YAML aliases of aliases), over {MAX_CONFIG_VALUES:,}; a config is small, write it without nested aliases"))
+        problems.append(
+            Problem(
+                path="<root>",
+                message=f"expands to {total:,} values (YAML aliases of aliases), over {MAX_CONFIG_VALUES:,}; a config is small, write it "
+                "without nested aliases",
+            )
+        )
     return problems
 
 
 def validate_config(raw: Any, source: str | None = None) -> TandemConfig:
     """Validate a plain dict; every problem (field and cross-field) is reported in one ConfigError."""
     if not isinstance(raw, dict):
-        raise ConfigError([Problem(path="<root>", value=raw, message="a config is a mapping of sections (cluster, model, data, training, ...)")], source)
+        raise ConfigError(
+            [Problem(path="<root>", value=raw, message="a config is a mapping of sections (cluster, model, data, training, ...)")], source
+        )
     try:
         aliases = _alias_problems(raw)
     except RecursionError:
@@ -185,7 +210,9 @@ def validate_config(raw: Any, source: str | None = None) -> TandemConfig:
             close = difflib.get_close_matches(str(key), list(TandemConfig.model_fields), n=1)
             hint = f"did you mean '{close[0]}'? " if close else ""
             where = f" in {source}" if source else ""
-            problems.append(Problem(path=str(key), message=f"unknown section{where}; {hint}valid sections: {', '.join(TandemConfig.model_fields)}"))
+            problems.append(
+                Problem(path=str(key), message=f"unknown section{where}; {hint}valid sections: {', '.join(TandemConfig.model_fields)}")
+            )
     # Validate each section on its own so one broken section does not hide the others' problems.
     valid = True
     for name, field in TandemConfig.model_fields.items():
@@ -252,4 +279,3 @@ def config_with(config: TandemConfig, updates: dict[str, Any]) -> TandemConfig:
         parts, _ = parse_override(f"{dotted}=")
         set_path(raw, parts, value)
     return validate_config(raw)
-

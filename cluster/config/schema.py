@@ -86,7 +86,9 @@ class NodeGroup(Strict):
 
 class LocalMode(Strict):
     simulate_nodes: bool = Field(False, description="Start one local Ray node per node group (ray.cluster_utils.Cluster), for tests.")
-    num_cpus: float | None = Field(None, gt=0, description="Logical CPUs of the local Ray; may exceed the physical cores. Default: enough for training and serving.")
+    num_cpus: float | None = Field(
+        None, gt=0, description="Logical CPUs of the local Ray; may exceed the physical cores. Default: enough for training and serving."
+    )
     include_dashboard: bool = Field(False, description="Start Ray's dashboard with the local Ray (needed for `ray job submit`).")
 
 
@@ -98,7 +100,8 @@ class RuntimeEnv(Strict):
 
 class KubernetesConfig(Strict):
     upgrade_strategy: Literal["NewCluster", "None"] = Field(
-        "NewCluster", description="RayService upgrade: a second cluster, zero downtime, twice the resources meanwhile; None updates in place."
+        "NewCluster",
+        description="RayService upgrade: a second cluster, zero downtime, twice the resources meanwhile; None updates in place.",
     )
     head_cpus: float = Field(2.0, gt=0, description="CPUs of the head pod (it runs no tasks).")
     head_memory: str = Field("8Gi", pattern=r"^\d+(\.\d+)?(Ki|Mi|Gi|Ti)?$", description="Memory of the head pod.")
@@ -107,12 +110,16 @@ class KubernetesConfig(Strict):
     job_deadline_s: int | None = Field(None, gt=0, description="RayJob activeDeadlineSeconds.")
     autoscaler_idle_timeout_s: int = Field(60, ge=0, description="Seconds an idle worker pod is kept before the autoscaler removes it.")
     auth_secret: str | None = Field(None, description="Secret holding the Ray token (key auth_token); default <name>-ray-token.")
-    storage_claim: str | None = Field(None, description="ReadWriteMany PVC mounted at cluster.storage in every pod; cluster.storage must then be absolute.")
+    storage_claim: str | None = Field(
+        None, description="ReadWriteMany PVC mounted at cluster.storage in every pod; cluster.storage must then be absolute."
+    )
     ray_version: str | None = Field(None, pattern=r"^\d+\.\d+\.\d+$", description="Ray version of cluster.image when its tag does not say.")
 
 
 class ClusterConfig(Strict):
-    address: str = Field("local", description="'local' (start Ray here), 'auto' (join RAY_ADDRESS or a running head) or 'ray://host:10001'.")
+    address: str = Field(
+        "local", description="'local' (start Ray here), 'auto' (join RAY_ADDRESS or a running head) or 'ray://host:10001'."
+    )
     storage: str = Field("./runs", description="Local path or URI where runs, checkpoints and artifacts are written.")
     node_groups: dict[str, NodeGroup] = Field(
         default_factory=lambda: {"cpu": NodeGroup(cpus=2, memory="8Gi")},
@@ -148,7 +155,9 @@ class ClusterConfig(Strict):
 
 
 class ModelConfig(Strict):
-    builder: str = Field("training.models:mlp", description="'module:function' returning an nn.Module; called with input_shape, num_classes and args.")
+    builder: str = Field(
+        "training.models:mlp", description="'module:function' returning an nn.Module; called with input_shape, num_classes and args."
+    )
     args: dict[str, Any] = Field(default_factory=lambda: {"hidden": [256, 256]}, description="Keyword arguments for the builder.")
 
     @field_validator("builder")
@@ -158,7 +167,9 @@ class ModelConfig(Strict):
 
 
 class Augment(Strict):
-    name: Literal["noise", "shift", "hook"] = Field(description="noise: Gaussian noise; shift: random shift of image-like inputs; hook: a user function.")
+    name: Literal["noise", "shift", "hook"] = Field(
+        description="noise: Gaussian noise; shift: random shift of image-like inputs; hook: a user function."
+    )
     std: float = Field(0.1, ge=0, description="Standard deviation of the Gaussian noise (noise).")
     pixels: int = Field(1, ge=0, description="Largest shift in pixels along each axis (shift).")
     fn: str | None = Field(None, description="'module:function(x: Tensor, generator) -> Tensor' (hook).")
@@ -219,7 +230,9 @@ class DeepSpeedSection(Strict):
     zero_stage: int = Field(2, ge=0, le=3, description="ZeRO stage 0 (DDP-like), 1, 2 or 3.")
     offload_optimizer: Literal["none", "cpu"] = Field("none", description="Offload optimizer state to CPU (ZeRO 1-3).")
     offload_params: Literal["none", "cpu"] = Field("none", description="Offload parameters to CPU (ZeRO 3 only).")
-    overrides: dict[str, Any] = Field(default_factory=dict, description="Merged last into the derived DeepSpeed JSON; conflicts are errors.")
+    overrides: dict[str, Any] = Field(
+        default_factory=dict, description="Merged last into the derived DeepSpeed JSON; conflicts are errors."
+    )
 
     @model_validator(mode="after")
     def _offload_stages(self) -> DeepSpeedSection:
@@ -248,7 +261,9 @@ class TrainingConfig(Strict):
     node_group: str | None = Field(None, description="Node group the workers are pinned to (by its custom resource).")
     use_gpu: Literal["auto", "true", "false"] = Field("auto", description="auto: GPUs when the cluster has them.")
     cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs per worker (fractions allowed).")
-    placement: Literal["pack", "spread", "strict_pack", "strict_spread"] = Field("pack", description="Placement group strategy of the workers.")
+    placement: Literal["pack", "spread", "strict_pack", "strict_spread"] = Field(
+        "pack", description="Placement group strategy of the workers."
+    )
     epochs: PositiveInt = Field(10, description="Training epochs.")
     max_steps_per_epoch: int | None = Field(None, gt=0, description="Cap on optimizer steps per epoch (for quick runs).")
     optimizer: OptimizerConfig = Field(default_factory=OptimizerConfig, description="Optimizer.")
@@ -299,7 +314,9 @@ class TuningConfig(Strict):
     cpus_per_worker: float | None = Field(None, gt=0, description="CPUs per trial worker (default: computed to fit).")
     scheduler: SchedulerConfig = Field(default_factory=SchedulerConfig, description="Trial scheduler.")
     search: SearchConfig = Field(default_factory=SearchConfig, description="Search algorithm.")
-    space: dict[str, dict[str, Any]] = Field(default_factory=dict, description="Dotted config path -> {uniform|loguniform|randint|choice|grid: args}.")
+    space: dict[str, dict[str, Any]] = Field(
+        default_factory=dict, description="Dotted config path -> {uniform|loguniform|randint|choice|grid: args}."
+    )
 
     @field_validator("space")
     @classmethod
@@ -322,7 +339,9 @@ class PruneConfig(Strict):
 
 
 class ParityGate(Strict):
-    max_accuracy_drop: float = Field(0.01, ge=0, le=1, description="Largest accepted accuracy drop against the source model (0.01 = 1 point).")
+    max_accuracy_drop: float = Field(
+        0.01, ge=0, le=1, description="Largest accepted accuracy drop against the source model (0.01 = 1 point)."
+    )
     min_argmax_agreement: Fraction = Field(0.99, description="Smallest accepted fraction of equal argmax predictions.")
 
 
@@ -347,7 +366,8 @@ class Autoscaling(Strict):
     def _bounds(self) -> Autoscaling:
         if self.min_replicas > self.max_replicas:
             raise ValueError(
-                f"min_replicas ({self.min_replicas}) is larger than max_replicas ({self.max_replicas}); lower min_replicas or raise max_replicas"
+                f"min_replicas ({self.min_replicas}) is larger than max_replicas ({self.max_replicas}); lower min_replicas or raise "
+                "max_replicas"
             )
         if self.initial_replicas is not None and not self.min_replicas <= self.initial_replicas <= self.max_replicas:
             raise ValueError(f"initial_replicas ({self.initial_replicas}) must lie between min_replicas and max_replicas")
@@ -438,7 +458,11 @@ class ServingConfig(Strict):
 
 class TandemConfig(Strict):
     version: Literal[1] = Field(1, description="Config format version.")
-    name: str = Field("tandem", pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$", description="Run name: lowercase letters, digits and '-' (used in Kubernetes names).")
+    name: str = Field(
+        "tandem",
+        pattern=r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$",
+        description="Run name: lowercase letters, digits and '-' (used in Kubernetes names).",
+    )
     cluster: ClusterConfig = Field(default_factory=ClusterConfig, description="Where Ray runs.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="The model.")
     data: DataConfig = Field(default_factory=DataConfig, description="The data.")

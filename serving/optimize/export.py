@@ -159,7 +159,9 @@ def check_onnx_session(path: Path, model: Any, input_shape: tuple[int, ...]) -> 
             want = model(torch.from_numpy(x)).numpy()
         if got.shape != want.shape or not np.allclose(got, want, atol=ONNX_ATOL, rtol=ONNX_RTOL):
             diff = float(np.abs(got - want).max()) if got.shape == want.shape else float("inf")
-            raise ExportError(f"{path.name}: onnxruntime output {got.shape} differs from torch {want.shape} at batch {batch} (max |diff| {diff:.3g})")
+            raise ExportError(
+                f"{path.name}: onnxruntime output {got.shape} differs from torch {want.shape} at batch {batch} (max |diff| {diff:.3g})"
+            )
         worst = max(worst, float(np.abs(got - want).max()))
     return worst
 
@@ -190,12 +192,19 @@ def export_onnx(model: Any, input_shape: tuple[int, ...], path: Path, opset: int
                 # Seen with dynamo below opset 18: the version converter fails, logs it, and keeps 18.
                 raise ExportError(f"wrote opset {written} instead of {opset}")
             max_diff = check_onnx_session(path, model, input_shape)
-            info = {"exporter": exporter, "opset": opset, "seconds": round(time.perf_counter() - started, 3), "session_check_max_abs_diff": max_diff}
+            info = {
+                "exporter": exporter,
+                "opset": opset,
+                "seconds": round(time.perf_counter() - started, 3),
+                "session_check_max_abs_diff": max_diff,
+            }
             return {**info, "fallback_because": problems[0]} if problems else info
         except Exception as exc:  # noqa: BLE001 - each exporter's failure is reported together below
             problems.append(f"{exporter} exporter: {type(exc).__name__}: {str(exc).strip().splitlines()[0] if str(exc).strip() else ''}")
             path.unlink(missing_ok=True)
-    raise ExportError(f"could not export {type(model).__name__} to ONNX (opset {opset}): " + "; ".join(problems) + "; try another export.opset")
+    raise ExportError(
+        f"could not export {type(model).__name__} to ONNX (opset {opset}): " + "; ".join(problems) + "; try another export.opset"
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -242,7 +251,15 @@ class Measure:
 
     def entry(self, engine: Any, file: Path) -> dict[str, Any]:
         return parity_entry(
-            engine, self.source_logits, self.data.x_val, self.data.y_val, file, self.batch_sizes, self.budget_s, self.threads, self.source_latency
+            engine,
+            self.source_logits,
+            self.data.x_val,
+            self.data.y_val,
+            file,
+            self.batch_sizes,
+            self.budget_s,
+            self.threads,
+            self.source_latency,
         )
 
     def onnx_engine(self, path: Path, name: str) -> OnnxEngine:
@@ -265,6 +282,7 @@ def pick_int8(candidates: dict[str, dict[str, Any]], gate: Any, margin: float = 
     """The fastest candidate that passes the gate, unless a more faithful one is within `margin` of
     its speed (timings on a busy machine wobble by that much; fidelity does not). If none passes,
     the most faithful one (the gate then fails on it and says so)."""
+
     def fidelity(mode: str) -> tuple[float, float, float]:
         stats = candidates[mode]
         return (stats["argmax_agreement"], -stats["accuracy_drop"], -stats.get("max_abs_logit_diff", 0.0))
@@ -295,7 +313,11 @@ def quantize_stage(config: TandemConfig, onnx_path: Path, staging: Path, measure
     os.replace(staging / f"int8-{chosen}.onnx", staging / INT8_FILE)
     for mode in modes:
         (staging / f"int8-{mode}.onnx").unlink(missing_ok=True)
-    info: dict[str, Any] = {"requested": config.export.quantize, "method": chosen, "calibration_examples": int(len(calibration)) if "static" in modes else 0}
+    info: dict[str, Any] = {
+        "requested": config.export.quantize,
+        "method": chosen,
+        "calibration_examples": int(len(calibration)) if "static" in modes else 0,
+    }
     if len(modes) > 1:
         keep = ("accuracy_drop", "argmax_agreement", "max_abs_logit_diff", "probe_latency_ms")
         info["probe_batch"] = probe
@@ -349,12 +371,20 @@ def _export_info(config: TandemConfig, manifest: dict[str, Any], measure: Measur
         "config_hash": config.config_hash(),
         "threads": measure.threads,
         "versions": _versions(),
-        "data": {"source": data.source, "args": data.args, "val_fraction": data.val_fraction, "seed": data.seed, "val_examples": int(len(measure.data.y_val))},
+        "data": {
+            "source": data.source,
+            "args": data.args,
+            "val_fraction": data.val_fraction,
+            "seed": data.seed,
+            "val_examples": int(len(measure.data.y_val)),
+        },
         "gate": config.export.gate.model_dump(),
     }
 
 
-def _onnx_artifacts(config: TandemConfig, model: Any, staging: Path, measure: Measure, report: dict[str, Any], info: dict[str, Any]) -> list[str]:
+def _onnx_artifacts(
+    config: TandemConfig, model: Any, staging: Path, measure: Measure, report: dict[str, Any], info: dict[str, Any]
+) -> list[str]:
     """model.onnx and model.int8.onnx into staging, with their parity entries; returns the files written."""
     if not config.export.onnx:
         if config.export.quantize != "none":
@@ -365,11 +395,22 @@ def _onnx_artifacts(config: TandemConfig, model: Any, staging: Path, measure: Me
     info["quantize"] = quantize_stage(config, staging / ONNX_FILE, staging, measure)
     if not (staging / INT8_FILE).exists():
         return [ONNX_FILE]
-    report[INT8_FILE] = {**measure.entry(measure.onnx_engine(staging / INT8_FILE, "onnx-int8"), staging / INT8_FILE), "method": info["quantize"]["method"]}
+    report[INT8_FILE] = {
+        **measure.entry(measure.onnx_engine(staging / INT8_FILE, "onnx-int8"), staging / INT8_FILE),
+        "method": info["quantize"]["method"],
+    }
     return [ONNX_FILE, INT8_FILE]
 
 
-def _pruned_artifacts(config: TandemConfig, model: Any, staging: Path, measure: Measure, report: dict[str, Any], info: dict[str, Any], fine_tune: FineTune | None) -> list[str]:
+def _pruned_artifacts(
+    config: TandemConfig,
+    model: Any,
+    staging: Path,
+    measure: Measure,
+    report: dict[str, Any],
+    info: dict[str, Any],
+    fine_tune: FineTune | None,
+) -> list[str]:
     """model.pruned.pt (and model.pruned.onnx) into staging, with their parity entries; returns the files written."""
     if config.export.prune is None:
         return []
@@ -380,11 +421,16 @@ def _pruned_artifacts(config: TandemConfig, model: Any, staging: Path, measure: 
     if not config.export.onnx:
         return [PRUNED_FILE]
     info["pruned_onnx"] = export_onnx(pruned, measure.shape, staging / PRUNED_ONNX_FILE, config.export.opset)
-    report[PRUNED_ONNX_FILE] = {**measure.entry(measure.onnx_engine(staging / PRUNED_ONNX_FILE, "onnx-pruned"), staging / PRUNED_ONNX_FILE), **sparsity}
+    report[PRUNED_ONNX_FILE] = {
+        **measure.entry(measure.onnx_engine(staging / PRUNED_ONNX_FILE, "onnx-pruned"), staging / PRUNED_ONNX_FILE),
+        **sparsity,
+    }
     return [PRUNED_FILE, PRUNED_ONNX_FILE]
 
 
-def _build(config: TandemConfig, folder: Path, staging: Path, model: Any, manifest: dict[str, Any], measure: Measure, fine_tune: FineTune | None):
+def _build(
+    config: TandemConfig, folder: Path, staging: Path, model: Any, manifest: dict[str, Any], measure: Measure, fine_tune: FineTune | None
+):
     """Write every artifact into staging and measure it; returns (report, info, produced file names)."""
     source_engine = measure.torch_engine(model)
     measure.source_logits = predict_all(source_engine, measure.data.x_val)

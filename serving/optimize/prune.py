@@ -40,7 +40,12 @@ class PruneResult:
     masks: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
-        return {"target": self.target, "structured": self.structured, "sparsity": round(self.sparsity, 6), "pruned_weights": self.pruned_weights}
+        return {
+            "target": self.target,
+            "structured": self.structured,
+            "sparsity": round(self.sparsity, 6),
+            "pruned_weights": self.pruned_weights,
+        }
 
 
 def prunable_weights(model: nn.Module, structured: bool) -> list[tuple[str, nn.Module, str]]:

@@ -75,7 +75,10 @@ def user_env(token: str) -> dict[str, str]:
 def head_command(temp_dir: Path, ports: list[int], worker_ports: int) -> list[str]:
     gcs, dashboard, client, node_manager, object_manager, agent_listen, agent_grpc, metrics, runtime_env = ports
     return [
-        str(VENV_BIN / "ray"), "start", "--head", "--block",
+        str(VENV_BIN / "ray"),
+        "start",
+        "--head",
+        "--block",
         "--num-cpus=4",
         "--node-ip-address=127.0.0.1",
         "--dashboard-host=127.0.0.1",
@@ -146,7 +149,9 @@ def start_head(env: dict[str, str], token: str, log: Path) -> tuple[subprocess.P
     ports = free_ports(9)
     worker_ports = random.randrange(20000, 29800, 200)
     with open(log, "w") as out:
-        process = subprocess.Popen(head_command(temp_dir, ports, worker_ports), env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        process = subprocess.Popen(
+            head_command(temp_dir, ports, worker_ports), env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
+        )
     head = RayHead(address=f"http://127.0.0.1:{ports[1]}", temp_dir=temp_dir, env=env)
     try:
         wait_until_started(head.address, token, process, log)

@@ -16,8 +16,18 @@ ROOT = Path(__file__).resolve().parents[2]
 
 def test_tandem_run_on_the_packaged_default(tmp_path):
     cmd = [
-        sys.executable, "-m", "tandem.cli", "run", "--requests", "120",
-        "--set", f"cluster.storage={tmp_path}", "--set", "training.epochs=3", "--set", "export.latency_batch_sizes=[1, 32]",
+        sys.executable,
+        "-m",
+        "tandem.cli",
+        "run",
+        "--requests",
+        "120",
+        "--set",
+        f"cluster.storage={tmp_path}",
+        "--set",
+        "training.epochs=3",
+        "--set",
+        "export.latency_batch_sizes=[1, 32]",
     ]
     done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
     out = done.stdout + done.stderr

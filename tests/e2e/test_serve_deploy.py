@@ -60,7 +60,9 @@ def test_serve_deploy_of_the_generated_config_serves_the_model(ray_head, tmp_pat
     config_file.write_text(config.to_yaml())
     serve_file = tmp_path / "serve_config.yaml"
 
-    written = ray_head.run(["tandem", "serve-config", str(config_file), "--out", str(serve_file), "--from", str(artifact)], timeout=CLI_TIMEOUT_S)
+    written = ray_head.run(
+        ["tandem", "serve-config", str(config_file), "--out", str(serve_file), "--from", str(artifact)], timeout=CLI_TIMEOUT_S
+    )
     assert written.returncode == 0, (written.stdout + written.stderr)[-4000:]
 
     deployed = ray_head.run(["serve", "deploy", str(serve_file), "--address", ray_head.address], timeout=CLI_TIMEOUT_S)

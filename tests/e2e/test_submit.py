@@ -23,10 +23,18 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(240
 
 JOB_TIMEOUT_S = 900  # one small training job on 2 shared cores: Ray Train start-up dominates
 CLIENT_TIMEOUT_S = 120
-TINY = ["training.epochs=1", "training.workers=1", "training.max_steps_per_epoch=5", "model.args.hidden=[32]", "training.checkpoint.every_epochs=1"]
+TINY = [
+    "training.epochs=1",
+    "training.workers=1",
+    "training.max_steps_per_epoch=5",
+    "model.args.hidden=[32]",
+    "training.checkpoint.every_epochs=1",
+]
 BROKEN = "model.args={hidden: [32], bogus: 1}"  # valid config, but the model builder refuses it in the job
 
-needs_trainer = pytest.mark.skipif(importlib.util.find_spec("training.trainer") is None, reason="training/trainer.py (`tandem train`) does not exist yet")
+needs_trainer = pytest.mark.skipif(
+    importlib.util.find_spec("training.trainer") is None, reason="training/trainer.py (`tandem train`) does not exist yet"
+)
 
 
 def sets(overrides: list[str]) -> list[str]:
@@ -34,7 +42,9 @@ def sets(overrides: list[str]) -> list[str]:
 
 
 def tandem_submit(ray_head, overrides: list[str], stage: str = "train"):
-    result = ray_head.run(["tandem", "submit", "cluster/example.yaml", stage, "--address", ray_head.address, *sets(overrides)], timeout=JOB_TIMEOUT_S)
+    result = ray_head.run(
+        ["tandem", "submit", "cluster/example.yaml", stage, "--address", ray_head.address, *sets(overrides)], timeout=JOB_TIMEOUT_S
+    )
     if "not available yet" in result.stderr:
         pytest.skip("`tandem submit` is not wired to tandem.submit.submit yet")
     return result
@@ -96,20 +106,25 @@ def test_a_job_broken_by_an_override_exits_non_zero_with_its_error(broken_submis
 @needs_trainer
 def test_jobs_functions_see_the_failed_job(ray_head, broken_submission):
     job_id = re.search(r"submitted (\S+) to", broken_submission.stdout).group(1)
-    result = python(ray_head, f"""
+    result = python(
+        ray_head,
+        f"""
         from tandem.submit import format_jobs, job_logs, job_status, list_jobs
         address = {ray_head.address!r}
         print(format_jobs(list_jobs(address)))
         print("STATUS", job_status(address, {job_id!r}))
         print("LOGS", "bogus" in job_logs(address, {job_id!r}))
-    """)
+    """,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert job_id in result.stdout and "train" in result.stdout
     assert "STATUS FAILED" in result.stdout and "LOGS True" in result.stdout
 
 
 def test_stopped_job_is_reported_non_zero(ray_head):
-    result = python(ray_head, f"""
+    result = python(
+        ray_head,
+        f"""
         import sys
         from tandem.submit import follow_job, job_client, job_status, stop_job
         client = job_client({ray_head.address!r})
@@ -117,7 +132,8 @@ def test_stopped_job_is_reported_non_zero(ray_head):
         assert stop_job({ray_head.address!r}, job_id) is True
         code = follow_job(client, job_id)
         print("STATUS", job_status({ray_head.address!r}, job_id), "EXIT", code)
-    """)
+    """,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "STATUS STOPPED EXIT 1" in result.stdout
 
@@ -125,13 +141,17 @@ def test_stopped_job_is_reported_non_zero(ray_head):
 def test_client_without_the_token_is_refused_with_the_fix(ray_head, tmp_path):
     env = {k: v for k, v in ray_head.env.items() if k != "RAY_AUTH_TOKEN"}
     env["HOME"] = str(tmp_path)  # no ~/.ray/auth_token either
-    result = python(ray_head, f"""
+    result = python(
+        ray_head,
+        f"""
         from tandem.submit import SubmitError, list_jobs
         try:
             list_jobs({ray_head.address!r})
         except SubmitError as exc:
             print("REFUSED", exc)
-    """, env=env)
+    """,
+        env=env,
+    )
     assert result.returncode == 0, result.stderr[-4000:]
     assert "REFUSED" in result.stdout and "RAY_AUTH_TOKEN" in result.stdout
 

@@ -24,10 +24,16 @@ def accuracy(artifact_dir, config) -> float:
 def test_student_with_half_the_parameters_reaches_93_percent(ray_session, tmp_path):
     teacher_cfg = load_config(None, [f"cluster.storage={tmp_path}", "training.epochs=8", "model.args.hidden=[128, 128]"])
     teacher = train(teacher_cfg)
-    student_cfg = load_config(None, [
-        f"cluster.storage={tmp_path}", "training.epochs=12", "model.args.hidden=[64]", "training.optimizer.lr=5e-3",
-        f"training.distill={{teacher: {teacher.artifact_dir}, temperature: 2.0, alpha: 0.5}}",
-    ])
+    student_cfg = load_config(
+        None,
+        [
+            f"cluster.storage={tmp_path}",
+            "training.epochs=12",
+            "model.args.hidden=[64]",
+            "training.optimizer.lr=5e-3",
+            f"training.distill={{teacher: {teacher.artifact_dir}, temperature: 2.0, alpha: 0.5}}",
+        ],
+    )
     student = train(student_cfg)
     teacher_params = parameter_count(load_model(teacher.artifact_dir)[0])
     student_params = parameter_count(load_model(student.artifact_dir)[0])

@@ -26,7 +26,9 @@ SCRIPT = textwrap.dedent(
     ])
     with connect(cfg) as handle:
         alive = [n for n in ray.nodes() if n["Alive"]]
-        groups = {g: sorted(n["NodeID"] for n in alive if n["Resources"].get(node_group_resource(g)) == NODE_GROUP_CAPACITY) for g in ("gpu", "cpu")}
+        pinned = {g: node_group_resource(g) for g in ("gpu", "cpu")}
+        members = {g: [n["NodeID"] for n in alive if n["Resources"].get(name) == NODE_GROUP_CAPACITY] for g, name in pinned.items()}
+        groups = {g: sorted(ids) for g, ids in members.items()}
         print(json.dumps({"alive": len(alive), "groups": groups, "handle": {g: sorted(v) for g, v in handle.nodes.items()}}))
     print(json.dumps({"still_initialized": ray.is_initialized()}))
     """

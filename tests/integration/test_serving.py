@@ -281,7 +281,10 @@ def test_a_sequential_client_gets_batch_size_one_and_no_added_wait(url):
     after = replica_stats(url)
     assert all(r["status"] == 200 for r in records)
     assert mean_batch_size_between(before, after) == 1.0
-    waited = (after["batcher"]["mean_queue_wait_ms"] * after["batcher"]["requests"] - before["batcher"]["mean_queue_wait_ms"] * before["batcher"]["requests"]) / 30
+    waited = (
+        after["batcher"]["mean_queue_wait_ms"] * after["batcher"]["requests"]
+        - before["batcher"]["mean_queue_wait_ms"] * before["batcher"]["requests"]
+    ) / 30
     assert waited < 2.0, after["batcher"]  # only the hop to the dispatch loop; a 5 ms fixed wait would show
 
 

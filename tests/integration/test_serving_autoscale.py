@@ -44,7 +44,13 @@ def test_sustained_load_scales_up_to_two_replicas_and_back_down(ray_session, tmp
                     "name": "cpu",
                     "engine": "onnxruntime",
                     "cpus": 0.25,
-                    "autoscaling": {"min_replicas": 1, "max_replicas": 2, "target_ongoing_requests": 1, "upscale_delay_s": 1, "downscale_delay_s": 3},
+                    "autoscaling": {
+                        "min_replicas": 1,
+                        "max_replicas": 2,
+                        "target_ongoing_requests": 1,
+                        "upscale_delay_s": 1,
+                        "downscale_delay_s": 3,
+                    },
                 }
             ],
         },

@@ -67,7 +67,10 @@ def engines(artifact):
     from serving.engines import load_engine
 
     _, folder = artifact
-    return {"gpu": load_engine(folder, engine="torch", threads=1), "cpu": load_engine(folder, engine="onnxruntime", quantize="int8", threads=1)}
+    return {
+        "gpu": load_engine(folder, engine="torch", threads=1),
+        "cpu": load_engine(folder, engine="onnxruntime", quantize="int8", threads=1),
+    }
 
 
 def test_replicas_are_placed_on_their_node_groups(url, config):

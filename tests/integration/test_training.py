@@ -53,7 +53,9 @@ def test_zero1_trains_and_loss_falls(ray_session, tmp_path):
     result = train(small(tmp_path, "training.deepspeed.zero_stage=1"))
     losses = [h["val_loss"] for h in result.history]
     assert losses[-1] < losses[0]
-    assert (result.run_dir / "deepspeed.json").exists() and json.loads((result.run_dir / "deepspeed.json").read_text())["zero_optimization"]["stage"] == 1
+    assert (result.run_dir / "deepspeed.json").exists() and json.loads((result.run_dir / "deepspeed.json").read_text())[
+        "zero_optimization"
+    ]["stage"] == 1
 
 
 def test_zero3_partitions_parameters_across_ranks(ray_session, tmp_path):
@@ -114,8 +116,15 @@ def test_bad_inputs_fail_before_any_worker_starts(tmp_path):
     with pytest.raises(ConfigError, match=r"training.deepspeed.overrides.zero_optimization.stage.*training.deepspeed.zero_stage"):
         train(small(tmp_path, "training.deepspeed.overrides={zero_optimization: {stage: 3}}"))
     with pytest.raises(ConfigError, match=r"data.source.*do not fit"):
-        train(small(tmp_path, "data.source=training.data:synthetic", "data.args={features: 10}",
-                         "model.builder=tests.integration.bad_sources:fixed_64_features_model", "model.args={}"))
+        train(
+            small(
+                tmp_path,
+                "data.source=training.data:synthetic",
+                "data.args={features: 10}",
+                "model.builder=tests.integration.bad_sources:fixed_64_features_model",
+                "model.args={}",
+            )
+        )
     with pytest.raises(ConfigError, match=r"data.source.*dtype float64"):
         train(small(tmp_path, "data.source=tests.integration.bad_sources:float64_features"))
     assert not any(tmp_path.rglob("checkpoints")), "a run folder was started for a bad config"
@@ -125,10 +134,24 @@ def test_bad_inputs_fail_before_any_worker_starts(tmp_path):
 def test_spread_workers_land_on_different_simulated_nodes(tmp_path):
     # A fresh process: simulated nodes need their own Ray, not the session's.
     cmd = [
-        sys.executable, "-m", "tandem.cli", "train",
-        "--set", f"cluster.storage={tmp_path}", "--set", "training.epochs=1", "--set", "model.args.hidden=[32]",
-        "--set", "cluster.local.simulate_nodes=true", "--set", "training.placement=strict_spread",
-        "--set", "training.node_group=cpu", "--set", "cluster.node_groups={cpu: {cpus: 1, replicas: 2, max_replicas: 2}}",
+        sys.executable,
+        "-m",
+        "tandem.cli",
+        "train",
+        "--set",
+        f"cluster.storage={tmp_path}",
+        "--set",
+        "training.epochs=1",
+        "--set",
+        "model.args.hidden=[32]",
+        "--set",
+        "cluster.local.simulate_nodes=true",
+        "--set",
+        "training.placement=strict_spread",
+        "--set",
+        "training.node_group=cpu",
+        "--set",
+        "cluster.node_groups={cpu: {cpus: 1, replicas: 2, max_replicas: 2}}",
     ]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]

@@ -33,11 +33,22 @@ LR_GRID = "[1.0e-3, 1.0e-4, 3.0e-2, 3.0e-4, 1.0e-2, 3.0e-3]"
 
 
 def tiny(tmp_path: Path, tuning: str, *overrides: str):
-    return load_config(None, [
-        f"cluster.storage={tmp_path}", "model.args.hidden=[16]", "data.batch_size=64", "data.augment=[]",
-        "training.max_steps_per_epoch=5", "training.epochs=4", "training.checkpoint.every_epochs=1",
-        "training.schedule.name=constant", "training.schedule.warmup_steps=0", f"tuning={tuning}", *overrides,
-    ])
+    return load_config(
+        None,
+        [
+            f"cluster.storage={tmp_path}",
+            "model.args.hidden=[16]",
+            "data.batch_size=64",
+            "data.augment=[]",
+            "training.max_steps_per_epoch=5",
+            "training.epochs=4",
+            "training.checkpoint.every_epochs=1",
+            "training.schedule.name=constant",
+            "training.schedule.warmup_steps=0",
+            f"tuning={tuning}",
+            *overrides,
+        ],
+    )
 
 
 def artifact_accuracy(artifact_dir: Path, config) -> float:
@@ -95,7 +106,13 @@ def test_asha_stops_poor_trials_early_and_finds_fifos_best(ray_session, tmp_path
     # One trial at a time: asynchronous ASHA then compares every trial with all the earlier ones at
     # each rung, so which trials it stops does not depend on which happened to report first (with 3
     # at once, a run under load stopped only one).
-    asha = tune(tiny(tmp_path / "asha", f"{{scheduler: {{name: asha, grace_period: 1, reduction_factor: 2}}, search: {{name: grid}}, max_concurrent_trials: 1, {space}}}"))
+    asha = tune(
+        tiny(
+            tmp_path / "asha",
+            "{scheduler: {name: asha, grace_period: 1, reduction_factor: 2}, search: {name: grid}, "
+            f"max_concurrent_trials: 1, {space}}}",
+        )
+    )
 
     assert len(fifo.trials) == len(asha.trials) == 6
     assert fifo.total_epochs == 6 * 4 and all(t.status == "completed" for t in fifo.trials)
@@ -139,8 +156,12 @@ def test_asha_stops_poor_trials_early_and_finds_fifos_best(ray_session, tmp_path
 def test_pbt_trials_exploit_each_others_checkpoints(ray_session, tmp_path):
     # Two trials far apart, perturbing every epoch: whichever of them reports second at an epoch
     # (or first, against the other's previous epoch) the slow one is the lower half and exploits.
-    config = tiny(tmp_path, "{samples: 1, max_concurrent_trials: 2, scheduler: {name: pbt, perturbation_interval: 1},"
-                            " space: {training.optimizer.lr: {grid: [1.0e-4, 3.0e-2]}}}", "training.epochs=3")
+    config = tiny(
+        tmp_path,
+        "{samples: 1, max_concurrent_trials: 2, scheduler: {name: pbt, perturbation_interval: 1},"
+        " space: {training.optimizer.lr: {grid: [1.0e-4, 3.0e-2]}}}",
+        "training.epochs=3",
+    )
     result = tune(config)
     assert len(result.trials) == 2
     exploiters = [t for t in result.trials if t.exploited_from]
@@ -169,9 +190,12 @@ def test_pbt_trials_exploit_each_others_checkpoints(ray_session, tmp_path):
 @pytest.mark.slow
 @pytest.mark.timeout(SLOW_TUNE_TIMEOUT_S)
 def test_optuna_search_respects_max_concurrent_trials(ray_session, tmp_path):
-    config = tiny(tmp_path, "{samples: 4, max_concurrent_trials: 2, search: {name: optuna, seed: 1},"
-                            " space: {training.optimizer.lr: {loguniform: [1.0e-4, 5.0e-2]}, model.args.hidden: {choice: [[16], [32]]}}}",
-                  "training.epochs=2")
+    config = tiny(
+        tmp_path,
+        "{samples: 4, max_concurrent_trials: 2, search: {name: optuna, seed: 1},"
+        " space: {training.optimizer.lr: {loguniform: [1.0e-4, 5.0e-2]}, model.args.hidden: {choice: [[16], [32]]}}}",
+        "training.epochs=2",
+    )
     result = tune(config)
     assert len(result.trials) == 4 and all(t.status == "completed" for t in result.trials)
     assert result.plan.max_concurrent == 2
@@ -202,8 +226,11 @@ class InterruptOnce(Callback):
 @pytest.mark.slow
 @pytest.mark.timeout(SLOW_TUNE_TIMEOUT_S)
 def test_restore_after_an_interruption_does_not_rerun_finished_trials(ray_session, tmp_path):
-    config = tiny(tmp_path, "{max_concurrent_trials: 2, search: {name: grid}, space: {training.optimizer.lr: {grid: [1.0e-3, 1.0e-2, 3.0e-3, 3.0e-2]}}}",
-                  "training.epochs=2")
+    config = tiny(
+        tmp_path,
+        "{max_concurrent_trials: 2, search: {name: grid}, space: {training.optimizer.lr: {grid: [1.0e-3, 1.0e-2, 3.0e-3, 3.0e-2]}}}",
+        "training.epochs=2",
+    )
     marker = tmp_path / "interrupted.json"
     with pytest.raises(Exception):  # noqa: B017 - Tune may wrap the callback's error
         tune(config, callbacks=[InterruptOnce(marker, finished=2)])

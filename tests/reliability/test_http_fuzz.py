@@ -160,7 +160,25 @@ def error_body_problem(reply: httpx.Response) -> str | None:
 ELEMENTS = st.one_of(
     st.floats(-1e3, 1e3, allow_nan=False).map(repr),
     st.integers(-100, 100).map(str),
-    st.sampled_from(["NaN", "Infinity", "-Infinity", "1e309", "-1e400", "3.5e38", "1" + "0" * 400, '"NaN"', '"inf"', '"1.0"', "null", "true", "{}", "[]", '"\\u0000"']),
+    st.sampled_from(
+        [
+            "NaN",
+            "Infinity",
+            "-Infinity",
+            "1e309",
+            "-1e400",
+            "3.5e38",
+            "1" + "0" * 400,
+            '"NaN"',
+            '"inf"',
+            '"1.0"',
+            "null",
+            "true",
+            "{}",
+            "[]",
+            '"\\u0000"',
+        ]
+    ),
 )
 json_values = st.recursive(
     st.one_of(st.none(), st.booleans(), st.integers(), st.floats(), st.text(max_size=8)),
@@ -206,7 +224,12 @@ def inputs_text(draw) -> str:
 @st.composite
 def bodies(draw) -> tuple[str, bytes]:
     """(what it is, the body bytes)."""
-    kind = draw(st.sampled_from(["predict"] * 5 + ["extra_keys", "probabilities", "random_json", "not_object", "bytes", "non_utf8", "empty", "oversize", "truncated"]))
+    kind = draw(
+        st.sampled_from(
+            ["predict"] * 5
+            + ["extra_keys", "probabilities", "random_json", "not_object", "bytes", "non_utf8", "empty", "oversize", "truncated"]
+        )
+    )
     inputs = draw(inputs_text())
     if kind == "predict":
         return kind, b'{"inputs": ' + inputs.encode() + b"}"
@@ -236,7 +259,19 @@ def bodies(draw) -> tuple[str, bytes]:
 def requests_(draw, token: str) -> dict[str, Any]:
     kind, body = draw(bodies())
     headers: dict[str, str] = {}
-    content_type = draw(st.sampled_from(["application/json"] * 4 + [None, "text/plain", "application/x-www-form-urlencoded", "multipart/form-data; boundary=x", "application/json; charset=latin-1", "image/png"]))
+    content_type = draw(
+        st.sampled_from(
+            ["application/json"] * 4
+            + [
+                None,
+                "text/plain",
+                "application/x-www-form-urlencoded",
+                "multipart/form-data; boundary=x",
+                "application/json; charset=latin-1",
+                "image/png",
+            ]
+        )
+    )
     if content_type is not None:
         headers["Content-Type"] = content_type
     auth_kind = draw(st.sampled_from(["valid"] * 6 + ["none", "wrong", "basic", "empty", "prefix", "lowercase-scheme", "padded"]))
@@ -291,7 +326,8 @@ def test_fuzzed_predict_requests_get_no_5xx_and_json_4xx_and_leave_the_replica_a
         reply = send(client, url, request)
         statuses[reply.status_code] += 1
         by_kind[request["kind"]] += 1
-        shown = f"{request['kind']}/{request['auth']}/{request['headers'].get('Content-Type')}/chunked={request['chunked']} {request['body'][:150]!r}"
+        content_type = request["headers"].get("Content-Type")
+        shown = f"{request['kind']}/{request['auth']}/{content_type}/chunked={request['chunked']} {request['body'][:150]!r}"
         if reply.status_code >= 500:
             failures.append(f"{reply.status_code} {reply.text[:200]!r} <- {shown}")
         elif 400 <= reply.status_code < 500 and (problem := error_body_problem(reply)):
@@ -327,7 +363,12 @@ def test_fuzzed_predict_requests_get_no_5xx_and_json_4xx_and_leave_the_replica_a
     print(f"fuzz: {sum(statuses.values())} requests in {seconds:.0f} s, statuses {dict(statuses)}")
     assert not failures, f"{len(failures)} bad answers:\n" + "\n".join(failures[:15])
     assert sum(statuses.values()) >= FUZZ_EXAMPLES * 0.9 and statuses[200] > 0 and statuses[401] > 0 and statuses[413] > 0
-    assert (after["pid"], after["replicas"], after["model_version"], after["version"]) == (before["pid"], before["replicas"], before["model_version"], before["version"])
+    assert (after["pid"], after["replicas"], after["model_version"], after["version"]) == (
+        before["pid"],
+        before["replicas"],
+        before["model_version"],
+        before["version"],
+    )
     assert predicts(url, token)
 
 
@@ -341,7 +382,9 @@ UNDECODABLE = {
 @pytest.mark.parametrize("case", sorted(UNDECODABLE))
 def test_json_the_decoder_cannot_take_gets_a_4xx_not_a_500(url, config, token, case):
     before = snapshot(url, token, config)
-    reply = httpx.post(f"{url}/v1/predict", content=UNDECODABLE[case], headers={**auth(token), "Content-Type": "application/json"}, timeout=30)
+    reply = httpx.post(
+        f"{url}/v1/predict", content=UNDECODABLE[case], headers={**auth(token), "Content-Type": "application/json"}, timeout=30
+    )
     after = snapshot(url, token, config)
     assert (after["pid"], after["replicas"]) == (before["pid"], before["replicas"]) and predicts(url, token)  # holds today
     record(f"http_undecodable_{case}", body_bytes=len(UNDECODABLE[case]), status=reply.status_code, replica_unharmed=True)
@@ -387,7 +430,12 @@ def test_other_methods_and_unknown_paths_are_refused_without_5xx(url, config, to
         for method, path in ODD_REQUESTS:
             reply = client.request(method, url + path, headers=auth(token), content=b'{"inputs": [0.5]}' if method != "GET" else None)
             seen[reply.status_code] += 1
-            assert reply.status_code in (404, 405) or (method, path) == ("POST", "/v1/predict/"), (method, path, reply.status_code, reply.text)
+            assert reply.status_code in (404, 405) or (method, path) == ("POST", "/v1/predict/"), (
+                method,
+                path,
+                reply.status_code,
+                reply.text,
+            )
     after = snapshot(url, token, config)
     assert (after["pid"], after["replicas"], after["requests"]) == (before["pid"], before["replicas"], before["requests"])
     record("http_odd_requests_no_5xx", requests=sum(seen.values()), statuses=dict(sorted(seen.items())), status_5xx=0)
@@ -422,11 +470,18 @@ def test_missing_or_wrong_tokens_get_401_and_reach_no_replica(url, config, token
     with httpx.Client(timeout=30) as client:
         for what, template in WRONG_CREDENTIALS.items():
             headers = {} if template is None else {"Authorization": template.format(**values)}
-            for method, path, body in (("POST", "/v1/predict", {"inputs": [0.5] * SHAPE}), ("GET", "/v1/models", None), ("GET", "/v1/stats", None)):
+            for method, path, body in (
+                ("POST", "/v1/predict", {"inputs": [0.5] * SHAPE}),
+                ("GET", "/v1/models", None),
+                ("GET", "/v1/stats", None),
+            ):
                 for _ in range(3):
                     reply = client.request(method, f"{url}{path}", json=body, headers=headers)
                     assert reply.status_code == 401, (what, path, reply.status_code, reply.text)
-                    assert reply.json()["error"] == "unauthorized" and "Bearer" in reply.headers.get("www-authenticate", ""), (what, reply.text)
+                    assert reply.json()["error"] == "unauthorized" and "Bearer" in reply.headers.get("www-authenticate", ""), (
+                        what,
+                        reply.text,
+                    )
                     assert token not in reply.text
                     refused += 1
     after = snapshot(url, token, config)
@@ -480,8 +535,13 @@ def test_the_token_never_appears_in_the_run_folder_manifests_or_answers(url, con
 
     assert predicts(url, token)
     wrong = httpx.post(f"{url}/v1/predict", json={"inputs": [0.5] * SHAPE}, headers={"Authorization": f"Bearer {token}x"}, timeout=30)
-    answers = wrong.text + str(wrong.headers) + httpx.get(f"{url}/openapi.json", timeout=10).text + httpx.get(f"{url}/healthz", timeout=10).text
-    answers += httpx.get(f"{url}/v1/stats", headers=auth(token), timeout=10).text + httpx.get(f"{url}/v1/models", headers=auth(token), timeout=10).text
+    answers = (
+        wrong.text + str(wrong.headers) + httpx.get(f"{url}/openapi.json", timeout=10).text + httpx.get(f"{url}/healthz", timeout=10).text
+    )
+    answers += (
+        httpx.get(f"{url}/v1/stats", headers=auth(token), timeout=10).text
+        + httpx.get(f"{url}/v1/models", headers=auth(token), timeout=10).text
+    )
     LEAKS["http answers"] = {"files": 5, "found": answers.count(token), "where": []}
     run = search("run folder", storage, token)
 
@@ -515,7 +575,13 @@ def test_the_token_never_appears_in_the_prometheus_metrics(url, token):
     tandem_series = len(re.findall(r"^(?:ray_)?tandem_\w+", text, re.M))
     LEAKS["prometheus text"] = {"files": 1, "found": text.count(token), "where": [], "bytes": len(text)}
     record_leaks()
-    record("auth_token_in_metrics", prometheus_bytes=len(text), serve_series=serve_series, tandem_series=tandem_series, token_occurrences=text.count(token))
+    record(
+        "auth_token_in_metrics",
+        prometheus_bytes=len(text),
+        serve_series=serve_series,
+        tandem_series=tandem_series,
+        token_occurrences=text.count(token),
+    )
     assert serve_series > 0, f"no Serve series on Ray's metrics port {port}: not the endpoint this test means to search"
     assert text.count(token) == 0
     # Tandem's own series are searched when they exist; a replica whose TandemMetrics() failed logs

@@ -110,7 +110,9 @@ def test_a_killed_model_replica_is_replaced_and_no_request_fails(router_app):
         sent_before_kill = len(load.records)
         killed_at = time.monotonic()
         kill(victim)
-        replaced = wait_for(lambda: running(config, "a") == 1 and stats(url)["deployments"]["a"].get("pid") not in (None, victim), timeout_s=180)
+        replaced = wait_for(
+            lambda: running(config, "a") == 1 and stats(url)["deployments"]["a"].get("pid") not in (None, victim), timeout_s=180
+        )
         replaced_after_s = time.monotonic() - killed_at
         # The replacement takes its share of the traffic again before the load stops.
         mark = len(load.records)

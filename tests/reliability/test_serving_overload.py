@@ -74,7 +74,14 @@ def timed_load(url: str, bodies: list[bytes], clients: int, seconds: float, hono
                     except (OSError, EOFError, asyncio.TimeoutError, ValueError):
                         status, headers = -1, {}
                         await connection.close()
-                    records.append({"status": status, "seconds": time.perf_counter() - start, "retry_after": headers.get("retry-after"), "done_s": time.monotonic() - begin})
+                    records.append(
+                        {
+                            "status": status,
+                            "seconds": time.perf_counter() - start,
+                            "retry_after": headers.get("retry-after"),
+                            "done_s": time.monotonic() - begin,
+                        }
+                    )
                     if status == 503 and honor_retry_after:
                         await asyncio.sleep(float(headers.get("retry-after") or 1))
             finally:
@@ -215,7 +222,8 @@ def test_overload_sheds_fast_with_retry_after_and_a_bounded_queue(apps):
     polled_depth = max((s["batcher"]["queue_depth"] for s in poller.samples), default=-1)
     max_depth = after["batcher"]["max_queue_depth"]
     result = dict(
-        load=f"{OVERLOAD_CLIENTS} closed-loop clients honouring Retry-After ({CAPACITY_CLIENTS} keep the replica busy) for {OVERLOAD_S:.0f} s",
+        load=f"{OVERLOAD_CLIENTS} closed-loop clients honouring Retry-After ({CAPACITY_CLIENTS} keep the replica busy) for "
+        f"{OVERLOAD_S:.0f} s",
         capacity_rps=round(capacity_rps),
         **gated,
         target_p99_ms=target,

@@ -43,10 +43,19 @@ TAG_ENV = "TANDEM_FAULT_TEST_TAG"
 
 def small(storage: Path, *overrides: str):
     """The packaged example, short: 2 workers, ZeRO-2, a narrow MLP, a checkpoint every epoch."""
-    return load_config(None, [
-        f"cluster.storage={storage}", f"training.epochs={EPOCHS}", "model.args.hidden=[64]", "data.augment=[]",
-        "training.deepspeed.zero_stage=2", "training.workers=2", "training.checkpoint.every_epochs=1", *overrides,
-    ])
+    return load_config(
+        None,
+        [
+            f"cluster.storage={storage}",
+            f"training.epochs={EPOCHS}",
+            "model.args.hidden=[64]",
+            "data.augment=[]",
+            "training.deepspeed.zero_stage=2",
+            "training.workers=2",
+            "training.checkpoint.every_epochs=1",
+            *overrides,
+        ],
+    )
 
 
 def read_progress(folder: Path) -> dict[int, dict]:
@@ -102,8 +111,14 @@ def test_worker_sigkilled_mid_epoch_resumes_from_the_last_checkpoint(tmp_path, r
 
     started = time.monotonic()
     with open(log, "w") as out:
-        driver = subprocess.Popen([str(VENV_BIN / "tandem"), "train", str(config_path)], cwd=tmp_path,
-                                  env=tandem_env(tag, progress, ray_tmp), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        driver = subprocess.Popen(
+            [str(VENV_BIN / "tandem"), "train", str(config_path)],
+            cwd=tmp_path,
+            env=tandem_env(tag, progress, ray_tmp),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline, epochs = time.monotonic() + TIMEOUT_S, Epochs(storage)
         killed = None
@@ -217,17 +232,19 @@ def tandem_env(tag: str, progress: Path, ray_tmp: Path) -> dict[str, str]:
     so no cluster address file there (`ray start` leaves one) sends it to another Ray."""
     ray_tmp.mkdir(exist_ok=True)
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
-    env.update({
-        TAG_ENV: tag,
-        "RAY_TMPDIR": str(ray_tmp),
-        "TANDEM_PROGRESS_DIR": str(progress),
-        "RAY_USAGE_STATS_ENABLED": "0",
-        "DS_ACCELERATOR": "cpu",
-        # The Train controller registers a reported checkpoint only when it next polls the workers
-        # (every 2 s by default, longer than one of these epochs); polling often keeps a checkpoint
-        # from being reported but not yet registered when the kill lands.
-        "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
-    })
+    env.update(
+        {
+            TAG_ENV: tag,
+            "RAY_TMPDIR": str(ray_tmp),
+            "TANDEM_PROGRESS_DIR": str(progress),
+            "RAY_USAGE_STATS_ENABLED": "0",
+            "DS_ACCELERATOR": "cpu",
+            # The Train controller registers a reported checkpoint only when it next polls the workers
+            # (every 2 s by default, longer than one of these epochs); polling often keeps a checkpoint
+            # from being reported but not yet registered when the kill lands.
+            "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.25",
+        }
+    )
     return env
 
 
@@ -247,8 +264,14 @@ def test_killed_driver_resumes_from_the_last_checkpoint(tmp_path, ray_tmp):
     started = time.monotonic()
     with open(log, "w") as out:
         # Its own session: the SIGKILL goes to the driver and everything in its process group.
-        driver = subprocess.Popen([str(VENV_BIN / "tandem"), "train", str(config_path)], cwd=tmp_path,
-                                  env=tandem_env(tag, progress, ray_tmp / 'first'), stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        driver = subprocess.Popen(
+            [str(VENV_BIN / "tandem"), "train", str(config_path)],
+            cwd=tmp_path,
+            env=tandem_env(tag, progress, ray_tmp / "first"),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         deadline, epochs = time.monotonic() + TIMEOUT_S, Epochs(storage)
         while time.monotonic() < deadline and driver.poll() is None:
@@ -277,8 +300,15 @@ def test_killed_driver_resumes_from_the_last_checkpoint(tmp_path, ray_tmp):
     assert not list(storage.rglob("artifacts/manifest.json")), "the killed run wrote its final artifact"
 
     resumed_started = time.monotonic()
-    resumed = subprocess.run([str(VENV_BIN / "tandem"), "train", str(config_path), "--resume", "latest"], cwd=tmp_path,
-                             env=tandem_env(tag, progress, ray_tmp / 'resumed'), capture_output=True, text=True, timeout=TIMEOUT_S, start_new_session=True)
+    resumed = subprocess.run(
+        [str(VENV_BIN / "tandem"), "train", str(config_path), "--resume", "latest"],
+        cwd=tmp_path,
+        env=tandem_env(tag, progress, ray_tmp / "resumed"),
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT_S,
+        start_new_session=True,
+    )
     resume_s = time.monotonic() - resumed_started
     output = resumed.stdout + resumed.stderr
     assert resumed.returncode == 0, output[-5000:]
@@ -293,13 +323,16 @@ def test_killed_driver_resumes_from_the_last_checkpoint(tmp_path, ray_tmp):
     restored_step = int(restored.group(1))
     # The newest checkpoint can be one epoch ahead of metrics.jsonl: Ray Train registers it before
     # the controller callback appends the epoch's line, and the SIGKILL may land between the two.
-    assert restored_step in (last_checkpointed_epoch * STEPS_PER_EPOCH, (last_checkpointed_epoch + 1) * STEPS_PER_EPOCH), (restored_step, epochs)
+    assert restored_step in (last_checkpointed_epoch * STEPS_PER_EPOCH, (last_checkpointed_epoch + 1) * STEPS_PER_EPOCH), (
+        restored_step,
+        epochs,
+    )
     first_resumed_epoch = restored_step // STEPS_PER_EPOCH + 1
     # At most one checkpoint interval of the work done when the driver died is lost. Of the steps
     # the orphaned workers ran after it, those past the last checkpoint their dying controller
     # still registered are redone.
     assert step_at_kill - restored_step <= STEPS_PER_EPOCH, (step_at_kill, restored_step, last_step_reached)
-    assert epochs[len(before):] == list(range(first_resumed_epoch, DRIVER_KILL_EPOCHS + 1)), epochs
+    assert epochs[len(before) :] == list(range(first_resumed_epoch, DRIVER_KILL_EPOCHS + 1)), epochs
     assert history[-1]["step"] == DRIVER_KILL_EPOCHS * STEPS_PER_EPOCH
     manifest = verify_artifact(run_dir / "artifacts")
     assert manifest["epochs"] == DRIVER_KILL_EPOCHS and Path(manifest["run_dir"]).resolve() == run_dir.resolve()

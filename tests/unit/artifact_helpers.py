@@ -26,7 +26,14 @@ VAL_FRACTION = 0.2
 SPLIT_SEED = 0
 
 
-def train_artifact(folder: Path, builder: str = "training.models:mlp", args: dict[str, Any] | None = None, epochs: int = 20, lr: float = 3e-3, seed: int = 0) -> Path:
+def train_artifact(
+    folder: Path,
+    builder: str = "training.models:mlp",
+    args: dict[str, Any] | None = None,
+    epochs: int = 20,
+    lr: float = 3e-3,
+    seed: int = 0,
+) -> Path:
     """Train `builder(**args)` on the digits training split for `epochs` and save it under `folder`."""
     threads = torch.get_num_threads()
     # One thread: on a shared 2-core machine a second torch thread waits on the first at every op.

@@ -115,7 +115,9 @@ def test_router_policies():
 
 
 def one_deployment():
-    return validate_config({"serving": {"deployments": [{"name": "cpu", "cpus": 0.5, "autoscaling": {"max_replicas": 2, "upscale_delay_s": 1}}]}})
+    return validate_config(
+        {"serving": {"deployments": [{"name": "cpu", "cpus": 0.5, "autoscaling": {"max_replicas": 2, "upscale_delay_s": 1}}]}}
+    )
 
 
 def two_deployments():

@@ -189,7 +189,9 @@ CHILD = textwrap.dedent(
 
 
 def spawn_writer(target: Path, kind: str) -> subprocess.Popen:
-    child = subprocess.Popen([sys.executable, "-c", CHILD, str(target), kind], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = subprocess.Popen(
+        [sys.executable, "-c", CHILD, str(target), kind], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     assert child.stdout.readline().strip() == "writing", child.stderr.read()
     return child
 
@@ -244,7 +246,13 @@ def test_sigkill_during_save_model_artifact_leaves_a_loadable_or_refused_artifac
         except ArtifactError as exc:
             assert "fails its checksum" in str(exc) and MODEL_FILE in str(exc)
             outcomes["refused"] += 1
-    tally("artifact_save_sigkill", sigkills=sum(outcomes.values()), left_verified=outcomes["verified"], left_refused_by_checksum=outcomes["refused"], partial_loads=0)
+    tally(
+        "artifact_save_sigkill",
+        sigkills=sum(outcomes.values()),
+        left_verified=outcomes["verified"],
+        left_refused_by_checksum=outcomes["refused"],
+        partial_loads=0,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -278,7 +286,13 @@ def swap_for_other_weights(path: Path) -> None:
     path.write_bytes((other / path.name).read_bytes())
 
 
-TAMPERINGS = {"truncated": truncate, "one-bit-flipped": flip, "one-byte-appended": append, "emptied": empty, "other-valid-weights": swap_for_other_weights}
+TAMPERINGS = {
+    "truncated": truncate,
+    "one-bit-flipped": flip,
+    "one-byte-appended": append,
+    "emptied": empty,
+    "other-valid-weights": swap_for_other_weights,
+}
 
 
 @pytest.mark.parametrize("tampering", sorted(TAMPERINGS))
@@ -356,7 +370,12 @@ def test_a_manifest_entry_outside_its_folder_is_refused(tmp_path, escape):
     if escape == "SYMLINK":
         (folder / "linked.pt").symlink_to(secret)
     point_manifest_at(folder, name, secret)
-    for load in (lambda: read_manifest(folder), lambda: verify_artifact(folder), lambda: load_state_dict(folder, name), lambda: load_model(folder)):
+    for load in (
+        lambda: read_manifest(folder),
+        lambda: verify_artifact(folder),
+        lambda: load_state_dict(folder, name),
+        lambda: load_model(folder),
+    ):
         with pytest.raises(ArtifactError, match="points outside its artifact folder"):
             load()
     tally("manifest_escape", escapes_tried=1, refused=1)
@@ -376,7 +395,14 @@ def test_a_symlinked_model_pt_pointing_out_is_refused(tmp_path):
 
 @pytest.mark.parametrize(
     "manifest",
-    [[], "text", {"files": []}, {"files": {"model.pt": "abc"}}, {"files": {"model.pt": {"sha256": "zz"}}}, {"files": {"a\u0000b": {"sha256": "0" * 64}}}],
+    [
+        [],
+        "text",
+        {"files": []},
+        {"files": {"model.pt": "abc"}},
+        {"files": {"model.pt": {"sha256": "zz"}}},
+        {"files": {"a\u0000b": {"sha256": "0" * 64}}},
+    ],
     ids=["a-list", "a-string", "files-a-list", "entry-a-string", "bad-sha256", "nul-in-name"],
 )
 def test_a_damaged_manifest_is_an_artifact_error_not_a_crash(tmp_path, manifest):
@@ -438,7 +464,14 @@ def loads_in(path: Path) -> tuple[list[str], list[str]]:
             flag = keywords.get("weights_only")
             if not (isinstance(flag, ast.Constant) and flag.value is True):
                 unsafe.append(where + "  (torch.load without literal weights_only=True)")
-        if name.split(".")[-1] in ("load", "loads", "Unpickler") and name.split(".")[0] in ("pickle", "cPickle", "dill", "cloudpickle", "joblib", "_pickle"):
+        if name.split(".")[-1] in ("load", "loads", "Unpickler") and name.split(".")[0] in (
+            "pickle",
+            "cPickle",
+            "dill",
+            "cloudpickle",
+            "joblib",
+            "_pickle",
+        ):
             unsafe.append(where + "  (pickle-family load)")
         if name in ("np.load", "numpy.load"):
             flag = keywords.get("allow_pickle")
@@ -457,7 +490,9 @@ def test_every_torch_load_passes_weights_only_true_and_nothing_unpickles():
         unsafe += bad
     assert any("cluster/artifacts.py" in t for t in torch_loads), "the scan must see the artifact loader"
     assert not unsafe, "\n".join(unsafe)
-    record("safe_loads_scan", python_files_scanned=len(sources), torch_load_calls=len(torch_loads), without_weights_only_true=0, pickle_loads=0)
+    record(
+        "safe_loads_scan", python_files_scanned=len(sources), torch_load_calls=len(torch_loads), without_weights_only_true=0, pickle_loads=0
+    )
 
 
 def test_the_scan_catches_what_it_looks_for(tmp_path):
@@ -468,7 +503,9 @@ def test_the_scan_catches_what_it_looks_for(tmp_path):
     )
     found, unsafe = loads_in(probe)
     assert len(found) == 4 and len(unsafe) == 5, unsafe
-    probe.write_text("from pathlib import Path\nPath('x').write_text('y')\nopen('x', 'w')\nopen('x', 'a')\nimport torch\ntorch.save(s, 'x.pt')\n")
+    probe.write_text(
+        "from pathlib import Path\nPath('x').write_text('y')\nopen('x', 'w')\nopen('x', 'a')\nimport torch\ntorch.save(s, 'x.pt')\n"
+    )
     assert len(plain_writes(probe)) == 3
 
 
@@ -490,7 +527,11 @@ def plain_writes(path: Path) -> list[str]:
             continue
         name = dotted(node.func)
         method = node.func.attr if isinstance(node.func, ast.Attribute) else name
-        mode = node.args[1] if name in ("open", "os.fdopen") and len(node.args) > 1 else next((k.value for k in node.keywords if k.arg == "mode"), None)
+        mode = (
+            node.args[1]
+            if name in ("open", "os.fdopen") and len(node.args) > 1
+            else next((k.value for k in node.keywords if k.arg == "mode"), None)
+        )
         writes = method in ("write_text", "write_bytes") or name == "json.dump"
         writes |= name == "open" and isinstance(mode, ast.Constant) and any(c in str(mode.value) for c in "wx")
         writes |= name == "torch.save" and not (len(node.args) > 1 and isinstance(node.args[1], ast.Name) and "buf" in node.args[1].id)

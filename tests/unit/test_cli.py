@@ -18,7 +18,22 @@ def tandem(*args: str, cwd: Path = ROOT) -> subprocess.CompletedProcess:
 
 def test_help_lists_every_verb():
     out = tandem("--help").stdout
-    for verb in ("validate", "show-config", "train", "tune", "export", "serve", "serve-config", "bench", "profile", "run", "submit", "k8s", "check", "jobs"):
+    for verb in (
+        "validate",
+        "show-config",
+        "train",
+        "tune",
+        "export",
+        "serve",
+        "serve-config",
+        "bench",
+        "profile",
+        "run",
+        "submit",
+        "k8s",
+        "check",
+        "jobs",
+    ):
         assert verb in out, verb
 
 

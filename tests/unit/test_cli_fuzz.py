@@ -97,10 +97,18 @@ def record_figures() -> None:
 # ---------------------------------------------------------------------------------------------
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-(10**20), 10**20), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=12), st.sampled_from(["cpu", "gpu", "local", "auto", "fp16", "[/]", "[bold]x", "../x", "training.models:mlp", "\x85", "~"]),
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**20), 10**20),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(["cpu", "gpu", "local", "auto", "fp16", "[/]", "[bold]x", "../x", "training.models:mlp", "\x85", "~"]),
 )
-values = st.recursive(scalars, lambda children: st.one_of(st.lists(children, max_size=3), st.dictionaries(st.text(max_size=8), children, max_size=3)), max_leaves=10)
+values = st.recursive(
+    scalars,
+    lambda children: st.one_of(st.lists(children, max_size=3), st.dictionaries(st.text(max_size=8), children, max_size=3)),
+    max_leaves=10,
+)
 
 
 YAML_ALPHABET = st.sampled_from(list("abz019 :-,[]{}&*!|>'\"#%@`?\n\t.=_/\\") + ["\x00", "\ufeff", "é", "\u2028"])
@@ -169,7 +177,16 @@ def test_binary_junk(tmp_path, junk):
 
 
 @settings(max_examples=50, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(overrides=st.lists(st.tuples(st.sampled_from([".".join(map(str, p)).replace(".0", "[0]") for p in ALL_PATHS] + ["", "x", "a..b", "[0]", "training[9]"]), st.text(YAML_ALPHABET, max_size=20)), min_size=1, max_size=3))
+@given(
+    overrides=st.lists(
+        st.tuples(
+            st.sampled_from([".".join(map(str, p)).replace(".0", "[0]") for p in ALL_PATHS] + ["", "x", "a..b", "[0]", "training[9]"]),
+            st.text(YAML_ALPHABET, max_size=20),
+        ),
+        min_size=1,
+        max_size=3,
+    )
+)
 def test_random_set_overrides(overrides):
     check_answer(PACKAGED_EXAMPLE, *(f"{k}={v}" for k, v in overrides))
     record_figures()
@@ -179,7 +196,9 @@ def test_random_set_overrides(overrides):
 @given(document=values)
 def test_show_config_prints_yaml_that_validates_or_exits_2(tmp_path, document):
     """show-config serializes the config: a value that validates must also print."""
-    file = write(tmp_path, "show.yaml", yaml.safe_dump({"model": {"builder": "training.models:mlp", "args": {"x": document}}}, allow_unicode=True))
+    file = write(
+        tmp_path, "show.yaml", yaml.safe_dump({"model": {"builder": "training.models:mlp", "args": {"x": document}}}, allow_unicode=True)
+    )
     if check_answer(file, verb="show-config") == 0:
         _, out, _ = tandem("show-config", str(file))
         again = write(tmp_path, "again.yaml", out)
@@ -242,7 +261,19 @@ def test_hostile_files_exit_2_with_a_message_not_a_traceback(tmp_path, case):
     record_figures()
 
 
-@pytest.mark.parametrize("override", ["model.args=&a [*a]", "name=Bad", "=1", "training", "training.epochs[3].x=1", "serving.deployments[99].cpus=1", "[/]=1", "training.epochs=!!python/name:os.system"])
+@pytest.mark.parametrize(
+    "override",
+    [
+        "model.args=&a [*a]",
+        "name=Bad",
+        "=1",
+        "training",
+        "training.epochs[3].x=1",
+        "serving.deployments[99].cpus=1",
+        "[/]=1",
+        "training.epochs=!!python/name:os.system",
+    ],
+)
 def test_hostile_overrides_exit_2(override):
     code, out, err = tandem("validate", "--set", override)
     SEEN[f"exit {code}"] += 1
@@ -261,7 +292,9 @@ SUBPROCESS_CASES = {
 @pytest.mark.parametrize("case", sorted(SUBPROCESS_CASES))
 def test_the_installed_command_prints_no_traceback(tmp_path, case):
     path = write(tmp_path, "config.yaml", SUBPROCESS_CASES[case])
-    result = subprocess.run([sys.executable, "-m", "tandem.cli", "validate", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, "-m", "tandem.cli", "validate", str(path)], cwd=ROOT, capture_output=True, text=True, timeout=120
+    )
     assert result.returncode == 2 and "Traceback" not in result.stdout + result.stderr, result.stderr
     assert result.stderr.startswith("config error") and str(path) in result.stderr
     SEEN[f"subprocess exit {result.returncode}"] += 1

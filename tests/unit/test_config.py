@@ -49,7 +49,9 @@ def test_bad_example_reports_all_three_mistakes():
 
 
 def test_overrides_are_typed_through_yaml():
-    cfg = load_config(None, ["training.epochs=3", "training.optimizer.lr=1e-2", "model.args.hidden=[32]", "serving.deployments[0].cpus=0.25"])
+    cfg = load_config(
+        None, ["training.epochs=3", "training.optimizer.lr=1e-2", "model.args.hidden=[32]", "serving.deployments[0].cpus=0.25"]
+    )
     assert cfg.training.epochs == 3 and cfg.training.optimizer.lr == 0.01
     assert cfg.model.args["hidden"] == [32] and cfg.serving.deployments[0].cpus == 0.25
 
@@ -141,3 +143,22 @@ def test_tuning_space_must_point_into_the_config():
 def test_not_a_mapping():
     with pytest.raises(ConfigError, match="mapping"):
         validate_config([1, 2, 3])
+
+
+def test_a_duplicate_key_is_refused_with_the_key_and_both_lines(tmp_path):
+    path = tmp_path / "dup.yaml"
+    path.write_text("training:\n  epochs: 3\n  workers: 2\n  epochs: 30\nname: a\nname: b\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path)
+    assert [str(p) for p in info.value.problems] == [
+        "training.epochs — duplicate key at line 4 (first given at line 2); YAML would silently keep only the last value, so keep one of "
+        "them",
+        "name — duplicate key at line 6 (first given at line 5); YAML would silently keep only the last value, so keep one of them",
+    ]
+    assert str(path) in str(info.value)
+    # A merge key (`<<: *anchor`) overriding a value is not a duplicate.
+    merged = tmp_path / "merge.yaml"
+    merged.write_text("x: &t {epochs: 3, workers: 1}\ntraining:\n  <<: *t\n  epochs: 4\n")
+    from cluster.config import read_yaml
+
+    assert read_yaml(merged)["training"] == {"epochs": 4, "workers": 1}

@@ -13,10 +13,18 @@ from cluster.config import PACKAGED_EXAMPLE, ConfigError, validate_config
 BASE = yaml.safe_load(PACKAGED_EXAMPLE.read_text())
 
 scalars = st.one_of(
-    st.none(), st.booleans(), st.integers(-10**6, 10**6), st.floats(allow_nan=True, allow_infinity=True),
-    st.text(max_size=12), st.sampled_from(["cpu", "gpu", "local", "auto", "fp16", "bf16", "training.models:mlp"]),
+    st.none(),
+    st.booleans(),
+    st.integers(-(10**6), 10**6),
+    st.floats(allow_nan=True, allow_infinity=True),
+    st.text(max_size=12),
+    st.sampled_from(["cpu", "gpu", "local", "auto", "fp16", "bf16", "training.models:mlp"]),
 )
-values = st.recursive(scalars, lambda children: st.one_of(st.lists(children, max_size=3), st.dictionaries(st.text(max_size=8), children, max_size=3)), max_leaves=8)
+values = st.recursive(
+    scalars,
+    lambda children: st.one_of(st.lists(children, max_size=3), st.dictionaries(st.text(max_size=8), children, max_size=3)),
+    max_leaves=8,
+)
 
 
 def paths(tree, prefix=()):

@@ -140,7 +140,15 @@ def test_pruning_reaches_the_configured_sparsity_in_the_exported_model():
 
 def test_structured_pruning_removes_whole_neurons_and_keeps_the_output_layer(tmp_path):
     artifact = copy_artifact(exported_mlp(), tmp_path)
-    config = export_config(tmp_path, args=MLP_ARGS, onnx=False, quantize="auto", prune={"sparsity": 0.25, "structured": True}, gate=LOOSE_GATE, latency_batch_sizes=[8])
+    config = export_config(
+        tmp_path,
+        args=MLP_ARGS,
+        onnx=False,
+        quantize="auto",
+        prune={"sparsity": 0.25, "structured": True},
+        gate=LOOSE_GATE,
+        latency_batch_sizes=[8],
+    )
     result = export(config, artifact, latency_budget_s=0.01)
     assert result.files == [PRUNED_FILE]
     assert result.info["quantize"]["skipped"]

@@ -34,10 +34,30 @@ DIGITS_MLP = (64, 128, 128, 10)  # the packaged example: 64 pixels, hidden [128,
 # (training.loop._rank_state_bytes): parameters whole, AdamW moments halved, plus 8 bytes of
 # DeepSpeed's alignment padding on the flat optimizer partition.
 RUN_METRICS = [
-    {"epoch": 1, "step": 22, "train_loss": 2.13, "val_loss": 1.57, "val_accuracy": 0.75, "samples_per_s": 1365.8, "step_time_s": 0.0469,
-     "world_size": 2, "optimizer_bytes_per_rank": [104496.0, 104496.0], "param_bytes_per_rank": [104488.0, 104488.0]},
-    {"epoch": 2, "step": 44, "train_loss": 0.93, "val_loss": 0.68, "val_accuracy": 0.86, "samples_per_s": 1905.9, "step_time_s": 0.0336,
-     "world_size": 2, "optimizer_bytes_per_rank": [104496.0, 104496.0], "param_bytes_per_rank": [104488.0, 104488.0]},
+    {
+        "epoch": 1,
+        "step": 22,
+        "train_loss": 2.13,
+        "val_loss": 1.57,
+        "val_accuracy": 0.75,
+        "samples_per_s": 1365.8,
+        "step_time_s": 0.0469,
+        "world_size": 2,
+        "optimizer_bytes_per_rank": [104496.0, 104496.0],
+        "param_bytes_per_rank": [104488.0, 104488.0],
+    },
+    {
+        "epoch": 2,
+        "step": 44,
+        "train_loss": 0.93,
+        "val_loss": 0.68,
+        "val_accuracy": 0.86,
+        "samples_per_s": 1905.9,
+        "step_time_s": 0.0336,
+        "world_size": 2,
+        "optimizer_bytes_per_rank": [104496.0, 104496.0],
+        "param_bytes_per_rank": [104488.0, 104488.0],
+    },
 ]
 
 
@@ -75,12 +95,16 @@ def add_onnx_files(folder: Path, pruned: bool = True) -> None:
     model, manifest = load_model(folder)
     example = torch.zeros(2, *manifest["model"]["input_shape"])
     axes = {"input": {0: "batch"}, "logits": {0: "batch"}}
-    torch.onnx.export(model, (example,), folder / "model.onnx", dynamo=False, input_names=["input"], output_names=["logits"], dynamic_axes=axes)
+    torch.onnx.export(
+        model, (example,), folder / "model.onnx", dynamo=False, input_names=["input"], output_names=["logits"], dynamic_axes=axes
+    )
     quantize_dynamic(str(folder / "model.onnx"), str(folder / "model.int8.onnx"), weight_type=QuantType.QInt8)
     if pruned:
         prune_model(model, sparsity=0.5, structured=False)
         atomic_save_torch(model.state_dict(), folder / "model.pruned.pt")
-        torch.onnx.export(model, (example,), folder / "model.pruned.onnx", dynamo=False, input_names=["input"], output_names=["logits"], dynamic_axes=axes)
+        torch.onnx.export(
+            model, (example,), folder / "model.pruned.onnx", dynamo=False, input_names=["input"], output_names=["logits"], dynamic_axes=axes
+        )
     write_manifest(folder, {})
 
 
@@ -132,7 +156,9 @@ def trained(tmp_path_factory) -> tuple[ProfileReport, Path]:
     (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in RUN_METRICS))
     student = storage / "digits" / "20260101-010000"
     train_artifact(student / "artifacts", args={"hidden": [32]}, epochs=1)
-    student_config = load_config(None, [f"cluster.storage={storage}", "model.args.hidden=[32]", f"training.distill={{teacher: {artifacts}}}"])
+    student_config = load_config(
+        None, [f"cluster.storage={storage}", "model.args.hidden=[32]", f"training.distill={{teacher: {artifacts}}}"]
+    )
     (student / "config.yaml").write_text(student_config.to_yaml())
     with loopback_app() as url:
         report = profile(config, source=run, serve_url=url, quick=True)
@@ -183,7 +209,11 @@ def test_zero_memory_per_stage_matches_the_formula(untrained):
     assert zero["parameters"] == sum(a * b + b for a, b in zip(DIGITS_MLP[:-1], DIGITS_MLP[1:], strict=True))
     for row in zero["stages"]:
         formula = zero_memory_formula(zero["parameters"], 2, row["stage"], "fp32", "adamw")
-        assert (row["params_bytes"], row["grads_bytes"], row["optimizer_bytes"]) == (formula["params"], formula["grads"], formula["optimizer"])
+        assert (row["params_bytes"], row["grads_bytes"], row["optimizer_bytes"]) == (
+            formula["params"],
+            formula["grads"],
+            formula["optimizer"],
+        )
         assert row["total_bytes"] == sum(formula.values())
     assert zero["run"] is None, "no run: nothing measured to compare"
 
@@ -245,7 +275,15 @@ def test_summary_prints_the_tables(trained):
     console = Console(record=True, width=220)
     console.print(trained[0].summary())
     text = console.export_text()
-    for heading in ("Machine limits", "Training", "ZeRO state per rank", "Inference", "Training vs inference", "Recommendations", "onnx-int8"):
+    for heading in (
+        "Machine limits",
+        "Training",
+        "ZeRO state per rank",
+        "Inference",
+        "Training vs inference",
+        "Recommendations",
+        "onnx-int8",
+    ):
         assert heading in text
 
 
@@ -266,12 +304,15 @@ def test_wrong_data_shape_for_a_trained_model_fails_clearly_and_writes_nothing(t
 
 
 def test_a_model_that_cannot_run_on_the_data_fails_clearly_and_writes_nothing(tmp_path):
-    config = load_config(None, [
-        f"cluster.storage={tmp_path}",
-        "data.source=tests.unit.profile_sources:digits_missing_a_feature",
-        "model.builder=tests.unit.profile_sources:fixed_64_features_mlp",
-        "model.args={}",
-    ])
+    config = load_config(
+        None,
+        [
+            f"cluster.storage={tmp_path}",
+            "data.source=tests.unit.profile_sources:digits_missing_a_feature",
+            "model.builder=tests.unit.profile_sources:fixed_64_features_mlp",
+            "model.args={}",
+        ],
+    )
     with pytest.raises(ConfigError) as error:
         profile(config, quick=True)
     assert "data.source" in str(error.value) and "fix the data source" in str(error.value)
@@ -311,8 +352,15 @@ def test_an_unreachable_serve_url_fails_before_measuring():
 # the HTML in a real browser
 # ---------------------------------------------------------------------------------------------
 
-CHROMIUM_FLAGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-                  "--disable-sync", "--no-first-run"]
+CHROMIUM_FLAGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 
 
 @pytest.fixture(scope="session")
@@ -346,7 +394,9 @@ def test_html_report_renders_with_every_plot_in_headless_chromium(trained, chrom
     assert f'data-images-loaded="{len(report.plot_paths)}"' in dom
     assert "[images loaded]" in dom
     shot = tmp_path / "screenshot.png"
-    run_chromium(chromium, ["--window-size=1200,2400", "--hide-scrollbars", "--virtual-time-budget=10000", f"--screenshot={shot}", page], tmp_path)
+    run_chromium(
+        chromium, ["--window-size=1200,2400", "--hide-scrollbars", "--virtual-time-budget=10000", f"--screenshot={shot}", page], tmp_path
+    )
     with Image.open(shot) as image:
         assert image.size == (1200, 2400)
         assert len(image.convert("RGB").getcolors(maxcolors=1 << 20) or range(1 << 20)) > 200, "the screenshot shows text and plots"

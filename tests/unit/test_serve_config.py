@@ -17,7 +17,8 @@ from serving.serve_config import build_serve_config, write_serve_config
 from serving.settings import INGRESS, derived_max_ongoing_requests, serve_env
 
 TWO_DEPLOYMENTS = [
-    "cluster.node_groups={gpu: {cpus: 8, gpus: 1, memory: 32Gi, min_replicas: 0, max_replicas: 4}, cpu: {cpus: 4, memory: 8Gi, max_replicas: 8}}",
+    "cluster.node_groups={gpu: {cpus: 8, gpus: 1, memory: 32Gi, min_replicas: 0, max_replicas: 4},"
+    " cpu: {cpus: 4, memory: 8Gi, max_replicas: 8}}",
     "serving.deployments=[{name: gpu, engine: torch, precision: bf16, node_group: gpu, gpus: 1,"
     " autoscaling: {min_replicas: 1, max_replicas: 4, target_ongoing_requests: 16}},"
     " {name: cpu, engine: onnxruntime, quantize: int8, node_group: cpu, cpus: 1, max_queued_requests: 50,"

@@ -30,11 +30,19 @@ def node(cpus: float, gpus: float = 0, **groups: float) -> dict:
 
 
 def test_every_kind_parses_and_probes_its_bounds():
-    space = parse_space(with_tuning(
-        "{space: {training.optimizer.lr: {loguniform: [1.0e-4, 1.0e-2]}, training.optimizer.weight_decay: {uniform: [0, 0.1]},"
-        " training.epochs: {randint: [2, 5]}, data.batch_size: {choice: [32, 64]}, training.deepspeed.zero_stage: {grid: [1, 2]}}}"
-    ))
-    assert space.paths == ["training.optimizer.lr", "training.optimizer.weight_decay", "training.epochs", "data.batch_size", "training.deepspeed.zero_stage"]
+    space = parse_space(
+        with_tuning(
+            "{space: {training.optimizer.lr: {loguniform: [1.0e-4, 1.0e-2]}, training.optimizer.weight_decay: {uniform: [0, 0.1]},"
+            " training.epochs: {randint: [2, 5]}, data.batch_size: {choice: [32, 64]}, training.deepspeed.zero_stage: {grid: [1, 2]}}}"
+        )
+    )
+    assert space.paths == [
+        "training.optimizer.lr",
+        "training.optimizer.weight_decay",
+        "training.epochs",
+        "data.batch_size",
+        "training.deepspeed.zero_stage",
+    ]
     lr = space.entry("training.optimizer.lr")
     assert lr.args == (1e-4, 1e-2) and probe_values(lr)[:2] == [1e-4, 1e-2]
     assert 1e-4 < probe_values(lr)[2] < 1e-2
@@ -58,7 +66,9 @@ def test_list_choices_are_searched_by_index_and_decoded():
 def test_trial_config_applies_decoded_values_and_plan_updates():
     config = with_tuning("{space: {model.args.hidden: {choice: [[16], [32]]}, training.optimizer.lr: {uniform: [0.001, 0.01]}}}")
     space = parse_space(config)
-    trial = trial_config(config, space, {"model.args.hidden": 1, "training.optimizer.lr": 0.005}, {"training.workers": 1, "training.cpus_per_worker": 0.45})
+    trial = trial_config(
+        config, space, {"model.args.hidden": 1, "training.optimizer.lr": 0.005}, {"training.workers": 1, "training.cpus_per_worker": 0.45}
+    )
     assert trial.model.args["hidden"] == [32] and trial.training.optimizer.lr == 0.005
     assert trial.training.workers == 1 and trial.training.cpus_per_worker == 0.45
     assert config.training.workers == 2, "the base config is never changed"
@@ -107,7 +117,8 @@ def test_bad_arguments_of_each_kind():
 
 def test_every_problem_is_reported_at_once():
     problems = space_problems(
-        "{space: {training.optimizer.lrr: {uniform: [0.1, 0.2]}, data.batch_size: {choice: [0, 64]}, training.distill.alpha: {uniform: [0.1, 0.5]},"
+        "{space: {training.optimizer.lrr: {uniform: [0.1, 0.2]}, data.batch_size: {choice: [0, 64]},"
+        " training.distill.alpha: {uniform: [0.1, 0.5]},"
         " training.optimizer: {choice: [1]}}}"
     )
     assert len(problems) == 4
@@ -150,7 +161,10 @@ LR = "training.optimizer.lr: {loguniform: [1.0e-4, 1.0e-2]}"
 
 def test_a_sound_plan_has_no_problems():
     assert plan_messages(f"{{scheduler: {{name: asha, grace_period: 1}}, search: {{name: optuna}}, space: {{{LR}}}}}") == []
-    assert plan_messages(f"{{scheduler: {{name: pbt, perturbation_interval: 2}}, space: {{{LR}}}}}", "training.checkpoint.every_epochs=1") == []
+    assert (
+        plan_messages(f"{{scheduler: {{name: pbt, perturbation_interval: 2}}, space: {{{LR}}}}}", "training.checkpoint.every_epochs=1")
+        == []
+    )
 
 
 def test_metric_must_be_reported_and_match_the_mode():
@@ -170,7 +184,8 @@ def test_grid_search_cannot_enumerate_ranges_and_optuna_has_no_grid():
 def test_pbt_traps():
     problems = plan_messages(
         "{scheduler: {name: pbt, perturbation_interval: 3}, search: {name: optuna}, space: {model.args.hidden: {choice: [[16], [32]]}}}",
-        "training.epochs=3", "training.checkpoint.every_epochs=2",
+        "training.epochs=3",
+        "training.checkpoint.every_epochs=2",
     )
     text = "\n".join(problems)
     assert len(problems) == 4, text
@@ -248,10 +263,19 @@ def summary(trial_id: str, lr: float, status: str, losses: list[float], checkpoi
     from tuning.results import TrialSummary
 
     history = [{"epoch": i + 1, "val_loss": v, "time": 100.0 + i} for i, v in enumerate(losses)]
-    return TrialSummary(trial_id=trial_id, params={"training.optimizer.lr": lr}, status=status, epochs_trained=len(losses),
-                        epochs_reported=len(losses), last_epoch=len(losses), metric=losses[-1] if losses else None,
-                        best_metric=min(losses) if losses else None, path=f"/runs/{trial_id}", history=history,
-                        checkpoint=f"/runs/{trial_id}/checkpoint_000001" if checkpoint else None)
+    return TrialSummary(
+        trial_id=trial_id,
+        params={"training.optimizer.lr": lr},
+        status=status,
+        epochs_trained=len(losses),
+        epochs_reported=len(losses),
+        last_epoch=len(losses),
+        metric=losses[-1] if losses else None,
+        best_metric=min(losses) if losses else None,
+        path=f"/runs/{trial_id}",
+        history=history,
+        checkpoint=f"/runs/{trial_id}/checkpoint_000001" if checkpoint else None,
+    )
 
 
 def test_results_pick_the_best_checkpointed_trial_and_write_every_file(tmp_path):
