@@ -1,10 +1,13 @@
-"""Tandem's foundation: the one configuration, connecting to Ray, node groups, the CLI and artifacts.
+"""Tandem's foundation: the one configuration, connecting to Ray, artifacts, and the error base class.
 
 Where things go:
-- config.py     pydantic models of every config section, loading, --set overrides, cross-field checks
+- errors.py     TandemError, the base of every error a user can fix (the CLI prints it as one line)
+- config/       pydantic models of every config section, loading, --set overrides, cross-field checks
 - runtime.py    connect(config): local single-node, simulated multi-node, or an existing cluster;
-                node group <-> Ray custom resource mapping (one function, used everywhere)
-- artifacts.py  run folders, manifests, checksums, atomic writes, loading a model artifact
-- cli.py        the `tandem` verbs, each a few lines over a library function
+                node group <-> Ray custom resource mapping, and the one runtime_env builder
+- artifacts.py  run folders, manifests, checksums, atomic writes, loading a model artifact, versions
 - example.yaml  the packaged example (`tandem run` with no argument)
+
+May import: nothing of Tandem's other packages (tests/unit/test_layering.py checks it). Every other
+package builds on this one.
 """

@@ -1,1 +1,20 @@
-"""Serving: export and optimization of artifacts, inference engines, and the Ray Serve application."""
+"""Online serving: the Ray Serve application, its wire protocol, batching, admission, routing, failover.
+
+Where things go:
+- protocol.py    the /v1 wire protocol: schemas, request decoding, error bodies (pure, no Ray)
+- settings.py    deploy-time settings derived from the config: Serve environment, deployment
+                 options, derived limits (pure; the app, serve_config and tandem/k8s.py use it)
+- app.py         the replicas (TandemServer, ModelReplica) and `build_app`, the import path Serve
+                 config files and RayServices name (`serving.app:build_app`)
+- deploy.py      deploying from Python on the driver: serve, shutdown, status, URLs
+- serve_config.py the Ray Serve config file for `serve deploy` and the RayService
+- batching.py    the adaptive batcher (policy, pure); admission.py the gate on arrival;
+  router.py      choosing a deployment; failover.py resending what a lost replica dropped
+- engines.py     inference engines (torch, ONNX Runtime) behind one Protocol; a new engine goes here
+- cache.py, metrics.py  result cache, Prometheus metrics
+- client.py      a small client; loadgen.py the one closed-loop load generator (LoadResult)
+- optimize/      export and optimization of artifacts (ONNX, int8, pruning, parity reports)
+
+May import: `cluster` (the foundation) only; `serving.optimize` may also import `training`.
+Rendering a Serve config (serve_config, settings) needs neither Ray Serve nor FastAPI.
+"""

@@ -20,7 +20,7 @@ from typing import Any
 
 from ray import serve as ray_serve
 
-from cluster.artifacts import read_manifest, resolve_artifact
+from cluster.artifacts import model_version, resolve_artifact
 from cluster.config import TandemConfig
 from cluster.runtime import storage_root
 from serving.app import build_app
@@ -157,7 +157,7 @@ def serve(config: TandemConfig, artifact: str = "latest", blocking: bool = False
         controller_options={"runtime_env": {"env_vars": controller_env}},
     )
     path = resolve_artifact(artifact, storage_root(config), config.name)
-    version = str(read_manifest(path).get("version"))
+    version = model_version(path)
     app = build_app({"config": config.to_dict(), "artifact": str(path), "replica_env": replica_env})
     ray_serve.run(app, name=config.name, route_prefix=serving.route_prefix, blocking=False)
     url = base_url(config)

@@ -7,4 +7,6 @@ Where things go:
 - ds_config.py  the DeepSpeed JSON derived from the Tandem config (overrides merge last)
 - loop.py       the per-worker train loop (a plain function)
 - trainer.py    train(config) -> TrainResult: builds the TorchTrainer, consolidates the artifact
+
+May import: `cluster` (the foundation) only.
 """

@@ -19,6 +19,8 @@ One file per concern; a new piece goes where its kind lives:
 
 Ray is imported inside functions (trial.py and housekeeping.py excepted), so importing the
 package, as the unit tests do, never touches a cluster.
+
+May import: `cluster` and `training`.
 """
 
 from __future__ import annotations

@@ -195,7 +195,9 @@ def _pbt(config: TandemConfig, space: SearchSpace) -> Any:
 SCHEDULERS: dict[str, Callable[[TandemConfig, SearchSpace], Any]] = {"fifo": _fifo, "asha": _asha, "median": _median, "pbt": _pbt}
 
 
-def build_scheduler(config: TandemConfig, space: SearchSpace) -> Any:
+def build_trial_scheduler(config: TandemConfig, space: SearchSpace) -> Any:
+    """Ray Tune's trial scheduler for tuning.scheduler (fifo, asha, median, pbt); the learning-rate
+    schedule inside a trial is training.ds_config.build_scheduler."""
     return SCHEDULERS[config.tuning.scheduler.name](config, space)
 
 

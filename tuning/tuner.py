@@ -25,7 +25,7 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from cluster.artifacts import ArtifactError, atomic_write_text, new_run_dir, read_manifest, write_manifest
+from cluster.artifacts import ArtifactError, atomic_write_text, model_version, new_run_dir, write_manifest
 from cluster.config import ConfigError, Problem, TandemConfig, config_with, read_yaml
 from cluster.runtime import connect, storage_root
 from tuning.resources import TRIAL_FUNCTION_CPU, TrialPlan, plan_trials
@@ -43,7 +43,7 @@ from tuning.results import (
     write_json,
     write_tuning_manifest,
 )
-from tuning.schedulers import REPORTED_METRICS, build_scheduler, build_search, plan_problems
+from tuning.schedulers import REPORTED_METRICS, build_search, build_trial_scheduler, plan_problems
 from tuning.space import SearchSpace, count_trials, param_space, parse_space, probe_values, trial_config
 
 TUNE_PREFIX = "tune-"
@@ -189,7 +189,7 @@ def make_tuner(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_di
         mode=tuning.mode,
         num_samples=1 if tuning.search.name == "grid" else tuning.samples,
         search_alg=build_search(config, plan.max_concurrent),
-        scheduler=build_scheduler(config, space),
+        scheduler=build_trial_scheduler(config, space),
         # The searchers enforce plan.max_concurrent themselves (BasicVariantGenerator(max_concurrent),
         # ConcurrencyLimiter); Tune ignores max_concurrent_trials for a basic generator, with a warning.
         max_concurrent_trials=None,
@@ -327,7 +327,7 @@ def report(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_dir: P
                 "checkpoint": best.checkpoint,
                 "trial_config_hash": best_trial_config.config_hash(),
             },
-            "artifact": {"path": "artifacts", "version": read_manifest(artifact_dir)["version"]},
+            "artifact": {"path": "artifacts", "version": model_version(artifact_dir)},
             "config_hash": config.config_hash(),
             "trials": {t.trial_id: {"status": t.status, "epochs_trained": t.epochs_trained, "metric": t.metric} for t in trials},
         },

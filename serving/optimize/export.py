@@ -38,7 +38,7 @@ from typing import Any
 
 import numpy as np
 
-from cluster.artifacts import MODEL_FILE, ArtifactError, atomic_save_torch, load_model, resolve_artifact, write_manifest
+from cluster.artifacts import MODEL_FILE, ArtifactError, atomic_save_torch, load_model, model_version, resolve_artifact, write_manifest
 from cluster.config import TandemConfig
 from serving.engines import INT8_FILE, ONNX_FILE, PRUNED_FILE, PRUNED_ONNX_FILE, OnnxEngine, TorchEngine, ort_session, torch_threads
 from serving.optimize.parity import (
@@ -367,7 +367,7 @@ def _versions() -> dict[str, str]:
 def _export_info(config: TandemConfig, manifest: dict[str, Any], measure: Measure) -> dict[str, Any]:
     data = config.data
     return {
-        "source_version": manifest.get("version"),
+        "source_version": model_version(manifest),
         "config_hash": config.config_hash(),
         "threads": measure.threads,
         "versions": _versions(),

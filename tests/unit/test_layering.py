@@ -163,3 +163,13 @@ def test_k8s_and_serve_config_render_without_ray_serve_or_fastapi(tmp_path):
         done = subprocess.run([sys.executable, "-c", BLOCKED_SERVER_STACK, *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert done.returncode == 0, done.stderr[-3000:]
     assert (tmp_path / "k8s" / "rayservice.yaml").exists() and "import_path: serving.app:build_app" in (tmp_path / "serve.yaml").read_text()
+
+
+def test_no_product_module_is_over_500_lines():
+    """A file that grows past this holds more than one concern: split it along its seams."""
+    long = {
+        str(p.relative_to(ROOT)): n
+        for p in modules(ROOT, sorted({p.split(".")[0] for p in LAYERS})).values()
+        if (n := len(p.read_text().splitlines())) > 500
+    }
+    assert long == {}
