@@ -53,12 +53,13 @@ is the plain text "Request dropped due to backpressure").
 
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from ray import serve as ray_serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -70,6 +71,16 @@ from serving.batching import AdaptiveBatcher, BatcherSettings, Overloaded
 from serving.cache import ResultCache
 from serving.engines import load_engine
 from serving.failover import Failover, empty_retries, last_line, retry_after
+from serving.oip import (
+    HEADER_LENGTH,
+    InferRequest,
+    check_model,
+    infer_response,
+    model_metadata,
+    output_arrays,
+    parse_infer,
+    server_metadata,
+)
 from serving.protocol import (
     DTYPE,
     ERROR_RESPONSES,
@@ -101,15 +112,32 @@ api = FastAPI(
     description="Predictions from a Tandem model artifact. POST one example or a list to /v1/predict.",
     version="1",
 )
-ROUTES = "POST /v1/predict, GET /v1/models, GET /v1/stats, GET /healthz"
+ROUTES = "POST /v1/predict, GET /v1/models, GET /v1/stats, GET /healthz, and the Open Inference Protocol under /v2"
 
 
 def error_response(exc: RequestError, input_shape: tuple[int, ...] | None) -> JSONResponse:
     return JSONResponse(error_body(exc, input_shape), status_code=exc.status, headers=exc.headers)
 
 
-def overloaded_response(message: str, retry_after_s: float) -> JSONResponse:
-    return JSONResponse({"error": "overloaded", "message": message}, status_code=503, headers=retry_after_header(retry_after_s))
+def v2_error_response(exc: RequestError) -> JSONResponse:
+    """A refusal in the Open Inference Protocol's error body."""
+    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
+
+
+V2_ERRORS: dict[int | str, dict[str, Any]] = {
+    code: {"description": text, "content": {"application/json": {"example": {"error": "what is wrong and the fix"}}}}
+    for code, text in {400: "Malformed request.", 401: "Missing or wrong bearer token.", 404: "Unknown model or version."}.items()
+}
+V2_INFER_BODY = {
+    "requestBody": {
+        "required": True,
+        "description": f"A JSON inference request, optionally followed by raw tensor bytes ({HEADER_LENGTH} gives the JSON's length).",
+        "content": {
+            "application/json": {"schema": {"type": "object"}},
+            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
+        },
+    }
+}
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -266,35 +294,60 @@ class TandemServer:
     # ---------------------------------------------------------------- HTTP routes
 
     @api.post("/v1/predict", response_model=PredictResponse, responses=ERROR_RESPONSES, openapi_extra=PREDICT_BODY)
-    async def predict(self, request: Request) -> JSONResponse:
-        ticket = None
-        answered = False
-        try:
-            check_bearer(request.headers.get("authorization"), self.token_digest)
-            ticket = self._admit()
-            raw = await read_body(request, self.limits.max_body_bytes)
-            x, probabilities = parse_predict(parse_json(raw), self.input_shape, self.limits.max_inputs)
-            logits, served_by, cached = await self._cached_logits(x)
-            answered = cached < len(x)  # an answer wholly from the cache says nothing of the model's cost
-        except RequestError as exc:
-            return error_response(exc, self.input_shape)
-        except Exception as exc:
-            retry = retry_after(exc)
-            if retry is None:
-                raise
-            return overloaded_response(last_line(exc) if str(exc) else "overloaded; retry later", retry)
-        finally:
-            if ticket is not None:
-                self.admission.leave(ticket, answered)
-        body: dict[str, Any] = {
-            "predictions": logits.argmax(axis=1).tolist(),
-            "model_version": self.version,
-            "deployment": served_by,
-            "cached": cached,
-        }
-        if probabilities:
-            body["probabilities"] = softmax(logits).tolist()
-        return JSONResponse(body)
+    async def predict(self, request: Request) -> Response:
+        def decode(raw: bytes) -> tuple[np.ndarray, bool]:
+            return parse_predict(parse_json(raw), self.input_shape, self.limits.max_inputs)
+
+        def encode(probabilities: bool, logits: np.ndarray, served_by: str, cached: int) -> Response:
+            body: dict[str, Any] = {
+                "predictions": logits.argmax(axis=1).tolist(),
+                "model_version": self.version,
+                "deployment": served_by,
+                "cached": cached,
+            }
+            if probabilities:
+                body["probabilities"] = softmax(logits).tolist()
+            return JSONResponse(body)
+
+        return await self._answer(request, decode, encode, lambda exc: error_response(exc, self.input_shape))
+
+    # ---------------------------------------------------------------- the Open Inference Protocol (serving/oip.py)
+
+    @api.get("/v2/health/live")
+    async def v2_live(self) -> dict[str, bool]:
+        return {"live": True}
+
+    @api.get("/v2/health/ready")
+    async def v2_ready(self) -> dict[str, bool]:
+        return {"ready": True}
+
+    @api.get("/v2", responses=V2_ERRORS)
+    async def v2_server(self, request: Request) -> Response:
+        return self._v2_metadata(request, lambda: server_metadata(self.version))
+
+    @api.get("/v2/models/{model_name}", responses=V2_ERRORS)
+    async def v2_model(self, model_name: str, request: Request) -> Response:
+        return self._v2_metadata(request, lambda: self._v2_model_metadata(model_name, None))
+
+    @api.get("/v2/models/{model_name}/versions/{model_version}", responses=V2_ERRORS)
+    async def v2_model_version(self, model_name: str, model_version: str, request: Request) -> Response:
+        return self._v2_metadata(request, lambda: self._v2_model_metadata(model_name, model_version))
+
+    @api.get("/v2/models/{model_name}/ready", responses=V2_ERRORS)
+    async def v2_model_ready(self, model_name: str, request: Request) -> Response:
+        return self._v2_metadata(request, lambda: self._v2_model_ready(model_name, None))
+
+    @api.get("/v2/models/{model_name}/versions/{model_version}/ready", responses=V2_ERRORS)
+    async def v2_model_version_ready(self, model_name: str, model_version: str, request: Request) -> Response:
+        return self._v2_metadata(request, lambda: self._v2_model_ready(model_name, model_version))
+
+    @api.post("/v2/models/{model_name}/infer", responses=V2_ERRORS, openapi_extra=V2_INFER_BODY)
+    async def v2_infer(self, model_name: str, request: Request) -> Response:
+        return await self._v2_infer(request, model_name, None)
+
+    @api.post("/v2/models/{model_name}/versions/{model_version}/infer", responses=V2_ERRORS, openapi_extra=V2_INFER_BODY)
+    async def v2_infer_version(self, model_name: str, model_version: str, request: Request) -> Response:
+        return await self._v2_infer(request, model_name, model_version)
 
     @api.get("/v1/models", response_model=ModelsResponse, responses={401: ERROR_RESPONSES[401]})
     async def models(self, request: Request) -> Any:
@@ -321,6 +374,71 @@ class TandemServer:
         return stats
 
     # ---------------------------------------------------------------- handle methods and internals
+
+    async def _answer(
+        self,
+        request: Request,
+        decode: Callable[[bytes], tuple[np.ndarray, Any]],
+        encode: Callable[[Any, np.ndarray, str, int], Response],
+        refuse: Callable[[RequestError], Response],
+    ) -> Response:
+        """One prediction request of either protocol: auth, the admission gate, the body within its
+        limit, decode, cache and batcher (or the router), encode; a refusal in the protocol's body."""
+        ticket = None
+        answered = False
+        try:
+            check_bearer(request.headers.get("authorization"), self.token_digest)
+            ticket = self._admit()
+            x, context = decode(await read_body(request, self.limits.max_body_bytes))
+            logits, served_by, cached = await self._cached_logits(x)
+            answered = cached < len(x)  # an answer wholly from the cache says nothing of the model's cost
+        except RequestError as exc:
+            return refuse(exc)
+        except Exception as exc:
+            retry = retry_after(exc)
+            if retry is None:
+                raise
+            return refuse(
+                RequestError(503, "overloaded", last_line(exc) if str(exc) else "overloaded; retry later", retry_after_header(retry))
+            )
+        finally:
+            if ticket is not None:
+                self.admission.leave(ticket, answered)
+        return encode(context, logits, served_by, cached)
+
+    async def _v2_infer(self, request: Request, model_name: str, model_version: str | None) -> Response:
+        try:
+            check_model(model_name, model_version, self.config.name, self.version)
+        except RequestError as exc:
+            return v2_error_response(exc)
+
+        def decode(raw: bytes) -> tuple[np.ndarray, InferRequest]:
+            parsed = parse_infer(raw, request.headers.get(HEADER_LENGTH), self.input_shape, self.limits.max_inputs)
+            return parsed.x, parsed
+
+        def encode(parsed: InferRequest, logits: np.ndarray, served_by: str, cached: int) -> Response:
+            probabilities = softmax(logits) if "probabilities" in parsed.outputs else None
+            body, header_length = infer_response(self.config.name, self.version, parsed, output_arrays(logits, probabilities))
+            if header_length is None:
+                return Response(body, media_type="application/json")
+            return Response(body, media_type="application/octet-stream", headers={HEADER_LENGTH: str(header_length)})
+
+        return await self._answer(request, decode, encode, v2_error_response)
+
+    def _v2_metadata(self, request: Request, build: Callable[[], dict[str, Any]]) -> Response:
+        try:
+            check_bearer(request.headers.get("authorization"), self.token_digest)
+            return JSONResponse(build())
+        except RequestError as exc:
+            return v2_error_response(exc)
+
+    def _v2_model_metadata(self, model_name: str, model_version: str | None) -> dict[str, Any]:
+        check_model(model_name, model_version, self.config.name, self.version)
+        return model_metadata(self.config.name, self.version, self.input_shape, self.card["num_classes"])
+
+    def _v2_model_ready(self, model_name: str, model_version: str | None) -> dict[str, Any]:
+        check_model(model_name, model_version, self.config.name, self.version)
+        return {"name": model_name, "ready": True}
 
     def _admit(self) -> tuple[float, int] | None:
         """A ticket from the admission gate (None when it is off); Overloaded when the request would be late."""
