@@ -290,7 +290,8 @@ def _evaluate(engine, val_set: ArrayDataset, config: TandemConfig, rank: int, wo
     """Loss and accuracy over the whole validation split, each rank evaluating its slice.
 
     ZeRO-3 gathers parameters inside forward, a collective: every rank runs the same number of
-    forward passes, so a rank whose slice is short runs a padding batch that is not counted.
+    forward passes, so a rank whose slice is short runs a padding batch that is not counted. The
+    sums are reduced on the worker's device (NCCL reduces CUDA tensors only; see _epoch_metrics).
     """
     import torch.distributed as dist
 
@@ -299,7 +300,7 @@ def _evaluate(engine, val_set: ArrayDataset, config: TandemConfig, rank: int, wo
     mine = shards[rank]
     batch = config.data.batch_size
     n_batches = math.ceil(max(len(s) for s in shards) / batch)
-    loss_sum = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+    loss_sum, correct, count = 0.0, 0, 0
     for b in range(n_batches):
         idx = mine[b * batch : (b + 1) * batch]
         counted = len(idx) > 0
@@ -309,12 +310,13 @@ def _evaluate(engine, val_set: ArrayDataset, config: TandemConfig, rank: int, wo
         y = torch.from_numpy(val_set.y[idx]).to(device)
         logits = engine(x).float()
         if counted:
-            loss_sum[0] += F.cross_entropy(logits, y, reduction="sum").item()
-            loss_sum[1] += (logits.argmax(1) == y).sum().item()
-            loss_sum[2] += len(idx)
-    dist.all_reduce(loss_sum)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += int((logits.argmax(1) == y).sum().item())
+            count += len(idx)
+    totals = torch.tensor([loss_sum, correct, count], dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
     engine.train()
-    return float(loss_sum[0] / loss_sum[2]), float(loss_sum[1] / loss_sum[2])
+    return float(totals[0] / totals[2]), float(totals[1] / totals[2])
 
 
 def _rank_state_bytes(engine) -> dict[str, float]:
@@ -337,10 +339,10 @@ def _rank_state_bytes(engine) -> dict[str, float]:
     return {"param_bytes": float(params), "optimizer_bytes": float(optim)}
 
 
-def _gather_per_rank(values: dict[str, float], world: int) -> dict[str, list[float]]:
+def _gather_per_rank(values: dict[str, float], world: int, device) -> dict[str, list[float]]:
     import torch.distributed as dist
 
-    local = torch.tensor([values[k] for k in sorted(values)], dtype=torch.float64)
+    local = torch.tensor([values[k] for k in sorted(values)], dtype=torch.float64, device=device)
     gathered = [torch.zeros_like(local) for _ in range(world)]
     dist.all_gather(gathered, local)
     return {f"{k}_per_rank": [float(g[i]) for g in gathered] for i, k in enumerate(sorted(values))}
@@ -355,7 +357,9 @@ def _peak_memory_mb(device) -> float:
 def _epoch_metrics(engine, epoch, train_loss, samples, elapsed, val_loss, val_accuracy, steps_per_epoch, world, device, session) -> dict[str, Any]:
     import torch.distributed as dist
 
-    totals = torch.tensor([train_loss, float(samples)], dtype=torch.float64)
+    # On the worker's device: on GPU Ray Train makes an NCCL-only process group, and NCCL reduces
+    # CUDA tensors only (a CPU tensor raises "No backend type associated with device type cpu").
+    totals = torch.tensor([train_loss, float(samples)], dtype=torch.float64, device=device)
     dist.all_reduce(totals)
     metrics = {
         "epoch": epoch + 1,
@@ -369,7 +373,7 @@ def _epoch_metrics(engine, epoch, train_loss, samples, elapsed, val_loss, val_ac
         "lr": float(engine.get_lr()[0]),
         "world_size": world,
     }
-    metrics.update(_gather_per_rank(_rank_state_bytes(engine), world))
+    metrics.update(_gather_per_rank(_rank_state_bytes(engine), world, device))
     metrics["node_ids"] = _gather_node_ids(session.node_id(), world)
     return metrics
 
