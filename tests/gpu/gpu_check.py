@@ -163,6 +163,9 @@ class Context:
         gpus = torch.cuda.device_count() if not self.dry_run else 0
         port = free_port()
         env = {**os.environ, **worker_env(not self.dry_run)}
+        if probe:
+            # torch's error says only "invalid usage"; NCCL's WARN line in the rank's log says why.
+            env.setdefault("NCCL_DEBUG", "WARN")
         procs = []
         for rank in range(world):
             spec = {
@@ -288,7 +291,7 @@ def worker_main(spec_path: str) -> int:
             dist.all_reduce(probe)
             result["probe_sum"] = float(probe.item())
         except Exception as exc:  # noqa: BLE001 - the refusal is the finding
-            result["refused"] = first_line(exc)
+            result["refused"] = " | ".join(line.strip() for line in str(exc).splitlines() if line.strip())[:1000] or type(exc).__name__
             write_json(Path(spec["result"]), result)
             os._exit(0)  # a failed NCCL communicator can hang the normal shutdown
     from training.loop import run_worker
@@ -392,12 +395,14 @@ def two_process_check(ctx: Context) -> str:
     run_dir = ctx.out / "two-process"
     results = ctx.launch(run_dir / "train", config, world=2, probe=True)
     refused = [r["refused"] for r in results if "refused" in r]
+    logs = " ".join((run_dir / "train" / f"rank-{rank}.log").read_text(errors="replace") for rank in range(2))
     gpus = torch.cuda.device_count() if not ctx.dry_run else 0
     where = "2 ranks on CPU (gloo)" if ctx.dry_run else f"2 ranks on {gpus} GPU(s) (NCCL {'.'.join(map(str, torch.cuda.nccl.version()))})"
     if refused:
-        if "Duplicate GPU" in refused[0]:
-            raise Skip(f"{where}: NCCL refuses two ranks on one GPU ({refused[0][:160]}); this check needs 2 GPUs")
-        raise CheckFailed(f"{where}: the first all_reduce failed: {refused[0]}")
+        duplicate = next((line.strip() for text in (*refused, logs) for line in text.replace(" | ", "\n").splitlines() if "Duplicate GPU" in line), None)
+        if duplicate:
+            raise Skip(f"{where}: NCCL refuses two ranks on one GPU ('{duplicate[duplicate.index('Duplicate GPU'):][:90]}'); this check needs 2 GPUs")
+        raise CheckFailed(f"{where}: the first all_reduce failed: {refused[0][:300]}")
     reports = [r["reports"] for r in results]
     first, last, loss_text = loss_figures(reports[0])
     params = reports[0][-1]["param_bytes_per_rank"]

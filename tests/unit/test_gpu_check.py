@@ -86,3 +86,27 @@ def test_dry_run_of_every_check(tmp_path):
     result = run_script("--dry-run", "--out", str(tmp_path), timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
     assert check_lines(result.stdout) == {name: "PASS" for name in DRY_RUN_CHECKS}
+
+
+def _refusing_launch(log_text: str):
+    """Stands in for Context.launch: both ranks' first all_reduce failed as NCCL 2.28.9 failed on the H200."""
+
+    def launch(folder, config, world, resume_from=None, probe=False):
+        assert probe and world == 2
+        folder.mkdir(parents=True, exist_ok=True)
+        for rank in range(world):
+            (folder / f"rank-{rank}.log").write_text(log_text)
+        error = "NCCL error in: .../NCCLUtils.cpp:93, invalid usage (run with NCCL_DEBUG=WARN for details), NCCL version 2.28.9"
+        return [{"rank": rank, "refused": error} for rank in range(world)]
+
+    return launch
+
+
+def test_two_ranks_refused_on_one_gpu_is_a_skip_that_says_why(tmp_path):
+    ctx = gpu_check.Context(dry_run=True, out=tmp_path, deadline=1e12)
+    ctx.launch = _refusing_launch("host:1:2 [0] init.cc:598 NCCL WARN Duplicate GPU detected : rank 1 and rank 0 both on CUDA device 1a000\n")
+    with pytest.raises(gpu_check.Skip, match=r"NCCL refuses two ranks on one GPU \('Duplicate GPU detected : rank 1 and rank 0"):
+        gpu_check.two_process_check(ctx)
+    ctx.launch = _refusing_launch("nothing about the cause\n")
+    with pytest.raises(gpu_check.CheckFailed, match="the first all_reduce failed: NCCL error"):
+        gpu_check.two_process_check(ctx)
