@@ -6,7 +6,7 @@ STAMP   := .venv/.installed
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/.cache/torch_extensions
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test test-fast lint bench reliability clean install
+.PHONY: demo test test-fast lint bench reliability clean install gpu-wheels gpu-check
 
 $(PY):
 	python3 -m venv .venv
@@ -38,6 +38,25 @@ bench: $(STAMP)
 # Rerun the fault, fuzz, overload and soak tests and rewrite RELIABILITY.md from their figures.
 reliability: $(STAMP)
 	$(PY) -m benchmarks reliability
+
+# What the GPU machine lacks (DeepSpeed, pydantic and their pure-Python needs; it has Python 3.12
+# and no network), as wheels in gpu-wheels/: DeepSpeed built here from its pinned source (pure
+# Python), the rest downloaded at this venv's versions for CPython 3.12 on manylinux.
+GPU_WHEELS := gpu-wheels
+gpu-wheels: $(STAMP)
+	rm -rf $(GPU_WHEELS) && mkdir -p $(GPU_WHEELS)
+	$(PIP) wheel -q --no-deps -w $(GPU_WHEELS) "$$(grep '^deepspeed==' constraints.txt)"
+	$(PIP) download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
+		--platform manylinux_2_28_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64 \
+		-d $(GPU_WHEELS) $$($(PY) -m tests.gpu.gpu_check --wheel-pins)
+	$(PY) -m tests.gpu.gpu_check --check-wheels $(GPU_WHEELS)
+
+# The CUDA paths in one run (README, "Checking the GPU paths"); without CUDA it says so and exits 0.
+# `make gpu-check GPU_CHECK_ARGS=--dry-run` runs the checks on the CPU. The GPU machine has no
+# .venv: its own python3 runs the checks there.
+GPU_PY = $(if $(wildcard $(PY)),$(PY),python3)
+gpu-check:
+	$(GPU_PY) -m tests.gpu.gpu_check --wheels $(GPU_WHEELS) $(GPU_CHECK_ARGS)
 
 clean:
 	rm -rf .venv .cache runs

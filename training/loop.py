@@ -6,6 +6,9 @@ of the data, evaluates its shard of the validation split, and every `checkpoint.
 saves a DeepSpeed checkpoint on EVERY rank (ZeRO shards are per rank) plus, from rank 0, the
 consolidated fp32 state_dict, all reported to Ray Train as one checkpoint.
 
+Whatever runs the loop provides a `WorkerSession` (rank, checkpoint to resume, reports): Ray Train
+in `tandem train`, a plain process in the GPU check (tests/gpu/gpu_check.py), which has no Ray.
+
 Sharding: DistributedSampler over in-memory arrays. The built-in data sets fit in memory on every
 worker, so Ray Data's streaming would add a per-epoch pipeline for nothing; the sampler gives each
 rank a disjoint, seeded shard and the same order again after a resume (set_epoch).
@@ -13,14 +16,17 @@ rank a disjoint, seeded shard and the same order again after a resume (set_epoch
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
 import resource
 import tempfile
 import time
+from collections.abc import Iterator
+from contextlib import AbstractContextManager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import torch
@@ -44,15 +50,71 @@ FAULT_MARKER_ENV = "TANDEM_FAULT_MARKER"  # ... once: the marker file records th
 PROGRESS_DIR_ENV = "TANDEM_PROGRESS_DIR"
 
 
+class WorkerSession(Protocol):
+    """What the loop needs from whatever runs it: Ray Train's worker context in `tandem train`
+    (RayTrainSession), a plain process in tests/gpu/gpu_check.py (no Ray on the GPU machine).
+
+    The process group must already exist (Ray Train creates it; DeepSpeed reuses it)."""
+
+    rank: int
+    world_size: int
+    local_rank: int
+
+    def latest_checkpoint(self) -> AbstractContextManager[Path | None]:
+        """The checkpoint folder a retried worker group resumes from, or None."""
+        ...
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        """One epoch's metrics, with this rank's checkpoint folder (deleted after the call) when one was saved."""
+        ...
+
+    def node_id(self) -> str: ...
+
+
+class RayTrainSession:
+    """WorkerSession over ray.train (the context, get_checkpoint, report)."""
+
+    def __init__(self) -> None:
+        import ray.train
+
+        context = ray.train.get_context()
+        self.rank, self.world_size, self.local_rank = context.get_world_rank(), context.get_world_size(), context.get_local_rank()
+
+    @contextlib.contextmanager
+    def latest_checkpoint(self) -> Iterator[Path | None]:
+        import ray.train
+
+        checkpoint = ray.train.get_checkpoint()
+        if checkpoint is None:
+            yield None
+            return
+        with checkpoint.as_directory() as folder:
+            yield Path(folder)
+
+    def report(self, metrics: dict[str, Any], checkpoint_dir: str | None = None) -> None:
+        import ray.train
+        from ray.train import Checkpoint
+
+        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None)
+
+    def node_id(self) -> str:
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
+
+
 def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
+    run_worker(loop_config, RayTrainSession())
+
+
+def run_worker(loop_config: dict[str, Any], session: WorkerSession) -> Any:
+    """The loop itself; returns the DeepSpeed engine (for checks that inspect it, e.g. its loss scaler)."""
     import deepspeed
-    import ray.train
 
     config = validate_config(loop_config["config"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    rank, world = session.rank, session.world_size
     use_gpu = bool(loop_config.get("use_gpu")) and torch.cuda.is_available()
-    device = torch.device("cuda", context.get_local_rank()) if use_gpu else torch.device("cpu")
+    device = torch.device("cuda", session.local_rank) if use_gpu else torch.device("cpu")
     if use_gpu:
         torch.cuda.set_device(device)
     # Same initial weights on every rank; data order and augmentation differ per rank below.
@@ -76,7 +138,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
     engine, _, _, _ = deepspeed.initialize(
         model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, world)
     )
-    start_epoch = _restore(engine, loop_config.get("resume_from"))
+    start_epoch = _restore(engine, loop_config.get("resume_from"), session)
     if loop_config.get("resume_from") and loop_config.get("hparams_from_config"):
         _apply_config_hparams(engine, config)
     augment = build_augmentation(config.data.augment)
@@ -90,12 +152,13 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
         train_loss, samples = _train_epoch(engine, loader, augment, generator, device, dtype, config, rank, steps_per_epoch, loss_fn)
         elapsed = time.perf_counter() - started
         val_loss, val_accuracy = _evaluate(engine, val_set, config, rank, world, device, dtype)
-        metrics = _epoch_metrics(engine, epoch, train_loss, samples, elapsed, val_loss, val_accuracy, steps_per_epoch, world, device)
+        metrics = _epoch_metrics(engine, epoch, train_loss, samples, elapsed, val_loss, val_accuracy, steps_per_epoch, world, device, session)
         last = epoch + 1 == config.training.epochs
         if (epoch + 1) % config.training.checkpoint.every_epochs == 0 or last:
-            _report_with_checkpoint(engine, metrics, epoch, rank, spec, config)
+            _report_with_checkpoint(engine, metrics, epoch, rank, spec, config, session)
         else:
-            ray.train.report(metrics)
+            session.report(metrics)
+    return engine
 
 
 def _train_loader(config: TandemConfig, train_set: ArrayDataset, rank: int, world: int) -> tuple[DataLoader, DistributedSampler]:
@@ -147,14 +210,11 @@ def _compute_dtype(config: TandemConfig) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.training.precision, torch.float32)
 
 
-def _restore(engine: Any, resume_from: str | None) -> int:
+def _restore(engine: Any, resume_from: str | None, session: WorkerSession) -> int:
     """Load the newest checkpoint (a retried worker group's, else --resume's); return the next epoch."""
-    import ray.train
-
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:
-        with checkpoint.as_directory() as folder:
-            return _load_engine_checkpoint(engine, Path(folder))
+    with session.latest_checkpoint() as folder:
+        if folder is not None:
+            return _load_engine_checkpoint(engine, folder)
     if resume_from:
         return _load_engine_checkpoint(engine, Path(resume_from))
     return 0
@@ -230,7 +290,8 @@ def _evaluate(engine, val_set: ArrayDataset, config: TandemConfig, rank: int, wo
     """Loss and accuracy over the whole validation split, each rank evaluating its slice.
 
     ZeRO-3 gathers parameters inside forward, a collective: every rank runs the same number of
-    forward passes, so a rank whose slice is short runs a padding batch that is not counted.
+    forward passes, so a rank whose slice is short runs a padding batch that is not counted. The
+    sums are reduced on the worker's device (NCCL reduces CUDA tensors only; see _epoch_metrics).
     """
     import torch.distributed as dist
 
@@ -239,7 +300,7 @@ def _evaluate(engine, val_set: ArrayDataset, config: TandemConfig, rank: int, wo
     mine = shards[rank]
     batch = config.data.batch_size
     n_batches = math.ceil(max(len(s) for s in shards) / batch)
-    loss_sum = torch.zeros(3, dtype=torch.float64)  # loss sum, correct, count
+    loss_sum, correct, count = 0.0, 0, 0
     for b in range(n_batches):
         idx = mine[b * batch : (b + 1) * batch]
         counted = len(idx) > 0
@@ -249,12 +310,13 @@ def _evaluate(engine, val_set: ArrayDataset, config: TandemConfig, rank: int, wo
         y = torch.from_numpy(val_set.y[idx]).to(device)
         logits = engine(x).float()
         if counted:
-            loss_sum[0] += F.cross_entropy(logits, y, reduction="sum").item()
-            loss_sum[1] += (logits.argmax(1) == y).sum().item()
-            loss_sum[2] += len(idx)
-    dist.all_reduce(loss_sum)
+            loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
+            correct += int((logits.argmax(1) == y).sum().item())
+            count += len(idx)
+    totals = torch.tensor([loss_sum, correct, count], dtype=torch.float64, device=device)
+    dist.all_reduce(totals)
     engine.train()
-    return float(loss_sum[0] / loss_sum[2]), float(loss_sum[1] / loss_sum[2])
+    return float(totals[0] / totals[2]), float(totals[1] / totals[2])
 
 
 def _rank_state_bytes(engine) -> dict[str, float]:
@@ -277,10 +339,10 @@ def _rank_state_bytes(engine) -> dict[str, float]:
     return {"param_bytes": float(params), "optimizer_bytes": float(optim)}
 
 
-def _gather_per_rank(values: dict[str, float], world: int) -> dict[str, list[float]]:
+def _gather_per_rank(values: dict[str, float], world: int, device) -> dict[str, list[float]]:
     import torch.distributed as dist
 
-    local = torch.tensor([values[k] for k in sorted(values)], dtype=torch.float64)
+    local = torch.tensor([values[k] for k in sorted(values)], dtype=torch.float64, device=device)
     gathered = [torch.zeros_like(local) for _ in range(world)]
     dist.all_gather(gathered, local)
     return {f"{k}_per_rank": [float(g[i]) for g in gathered] for i, k in enumerate(sorted(values))}
@@ -292,10 +354,12 @@ def _peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is KiB on Linux
 
 
-def _epoch_metrics(engine, epoch, train_loss, samples, elapsed, val_loss, val_accuracy, steps_per_epoch, world, device) -> dict[str, Any]:
+def _epoch_metrics(engine, epoch, train_loss, samples, elapsed, val_loss, val_accuracy, steps_per_epoch, world, device, session) -> dict[str, Any]:
     import torch.distributed as dist
 
-    totals = torch.tensor([train_loss, float(samples)], dtype=torch.float64)
+    # On the worker's device: on GPU Ray Train makes an NCCL-only process group, and NCCL reduces
+    # CUDA tensors only (a CPU tensor raises "No backend type associated with device type cpu").
+    totals = torch.tensor([train_loss, float(samples)], dtype=torch.float64, device=device)
     dist.all_reduce(totals)
     metrics = {
         "epoch": epoch + 1,
@@ -309,18 +373,17 @@ def _epoch_metrics(engine, epoch, train_loss, samples, elapsed, val_loss, val_ac
         "lr": float(engine.get_lr()[0]),
         "world_size": world,
     }
-    metrics.update(_gather_per_rank(_rank_state_bytes(engine), world))
-    metrics["node_ids"] = _gather_node_ids(world)
+    metrics.update(_gather_per_rank(_rank_state_bytes(engine), world, device))
+    metrics["node_ids"] = _gather_node_ids(session.node_id(), world)
     return metrics
 
 
-def _gather_node_ids(world: int) -> list[str]:
+def _gather_node_ids(node_id: str, world: int) -> list[str]:
     """The Ray node of every rank, so placement (spread, node groups) can be checked from the metrics."""
-    import ray
     import torch.distributed as dist
 
     ids: list[Any] = [None] * world
-    dist.all_gather_object(ids, ray.get_runtime_context().get_node_id())
+    dist.all_gather_object(ids, node_id)
     return [str(i) for i in ids]
 
 
@@ -339,10 +402,7 @@ def consolidated_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
     return {k: state[k] for k in order if k in state}
 
 
-def _report_with_checkpoint(engine, metrics: dict[str, Any], epoch: int, rank: int, spec: dict[str, Any], config: TandemConfig) -> None:
-    import ray.train
-    from ray.train import Checkpoint
-
+def _report_with_checkpoint(engine, metrics: dict[str, Any], epoch: int, rank: int, spec: dict[str, Any], config: TandemConfig, session: WorkerSession) -> None:
     from cluster.artifacts import atomic_save_torch, atomic_write_json
 
     state = consolidated_fp32_state_dict(engine)
@@ -353,4 +413,4 @@ def _report_with_checkpoint(engine, metrics: dict[str, Any], epoch: int, rank: i
         if rank == 0:
             atomic_save_torch(state, Path(folder) / CONSOLIDATED)
             atomic_write_json(Path(folder) / "model_spec.json", {"model": spec, "metrics": metrics, "config_hash": config.config_hash()})
-        ray.train.report(metrics, checkpoint=Checkpoint.from_directory(folder))
+        session.report(metrics, folder)
