@@ -2,10 +2,13 @@
 
 Where things go:
 - protocol.py    the /v1 wire protocol: schemas, request decoding, error bodies (pure, no Ray)
+- oip.py         the Open Inference Protocol (KServe v2, /v2) with binary tensor data (pure)
 - settings.py    deploy-time settings derived from the config: Serve environment, deployment
                  options, derived limits (pure; the app, serve_config and tandem/k8s.py use it)
-- app.py         the replicas (TandemServer, ModelReplica) and `build_app`, the import path Serve
-                 config files and RayServices name (`serving.app:build_app`)
+- app.py         the HTTP replica (TandemServer: /v1 and /v2 routes) and `build_app`, the import
+                 path Serve config files and RayServices name (`serving.app:build_app`)
+- model_replica.py  an engine behind its batcher (LocalModel), and the model deployment behind
+                 the router ingress (ModelReplica)
 - deploy.py      deploying from Python on the driver: serve, shutdown, status, URLs
 - serve_config.py the Ray Serve config file for `serve deploy` and the RayService
 - batching.py    the adaptive batcher (policy, pure); admission.py the gate on arrival;

@@ -135,9 +135,7 @@ def run_worker(loop_config: dict[str, Any], session: WorkerSession) -> Any:
     clear_stale_extension_locks()
     # gloo on CPU, nccl on GPU; the group Ray Train made is reused, not re-created.
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, world)
-    )
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, world))
     start_epoch = _restore(engine, loop_config.get("resume_from"), session)
     if loop_config.get("resume_from") and loop_config.get("hparams_from_config"):
         _apply_config_hparams(engine, config)
@@ -152,7 +150,9 @@ def run_worker(loop_config: dict[str, Any], session: WorkerSession) -> Any:
         train_loss, samples = _train_epoch(engine, loader, augment, generator, device, dtype, config, rank, steps_per_epoch, loss_fn)
         elapsed = time.perf_counter() - started
         val_loss, val_accuracy = _evaluate(engine, val_set, config, rank, world, device, dtype)
-        metrics = _epoch_metrics(engine, epoch, train_loss, samples, elapsed, val_loss, val_accuracy, steps_per_epoch, world, device, session)
+        metrics = _epoch_metrics(
+            engine, epoch, train_loss, samples, elapsed, val_loss, val_accuracy, steps_per_epoch, world, device, session
+        )
         last = epoch + 1 == config.training.epochs
         if (epoch + 1) % config.training.checkpoint.every_epochs == 0 or last:
             _report_with_checkpoint(engine, metrics, epoch, rank, spec, config, session)
@@ -167,7 +167,8 @@ def _train_loader(config: TandemConfig, train_set: ArrayDataset, rank: int, worl
     loader = DataLoader(tensors, batch_size=config.data.batch_size, sampler=sampler, drop_last=True)
     if len(loader) == 0:
         raise ValueError(
-            f"rank {rank} has fewer than data.batch_size={config.data.batch_size} training examples; lower data.batch_size or training.workers"
+            f"rank {rank} has fewer than data.batch_size={config.data.batch_size} training examples; "
+            "lower data.batch_size or training.workers"
         )
     return loader, sampler
 
@@ -354,7 +355,9 @@ def _peak_memory_mb(device) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # ru_maxrss is KiB on Linux
 
 
-def _epoch_metrics(engine, epoch, train_loss, samples, elapsed, val_loss, val_accuracy, steps_per_epoch, world, device, session) -> dict[str, Any]:
+def _epoch_metrics(
+    engine, epoch, train_loss, samples, elapsed, val_loss, val_accuracy, steps_per_epoch, world, device, session
+) -> dict[str, Any]:
     import torch.distributed as dist
 
     # On the worker's device: on GPU Ray Train makes an NCCL-only process group, and NCCL reduces
@@ -402,7 +405,9 @@ def consolidated_fp32_state_dict(engine) -> dict[str, torch.Tensor]:
     return {k: state[k] for k in order if k in state}
 
 
-def _report_with_checkpoint(engine, metrics: dict[str, Any], epoch: int, rank: int, spec: dict[str, Any], config: TandemConfig, session: WorkerSession) -> None:
+def _report_with_checkpoint(
+    engine, metrics: dict[str, Any], epoch: int, rank: int, spec: dict[str, Any], config: TandemConfig, session: WorkerSession
+) -> None:
     from cluster.artifacts import atomic_save_torch, atomic_write_json
 
     state = consolidated_fp32_state_dict(engine)

@@ -57,16 +57,23 @@ DEFAULT_BUDGET_S = 450.0  # the issue's limit is 8 minutes on the GPU machine
 
 
 # ---------------------------------------------------------------------------------------------
-# the profile's functions: the one place to repoint when serving/profile*.py move
+# the profile's functions (profiling/), in one place
 # ---------------------------------------------------------------------------------------------
 
 
 def profile_api() -> SimpleNamespace:
-    from serving.profile import plan_for, profile_training
-    from serving.profile_measure import measure_machine, time_calls, torch_threads
+    from profiling.measure import measure_machine, time_calls
+    from profiling.subject import plan_for
+    from profiling.train_cost import profile_training
+    from serving.engines import torch_threads
 
-    return SimpleNamespace(plan_for=plan_for, profile_training=profile_training, measure_machine=measure_machine, time_calls=time_calls,
-                           torch_threads=torch_threads)
+    return SimpleNamespace(
+        plan_for=plan_for,
+        profile_training=profile_training,
+        measure_machine=measure_machine,
+        time_calls=time_calls,
+        torch_threads=torch_threads,
+    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -170,15 +177,33 @@ class Context:
         procs = []
         for rank in range(world):
             spec = {
-                "rank": rank, "world_size": world, "local_rank": rank % gpus if gpus else 0, "master_port": port,
-                "backend": "gloo" if self.dry_run else "nccl", "use_gpu": not self.dry_run, "config": config.to_dict(),
-                "resume_from": resume_from, "probe": probe, "timeout_s": self.job_timeout_s,
-                "checkpoint_root": str(folder / "checkpoints"), "result": str(folder / f"result-{rank}.json"),
+                "rank": rank,
+                "world_size": world,
+                "local_rank": rank % gpus if gpus else 0,
+                "master_port": port,
+                "backend": "gloo" if self.dry_run else "nccl",
+                "use_gpu": not self.dry_run,
+                "config": config.to_dict(),
+                "resume_from": resume_from,
+                "probe": probe,
+                "timeout_s": self.job_timeout_s,
+                "checkpoint_root": str(folder / "checkpoints"),
+                "result": str(folder / f"result-{rank}.json"),
             }
             (folder / f"spec-{rank}.json").write_text(json.dumps(spec))
             log = open(folder / f"rank-{rank}.log", "w")
-            procs.append((subprocess.Popen([sys.executable, "-m", MODULE, "--worker", str(folder / f"spec-{rank}.json")],
-                                           stdout=log, stderr=subprocess.STDOUT, env=env, cwd=ROOT), log))
+            procs.append(
+                (
+                    subprocess.Popen(
+                        [sys.executable, "-m", MODULE, "--worker", str(folder / f"spec-{rank}.json")],
+                        stdout=log,
+                        stderr=subprocess.STDOUT,
+                        env=env,
+                        cwd=ROOT,
+                    ),
+                    log,
+                )
+            )
         limit = min(self.job_timeout_s, max(1.0, self.remaining_s()))
         stop_at = time.monotonic() + limit
         try:
@@ -194,7 +219,9 @@ class Context:
                 log.close()
         for rank, (proc, _) in enumerate(procs):
             if proc.returncode != 0:
-                raise CheckFailed(f"rank {rank} exited {proc.returncode}: {last_error(folder / f'rank-{rank}.log')} (log {folder}/rank-{rank}.log)")
+                raise CheckFailed(
+                    f"rank {rank} exited {proc.returncode}: {last_error(folder / f'rank-{rank}.log')} (log {folder}/rank-{rank}.log)"
+                )
         return [json.loads((folder / f"result-{rank}.json").read_text()) for rank in range(world)]
 
     def val_split(self, config: Any) -> Any:
@@ -273,8 +300,15 @@ def engine_facts(engine: Any) -> dict[str, Any]:
 def worker_main(spec_path: str) -> int:
     spec = json.loads(Path(spec_path).read_text())
     rank, world = spec["rank"], spec["world_size"]
-    os.environ.update({"RANK": str(rank), "LOCAL_RANK": str(spec["local_rank"]), "WORLD_SIZE": str(world),
-                       "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(spec["master_port"])})
+    os.environ.update(
+        {
+            "RANK": str(rank),
+            "LOCAL_RANK": str(spec["local_rank"]),
+            "WORLD_SIZE": str(world),
+            "MASTER_ADDR": "127.0.0.1",
+            "MASTER_PORT": str(spec["master_port"]),
+        }
+    )
     from datetime import timedelta
 
     import torch
@@ -356,14 +390,22 @@ def train_check(stage: int, precision: str) -> Callable[[Context], str]:
         steps, acc = reports[-1]["step"], reports[-1]["val_accuracy"]
         figures = [f"{steps} steps {1000 * reports[-1]['step_time_s']:.1f} ms/step, {loss_text}, val_acc {acc:.3f}"]
         require(len(reports) == config.training.epochs, f"{len(reports)} reports", f"one per epoch ({config.training.epochs})")
-        require(engine["zero_stage"] == stage and engine["device"].startswith(ctx.device), f"engine {engine['device']} ZeRO-{engine['zero_stage']}",
-                f"ZeRO-{stage} on {ctx.device}")
+        require(
+            engine["zero_stage"] == stage and engine["device"].startswith(ctx.device),
+            f"engine {engine['device']} ZeRO-{engine['zero_stage']}",
+            f"ZeRO-{stage} on {ctx.device}",
+        )
         half = {"bf16": "bfloat16", "fp16": "float16"}.get(precision, "float32")
-        require(engine["param_dtype"] == half and engine["fp16"] == (precision == "fp16") and engine["bf16"] == (precision == "bf16"),
-                f"params {engine['param_dtype']}, fp16 {engine['fp16']}, bf16 {engine['bf16']}", f"{precision} weights")
+        require(
+            engine["param_dtype"] == half and engine["fp16"] == (precision == "fp16") and engine["bf16"] == (precision == "bf16"),
+            f"params {engine['param_dtype']}, fp16 {engine['fp16']}, bf16 {engine['bf16']}",
+            f"{precision} weights",
+        )
         if precision == "fp16":
-            figures.append(f"loss scale {engine.get('loss_scale', 0):.0f} ({'dynamic' if engine.get('dynamic_loss_scale') else 'STATIC'}), "
-                           f"{engine['skipped_steps']} skipped steps")
+            figures.append(
+                f"loss scale {engine.get('loss_scale', 0):.0f} ({'dynamic' if engine.get('dynamic_loss_scale') else 'STATIC'}), "
+                f"{engine['skipped_steps']} skipped steps"
+            )
             require(bool(engine.get("dynamic_loss_scale")), figures[-1], "dynamic loss scaling on")
             require(engine["skipped_steps"] <= steps // 10, figures[-1], "at most 10% of steps skipped on overflow")
         require(last < 0.5 * first and acc >= ctx.min_val_accuracy, figures[0], f"loss halves, val_acc >= {ctx.min_val_accuracy}")
@@ -400,17 +442,26 @@ def two_process_check(ctx: Context) -> str:
     gpus = torch.cuda.device_count() if not ctx.dry_run else 0
     where = "2 ranks on CPU (gloo)" if ctx.dry_run else f"2 ranks on {gpus} GPU(s) (NCCL {'.'.join(map(str, torch.cuda.nccl.version()))})"
     if refused:
-        duplicate = next((line.strip() for text in (*refused, logs) for line in text.replace(" | ", "\n").splitlines() if "Duplicate GPU" in line), None)
+        duplicate = next(
+            (line.strip() for text in (*refused, logs) for line in text.replace(" | ", "\n").splitlines() if "Duplicate GPU" in line), None
+        )
         if duplicate:
-            raise Skip(f"{where}: NCCL refuses two ranks on one GPU ('{duplicate[duplicate.index('Duplicate GPU'):][:90]}'); this check needs 2 GPUs")
+            raise Skip(
+                f"{where}: NCCL refuses two ranks on one GPU ('{duplicate[duplicate.index('Duplicate GPU') :][:90]}'); this check needs 2 "
+                "GPUs"
+            )
         raise CheckFailed(f"{where}: the first all_reduce failed: {refused[0][:300]}")
     reports = [r["reports"] for r in results]
     first, last, loss_text = loss_figures(reports[0])
     params = reports[0][-1]["param_bytes_per_rank"]
     acc = reports[0][-1]["val_accuracy"]
-    figures = [f"{where}, ZeRO-3 {precision}: {reports[0][-1]['step']} steps, {loss_text}, val_acc {acc:.3f}",
-               f"params per rank {params[0] / 1024:.0f}/{params[1] / 1024:.0f} KiB"]
-    require(last < 0.5 * first and acc >= ctx.min_val_accuracy - 0.1, figures[0], f"loss halves, val_acc >= {ctx.min_val_accuracy - 0.1:.2f}")
+    figures = [
+        f"{where}, ZeRO-3 {precision}: {reports[0][-1]['step']} steps, {loss_text}, val_acc {acc:.3f}",
+        f"params per rank {params[0] / 1024:.0f}/{params[1] / 1024:.0f} KiB",
+    ]
+    require(
+        last < 0.5 * first and acc >= ctx.min_val_accuracy - 0.1, figures[0], f"loss halves, val_acc >= {ctx.min_val_accuracy - 0.1:.2f}"
+    )
     total = 4 * sum(p.numel() for p in build_untrained(config).parameters()) * (0.5 if precision != "fp32" else 1.0)
     require(max(params) < 0.75 * total, figures[1], f"each rank holds about half of {total / 1024:.0f} KiB (ZeRO-3 partitions)")
     require(reports[0][-1]["train_loss"] == reports[1][-1]["train_loss"], "train_loss differs between ranks", "all-reduced: equal")
@@ -520,13 +571,19 @@ def serve_check(precision: str) -> Callable[[Context], str]:
         fitted = (stats["slope_ms"] * settings.max_batch_size + stats["intercept_ms"]) / 1000
         p50, p99 = np.percentile(latencies, [50, 99]) * 1000
         figures = [
-            f"{engine.name} on {ctx.device}, {requests} requests at c={concurrency}: {requests / wall:.0f} req/s, p50 {p50:.2f} ms p99 {p99:.2f} ms, "
+            f"{engine.name} on {ctx.device}, {requests} requests at c={concurrency}: {requests / wall:.0f} req/s, p50 {p50:.2f} ms p99 "
+            f"{p99:.2f} ms, "
             f"mean batch {stats['mean_batch_size']:.1f}",
-            f"fit t(b) = {stats['slope_ms'] * 1000:.1f} us*b + {stats['intercept_ms']:.3f} ms, t(32) fit {1000 * fitted:.3f} vs timed {1000 * timed:.3f} ms",
+            f"fit t(b) = {stats['slope_ms'] * 1000:.1f} us*b + {stats['intercept_ms']:.3f} ms, t(32) fit {1000 * fitted:.3f} vs timed "
+            f"{1000 * timed:.3f} ms",
             f"vs CPU fp32: argmax {100 * agree:.1f}%, max|dlogit| {diff:.2g}",
         ]
         require(stats["mean_batch_size"] >= 2 and stats["shed"] == 0, figures[0], "batches form under load (mean >= 2), nothing shed")
-        require(stats["intercept_ms"] > 0 and timed / 4 <= fitted <= 4 * timed, figures[1], "intercept > 0, fitted t(32) within 4x of the timed forward")
+        require(
+            stats["intercept_ms"] > 0 and timed / 4 <= fitted <= 4 * timed,
+            figures[1],
+            "intercept > 0, fitted t(32) within 4x of the timed forward",
+        )
         if precision == "fp32":
             require(agree >= 0.995 and diff <= 1e-3, figures[2], "argmax >= 99.5%, max|dlogit| <= 1e-3")
         else:
@@ -573,8 +630,11 @@ def train_step_check(ctx: Context) -> str:
     api = profile_api()
     row = api.profile_training(config, train, measured_machine(ctx), api.plan_for(quick=ctx.dry_run))
     fraction = row["fraction_of_peak"]
-    text = (f"{row['device']} {row['precision']} batch {row['batch_size']}: {1000 * row['step_s']:.3f} ms/step ({row['samples_per_s']:.0f} samples/s), "
-            f"{rate(row['achieved_flops_per_s'], 'FLOP/s')} = {fraction:.2g} of the {precision} peak, epoch {row['epoch_s']:.2f} s")
+    text = (
+        f"{row['device']} {row['precision']} batch {row['batch_size']}: {1000 * row['step_s']:.3f} ms/step ({row['samples_per_s']:.0f} "
+        "samples/s), "
+        f"{rate(row['achieved_flops_per_s'], 'FLOP/s')} = {fraction:.2g} of the {precision} peak, epoch {row['epoch_s']:.2f} s"
+    )
     require(row["device"] == ctx.device, text, f"measured on {ctx.device}")
     require(row["step_s"] > 0 and fraction is not None and 0 < fraction < 1, text, "0 < fraction of peak < 1")
     return text
@@ -599,24 +659,41 @@ def checks(dry_run: bool) -> list[Check]:
     precisions = ("fp32",) if dry_run else ("bf16", "fp16")
     serve_precisions = ("fp32",) if dry_run else ("fp32", "bf16")
     listed = [
-        Check("profile/peaks", "tandem profile's machine peaks on the device (GEMM per dtype, best of mm and linear, and the triad bandwidth). "
-              "PASS: every figure finite and positive.", peaks_check),
-        Check("profile/train-step", "tandem profile's timed training step of the example model on the device (bf16 on GPU): ms/step, "
-              "samples/s, achieved FLOP/s and its fraction of the measured peak. PASS: on the device, 0 < fraction < 1.", train_step_check),
+        Check(
+            "profile/peaks",
+            "tandem profile's machine peaks on the device (GEMM per dtype, best of mm and linear, and the triad bandwidth). "
+            "PASS: every figure finite and positive.",
+            peaks_check,
+        ),
+        Check(
+            "profile/train-step",
+            "tandem profile's timed training step of the example model on the device (bf16 on GPU): ms/step, "
+            "samples/s, achieved FLOP/s and its fraction of the measured peak. PASS: on the device, 0 < fraction < 1.",
+            train_step_check,
+        ),
     ]
     listed += [
-        Check(f"serve/torch-{p}", "serving.engines' torch engine on the device inside serving.batching's AdaptiveBatcher, closed-loop clients: "
-              "req/s, latency, mean batch; the service-time fit t(b) = a*b + c against a timed batch of 32; argmax agreement and max logit "
-              "difference with the CPU fp32 engine. PASS: mean batch >= 2, c > 0, fit within 4x of the timing, argmax >= 99.5% "
-              "and |dlogit| <= 1e-3 (fp32) or argmax >= 98% (bf16).", serve_check(p))
+        Check(
+            f"serve/torch-{p}",
+            "serving.engines' torch engine on the device inside serving.batching's AdaptiveBatcher, closed-loop clients: "
+            "req/s, latency, mean batch; the service-time fit t(b) = a*b + c against a timed batch of 32; argmax agreement and max logit "
+            "difference with the CPU fp32 engine. PASS: mean batch >= 2, c > 0, fit within 4x of the timing, argmax >= 99.5% "
+            "and |dlogit| <= 1e-3 (fp32) or argmax >= 98% (bf16).",
+            serve_check(p),
+        )
         for p in serve_precisions
     ]
     listed += [Check(f"train/zero{stage}-{p}", TRAIN_MEANS, train_check(stage, p)) for stage in (2, 3) for p in precisions]
-    listed.append(Check(
-        "train/two-process", "two ranks through torch.distributed (NCCL on GPU, gloo in the dry run) on one GPU, ZeRO-3: steps, loss, "
-        "val accuracy, parameter bytes per rank, consolidated model.pt on CPU. SKIP when NCCL refuses two ranks on one GPU "
-        "('Duplicate GPU detected', NCCL 2.5 and later): it then needs a machine with 2 GPUs. PASS: loss halves, each rank holds about half the parameters.",
-        two_process_check))
+    listed.append(
+        Check(
+            "train/two-process",
+            "two ranks through torch.distributed (NCCL on GPU, gloo in the dry run) on one GPU, ZeRO-3: steps, loss, "
+            "val accuracy, parameter bytes per rank, consolidated model.pt on CPU. SKIP when NCCL refuses two ranks on one GPU "
+            "('Duplicate GPU detected', NCCL 2.5 and later): it then needs a machine with 2 GPUs. PASS: loss halves, each rank holds about "
+            "half the parameters.",
+            two_process_check,
+        )
+    )
     return listed
 
 
@@ -665,8 +742,24 @@ def install_wheels(folder: Path) -> Path:
     if not wheels:
         raise SystemExit(f"gpu-check: no wheels in {folder}; run `make gpu-wheels` on a machine with network first")
     site = Path(tempfile.mkdtemp(prefix="tandem-gpu-site-"))
-    subprocess.run([sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile", "--no-cache-dir",
-                    "--disable-pip-version-check", "--target", str(site), *wheels], check=True)
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "install",
+            "-q",
+            "--no-index",
+            "--no-deps",
+            "--no-compile",
+            "--no-cache-dir",
+            "--disable-pip-version-check",
+            "--target",
+            str(site),
+            *wheels,
+        ],
+        check=True,
+    )
     return site
 
 
@@ -680,8 +773,11 @@ def header(ctx: Context) -> str:
     parts = [f"python {sys.version.split()[0]}", f"torch {torch.__version__}", f"deepspeed {deepspeed}"]
     if not ctx.dry_run:
         props = torch.cuda.get_device_properties(0)
-        parts = [f"{props.name} x{torch.cuda.device_count()} ({props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor})",
-                 f"CUDA {torch.version.cuda}", f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}"] + parts
+        parts = [
+            f"{props.name} x{torch.cuda.device_count()} ({props.total_memory / 2**30:.0f} GiB, sm_{props.major}{props.minor})",
+            f"CUDA {torch.version.cuda}",
+            f"NCCL {'.'.join(map(str, torch.cuda.nccl.version()))}",
+        ] + parts
     else:
         parts.insert(0, "dry run on the CPU (fp32, fewer steps)")
     return "gpu-check: " + ", ".join(parts)
@@ -710,8 +806,10 @@ def run_checks(ctx: Context, selected: list[Check], print_line: Callable[[str], 
     if ctx.data_note:
         print_line(f"note: {ctx.data_note}")
     counts = {s: sum(r["status"] == s for r in summary) for s in ("PASS", "FAIL", "SKIP")}
-    print_line(f"gpu-check: {counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped in {time.monotonic() - started:.0f} s; "
-               f"logs in {ctx.out}")
+    print_line(
+        f"gpu-check: {counts['PASS']} passed, {counts['FAIL']} failed, {counts['SKIP']} skipped in {time.monotonic() - started:.0f} s; "
+        f"logs in {ctx.out}"
+    )
     write_json(ctx.out / "summary.json", summary)
     return 1 if failed else 0
 
@@ -726,7 +824,10 @@ def check_wheels(folder: Path) -> int:
     size = sum(w.stat().st_size for w in wheels)
     names = [w.name.split("-")[0].lower().replace("_", "-") for w in wheels]
     duplicates = sorted({n for n in names if names.count(n) > 1})
-    print(f"gpu-wheels: {len(wheels)} wheels, {size / 2**20:.1f} MiB in {folder} (limit {WHEELS_LIMIT_BYTES / 2**20:.0f} MiB): {', '.join(w.name for w in wheels)}")
+    print(
+        f"gpu-wheels: {len(wheels)} wheels, {size / 2**20:.1f} MiB in {folder} (limit {WHEELS_LIMIT_BYTES / 2**20:.0f} MiB): "
+        f"{', '.join(w.name for w in wheels)}"
+    )
     if duplicates or size > WHEELS_LIMIT_BYTES or not any(n == "deepspeed" for n in names):
         print(f"gpu-wheels: bad folder: two versions of {duplicates}" if duplicates else "gpu-wheels: over the limit or no deepspeed wheel")
         return 1
@@ -735,7 +836,9 @@ def check_wheels(folder: Path) -> int:
 
 def parse_args(argv: list[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m " + MODULE, description=__doc__.split("\n\n")[0])
-    parser.add_argument("--dry-run", action="store_true", help="run every check on the CPU (fp32, fewer steps): tests this script without a GPU")
+    parser.add_argument(
+        "--dry-run", action="store_true", help="run every check on the CPU (fp32, fewer steps): tests this script without a GPU"
+    )
     parser.add_argument("--wheels", type=Path, help="on a CUDA machine: pip install these wheels (no index) into a temporary folder first")
     parser.add_argument("--only", default="", help="comma-separated name prefixes, e.g. serve,profile")
     parser.add_argument("--out", type=Path, help="where jobs write logs, checkpoints and summary.json (default: a new temporary folder)")
@@ -757,7 +860,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.check_wheels:
         return check_wheels(args.check_wheels)
-    selected = [c for c in checks(args.dry_run) if not args.only or c.name.startswith(tuple(p.strip() for p in args.only.split(",") if p.strip()))]
+    selected = [
+        c for c in checks(args.dry_run) if not args.only or c.name.startswith(tuple(p.strip() for p in args.only.split(",") if p.strip()))
+    ]
     if args.list:
         for check in selected:
             print(f"{check.name:<18}  {check.means}")
@@ -770,7 +875,11 @@ def main(argv: list[str] | None = None) -> int:
         if args.wheels:
             # Again in a child whose path starts with the wheels, so that nothing older was imported first.
             site = install_wheels(args.wheels)
-            env = {**os.environ, SITE_ENV: str(site), "PYTHONPATH": os.pathsep.join(p for p in (str(site), str(ROOT), os.environ.get("PYTHONPATH")) if p)}
+            env = {
+                **os.environ,
+                SITE_ENV: str(site),
+                "PYTHONPATH": os.pathsep.join(p for p in (str(site), str(ROOT), os.environ.get("PYTHONPATH")) if p),
+            }
             try:
                 return subprocess.call([sys.executable, "-m", MODULE, *(argv if argv is not None else sys.argv[1:])], env=env, cwd=ROOT)
             finally:

@@ -237,6 +237,89 @@ def test_models_health_and_openapi(url, artifacts):
     assert "/v1/models" in schema["paths"] and "/healthz" in schema["paths"]
 
 
+def test_tritonclient_speaks_the_open_inference_protocol_to_tandem(url, artifacts):
+    """Triton's own HTTP client, unchanged: health, metadata, and infer with JSON and with binary
+    tensors return the same predictions and logits as /v1/predict."""
+    import tritonclient.http as triton
+
+    from cluster.artifacts import model_version
+
+    client = triton.InferenceServerClient(url.removeprefix("http://").rstrip("/"), connection_timeout=10, network_timeout=30)
+    assert client.is_server_live() and client.is_server_ready() and client.is_model_ready(NAME)
+    meta = client.get_model_metadata(NAME)
+    assert meta["name"] == NAME and meta["versions"] == [model_version(artifacts["v1"])]
+    assert meta["inputs"] == [{"name": "input", "datatype": "FP32", "shape": [-1, 64]}]
+    x = digits_inputs(MAX_INPUTS, seed=7)
+    v1 = httpx.post(f"{url}/v1/predict", json={"inputs": x.tolist(), "probabilities": True}, timeout=30).json()
+    for binary in (False, True):
+        tensor = triton.InferInput("input", list(x.shape), "FP32")
+        tensor.set_data_from_numpy(x, binary_data=binary)
+        outputs = [triton.InferRequestedOutput(name, binary_data=binary) for name in ("logits", "predictions", "probabilities")]
+        result = client.infer(NAME, [tensor], outputs=outputs, request_id=f"binary={binary}")
+        assert result.get_response()["id"] == f"binary={binary}"
+        assert result.as_numpy("predictions").tolist() == v1["predictions"]
+        assert np.allclose(result.as_numpy("probabilities"), v1["probabilities"], atol=1e-6)
+        assert np.array_equal(result.as_numpy("logits").argmax(1), result.as_numpy("predictions"))
+    client.close()
+
+
+V2_BAD_REQUESTS = [
+    # (what, path, body, Inference-Header-Content-Length, status, words of the error)
+    (
+        "wrong datatype",
+        "infer",
+        {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "BYTES", "data": ["a"] * 64}]},
+        None,
+        400,
+        "datatype",
+    ),
+    (
+        "shape and data disagree",
+        "infer",
+        {"inputs": [{"name": "input", "shape": [2, 64], "datatype": "FP32", "data": [0.5] * 64}]},
+        None,
+        400,
+        "needs 128",
+    ),
+    (
+        "unknown input name",
+        "infer",
+        {"inputs": [{"name": "x", "shape": [1, 64], "datatype": "FP32", "data": [0.5] * 64}]},
+        None,
+        400,
+        "unknown",
+    ),
+    ("unknown model", "nope", {"inputs": []}, None, 404, "unknown model 'nope'"),
+    ("binary shorter than declared", "infer", "short", "header", 400, "declares 256 bytes"),
+    ("binary longer than declared", "infer", "long", "header", 400, "the inputs declare 256"),
+    ("header length past the body", "infer", "past", "header", 400, "Inference-Header-Content-Length"),
+]
+
+
+@pytest.mark.parametrize(("what", "path", "body", "header", "status", "words"), V2_BAD_REQUESTS, ids=[b[0] for b in V2_BAD_REQUESTS])
+def test_every_bad_v2_request_gets_its_4xx_in_the_protocols_body_and_the_replica_keeps_serving(
+    url, what, path, body, header, status, words
+):
+    head = json.dumps(
+        {"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "parameters": {"binary_data_size": 256}}]}
+    ).encode()
+    raw, length = json.dumps(body).encode() if isinstance(body, dict) else b"", None
+    if body == "short":
+        raw, length = head + b"\0" * 200, len(head)
+    elif body == "long":
+        raw, length = head + b"\0" * 260, len(head)
+    elif body == "past":
+        raw, length = head + b"\0" * 256, len(head) + 300
+    headers = {"Inference-Header-Content-Length": str(length)} if length is not None else {}
+    model = NAME if path == "infer" else path
+    reply = httpx.post(f"{url}/v2/models/{model}/infer", content=raw, headers=headers, timeout=30)
+    assert reply.status_code == status and words in reply.json()["error"], (what, reply.status_code, reply.text)
+    good = httpx.post(
+        f"{url}/v2/models/{NAME}/infer", json={"inputs": [{"name": "input", "shape": [1, 64], "datatype": "FP32", "data": [0.25] * 64}]}
+    )
+    assert good.status_code == 200 and len(good.json()["outputs"]) == 3
+
+
 BAD_INPUTS = [
     # (what, raw body, status, error code)
     ("not JSON", b"{inputs: [1, 2", 400, "not_json"),

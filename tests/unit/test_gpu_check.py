@@ -14,8 +14,17 @@ import torch
 from tests.gpu import gpu_check
 
 ROOT = Path(__file__).resolve().parents[2]
-GPU_CHECKS = ["profile/peaks", "profile/train-step", "serve/torch-fp32", "serve/torch-bf16",
-              "train/zero2-bf16", "train/zero2-fp16", "train/zero3-bf16", "train/zero3-fp16", "train/two-process"]
+GPU_CHECKS = [
+    "profile/peaks",
+    "profile/train-step",
+    "serve/torch-fp32",
+    "serve/torch-bf16",
+    "train/zero2-bf16",
+    "train/zero2-fp16",
+    "train/zero3-bf16",
+    "train/zero3-fp16",
+    "train/two-process",
+]
 DRY_RUN_CHECKS = ["profile/peaks", "profile/train-step", "serve/torch-fp32", "train/zero2-fp32", "train/zero3-fp32", "train/two-process"]
 
 
@@ -104,7 +113,9 @@ def _refusing_launch(log_text: str):
 
 def test_two_ranks_refused_on_one_gpu_is_a_skip_that_says_why(tmp_path):
     ctx = gpu_check.Context(dry_run=True, out=tmp_path, deadline=1e12)
-    ctx.launch = _refusing_launch("host:1:2 [0] init.cc:598 NCCL WARN Duplicate GPU detected : rank 1 and rank 0 both on CUDA device 1a000\n")
+    ctx.launch = _refusing_launch(
+        "host:1:2 [0] init.cc:598 NCCL WARN Duplicate GPU detected : rank 1 and rank 0 both on CUDA device 1a000\n"
+    )
     with pytest.raises(gpu_check.Skip, match=r"NCCL refuses two ranks on one GPU \('Duplicate GPU detected : rank 1 and rank 0"):
         gpu_check.two_process_check(ctx)
     ctx.launch = _refusing_launch("nothing about the cause\n")
