@@ -13,9 +13,11 @@ The algorithm
 1. Service time model. Every batch's forward time is recorded as (batch size b, seconds t). The
    model t(b) = a*b + c is a least-squares line through the *median* time of each batch size seen
    in the last `window` batches (medians: one GC pause or a noisy neighbour does not move the
-   line). With one batch size in the window the slope is kept from the last fit and only the
-   intercept follows the data. `calibrate()` runs sizes 1 and max at start so the first fit
-   exists before the first request.
+   line). `calibrate()` runs sizes 1, max/2 and max at start, alone, so the first fit exists
+   before the first request, and keeps that line's shape. When the window's sizes are too
+   clustered for a line (under steady load they sit near the cap) the model keeps the calibrated
+   shape and fits only a factor: contention stretches every batch about equally, and a free line
+   through clustered sizes would learn "batch size is free" (slope 0).
 2. One batch at a time. The replica is "free" when no forward pass is running; requests that
    arrive meanwhile queue first-in-first-out. Running the next batch as soon as the last one ends
    ("work conserving") already makes batches grow with the load: what arrived during one forward
@@ -96,13 +98,32 @@ class BatcherSettings:
             raise ValueError(f"max_queued must be at least 1, got {self.max_queued}")
 
 
+# A free line needs batch sizes that differ: their spread (standard deviation) must be at least
+# this fraction of their mean, over at least MIN_SIZES distinct sizes. Under steady load the sizes
+# cluster near the cap (say 22-32) and the least-squares slope through them is noise.
+MIN_RELATIVE_SPREAD = 0.25
+MIN_SIZES = 3
+
+
 class ServiceTimeModel:
-    """t(b) = slope * b + intercept, fitted on per-batch-size medians of the recent batches."""
+    """t(b) = slope * b + intercept, fitted on per-batch-size medians of the recent batches.
+
+    With well-spread sizes the line is fitted freely. Otherwise, once `calibrated()` recorded the
+    shape measured alone at start, only a factor is fitted: contention (the GIL, a busy event
+    loop, the thread hand-off, a noisy neighbour) stretches every batch by about the same factor,
+    and a free line through clustered sizes would learn "batch size is free" (slope 0)."""
 
     def __init__(self, window: int = 128, slope: float = 1e-4, intercept: float = 1e-3):
         self._recent: deque[tuple[int, float]] = deque(maxlen=window)
         self.slope = slope
         self.intercept = intercept
+        self.shape: tuple[float, float] | None = None  # (slope, intercept) measured alone
+        self.factor = 1.0  # the recent batches' time over the shape's, when the shape is used
+
+    def calibrated(self) -> None:
+        """Keep the current fit as the shape of t(b) measured alone (calibrate() calls this)."""
+        if self.slope > 0:
+            self.shape = (self.slope, self.intercept)
 
     def observe(self, batch_size: int, seconds: float) -> None:
         self._recent.append((batch_size, seconds))
@@ -123,10 +144,17 @@ class ServiceTimeModel:
             mean_b = np.average(sizes, weights=weights)
             mean_t = np.average(times, weights=weights)
             spread = np.average((sizes - mean_b) ** 2, weights=weights)
-            slope = np.average((sizes - mean_b) * (times - mean_t), weights=weights) / spread
-            self.slope = max(float(slope), 0.0)
-            self.intercept = max(float(mean_t - self.slope * mean_b), 0.0)
-        else:
+            slope = float(np.average((sizes - mean_b) * (times - mean_t), weights=weights) / spread)
+            well_spread = len(sizes) >= MIN_SIZES and np.sqrt(spread) >= MIN_RELATIVE_SPREAD * mean_b
+            if slope > 0 and (well_spread or self.shape is None):
+                self.slope = slope
+                self.intercept = max(float(mean_t - slope * mean_b), 0.0)
+                return
+        if self.shape is not None:
+            slope0, intercept0 = self.shape
+            self.factor = float(median(t / (slope0 * b + intercept0) for b, t in self._recent))
+            self.slope, self.intercept = self.factor * slope0, self.factor * intercept0
+        elif len(sizes) == 1:
             # One size only (e.g. a sequential client): keep the slope, move the intercept.
             self.intercept = max(float(times[0] - self.slope * sizes[0]), 0.0)
 
@@ -153,6 +181,7 @@ class _Counters:
     last_planned_wait_s: float = 0.0
     shed: int = 0
     max_queue_depth: int = 0
+    forward_s_total: float = 0.0  # timed in the forward thread: GIL waits included, the hand-off not
     recent_sizes: deque = field(default_factory=lambda: deque(maxlen=256))
 
 
@@ -198,6 +227,7 @@ class AdaptiveBatcher:
                 start = time.perf_counter()
                 self.predict_fn(batch)
                 self.model.observe(size, time.perf_counter() - start)
+        self.model.calibrated()
 
     async def submit(self, x: np.ndarray) -> np.ndarray:
         """Queue x (n, *shape); return its n output rows when its batch has run."""
@@ -231,7 +261,10 @@ class AdaptiveBatcher:
             "max_queue_depth": c.max_queue_depth,
             "queued_examples": self._queued_examples,
             "shed": c.shed,
+            "forward_s_total": c.forward_s_total,
+            "mean_forward_ms": 1000 * c.forward_s_total / c.batches if c.batches else 0.0,
             "slope_ms": 1000 * self.model.slope,
+            "contention_factor": self.model.factor,
             "intercept_ms": 1000 * self.model.intercept,
             "arrival_gap_ms": 1000 * self._gap_s if math.isfinite(self._gap_s) else -1.0,
         }
@@ -379,10 +412,14 @@ class AdaptiveBatcher:
         return seconds < INLINE_BELOW_S or self._gap_s > 2 * seconds
 
     def _forward(self, x: np.ndarray) -> np.ndarray:
-        cap = self.settings.max_batch_size
-        if x.shape[0] <= cap:
-            return self.predict_fn(x)
-        return np.concatenate([self.predict_fn(x[i : i + cap]) for i in range(0, x.shape[0], cap)])
+        began = time.perf_counter()
+        try:
+            cap = self.settings.max_batch_size
+            if x.shape[0] <= cap:
+                return self.predict_fn(x)
+            return np.concatenate([self.predict_fn(x[i : i + cap]) for i in range(0, x.shape[0], cap)])
+        finally:
+            self.counters.forward_s_total += time.perf_counter() - began
 
     def _record(self, size: int, waits: list[float], seconds: float) -> None:
         c = self.counters

@@ -232,3 +232,24 @@ def _pending(arrival: float):
         return _Pending(example(0), arrival, loop.create_future())
     finally:
         loop.close()
+
+
+def test_contention_on_clustered_batch_sizes_scales_the_calibrated_line_instead_of_flattening_it():
+    """Under steady load the sizes sit near the cap and every batch is stretched alike (GIL,
+    event loop): the slope must not collapse to 0, t(b) must follow the stretch."""
+    model = ServiceTimeModel()
+    for b in (1, 16, 32):
+        model.observe(b, 0.0003 * b + 0.001)  # alone: 0.3 ms per example + 1 ms
+    model.calibrated()
+    rng = np.random.default_rng(0)
+    for _ in range(128):
+        b = int(rng.integers(24, 33))
+        model.observe(b, 1.6 * (0.0003 * b + 0.001) * rng.normal(1, 0.05))  # 1.6x, 5% noise
+    assert model.factor == pytest.approx(1.6, rel=0.05)
+    assert model.slope == pytest.approx(1.6 * 0.0003, rel=0.05)
+    assert model.predict(32) == pytest.approx(1.6 * (0.0003 * 32 + 0.001), rel=0.05)
+    # Without the calibrated shape the same data fit freely (and learn little about the slope).
+    free = ServiceTimeModel()
+    for b, t in list(model._recent):
+        free.observe(b, t)
+    assert free.shape is None and free.factor == 1.0
