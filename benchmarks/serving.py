@@ -110,20 +110,22 @@ def tandem_config(storage: Path, name: str, hidden: list[int], port: int, router
     )
 
 
-def engine_latency_ms(artifact: Path) -> dict[str, float]:
-    from serving.engines import load_engine
+def engine_latency_ms(artifact: Path, engine_name: str = "onnxruntime", sizes: tuple[int, ...] = (1, 8, 32)) -> dict[str, float]:
+    """Median time of one forward pass per batch size, one thread, in this process."""
+    from serving.engines import load_engine, torch_threads
 
-    engine = load_engine(artifact, engine="onnxruntime", threads=1)
+    engine = load_engine(artifact, engine=engine_name, threads=1, device="cpu")
     out = {}
-    for size in (1, 8, 32):
+    for size in sizes:
         x = np.random.default_rng(0).random((size, 64), dtype=np.float32)
-        for _ in range(5):
-            engine.predict(x)
-        times = []
-        for _ in range(50):
-            start = time.perf_counter()
-            engine.predict(x)
-            times.append(time.perf_counter() - start)
+        with torch_threads(1):
+            for _ in range(5):
+                engine.predict(x)
+            times = []
+            for _ in range(50):
+                start = time.perf_counter()
+                engine.predict(x)
+                times.append(time.perf_counter() - start)
         out[f"batch_{size}_ms"] = float(np.median(times) * 1000)
     return out
 

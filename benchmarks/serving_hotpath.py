@@ -21,7 +21,6 @@ import argparse
 import json
 import os
 import tempfile
-import time
 from pathlib import Path
 from typing import Any
 
@@ -58,23 +57,6 @@ def config_for(storage: Path, name: str, engine: str, port: int, env: dict[str, 
     )
 
 
-def forward_alone_ms(artifact: Path, engine: str, batch: int) -> float:
-    """Median time of one forward pass at `batch`, on one thread, in this (otherwise idle) process."""
-    from serving.engines import load_engine, torch_threads
-
-    model = load_engine(artifact, engine=engine, threads=1, device="cpu")
-    x = np.random.default_rng(0).random((batch, 64), dtype=np.float32)
-    with torch_threads(1):
-        for _ in range(5):
-            model.predict(x)
-        times = []
-        for _ in range(40):
-            start = time.perf_counter()
-            model.predict(x)
-            times.append(time.perf_counter() - start)
-    return float(np.median(times) * 1000)
-
-
 def process_cpu_s(pid: int) -> float:
     import psutil
 
@@ -86,6 +68,7 @@ def measure_arm(storage: Path, artifact: Path, name: str, engine: str, env: dict
     import httpx
     from ray import serve
 
+    from benchmarks.serving import engine_latency_ms
     from serving.deploy import free_port
     from serving.deploy import serve as deploy
     from serving.loadgen import load_from_process
@@ -108,7 +91,8 @@ def measure_arm(storage: Path, artifact: Path, name: str, engine: str, env: dict
     examples_n = b1["examples"] - b0["examples"]
     mean_batch = examples_n / batches if batches else 0.0
     forward_ms = 1000 * (b1["forward_s_total"] - b0["forward_s_total"]) / batches if batches else float("nan")
-    alone_ms = forward_alone_ms(artifact, engine, max(1, round(mean_batch)))
+    size = max(1, round(mean_batch))
+    alone_ms = engine_latency_ms(artifact, engine, (size,))[f"batch_{size}_ms"]
     return {
         "arm": name,
         "engine": engine,
