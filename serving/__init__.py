@@ -7,6 +7,8 @@ Where things go:
                  options, derived limits (pure; the app, serve_config and tandem/k8s.py use it)
 - app.py         the HTTP replica (TandemServer: /v1 and /v2 routes) and `build_app`, the import
                  path Serve config files and RayServices name (`serving.app:build_app`)
+- asgi.py        responses in each protocol's body, and HotPath: the two prediction routes past
+                 FastAPI's routing (the declared routes stay for everything else and OpenAPI)
 - model_replica.py  an engine behind its batcher (LocalModel), and the model deployment behind
                  the router ingress (ModelReplica)
 - deploy.py      deploying from Python on the driver: serve, shutdown, status, URLs

@@ -67,6 +67,7 @@ from cluster.artifacts import model_version, read_manifest, resolve_artifact
 from cluster.config import TandemConfig, validate_config
 from cluster.runtime import storage_root
 from serving.admission import Admission
+from serving.asgi import V2_ERRORS, V2_INFER_BODY, HotPath, error_response, json_response, register_replica, v2_error_response
 from serving.batching import Overloaded
 from serving.cache import ResultCache
 from serving.failover import Failover, empty_retries, last_line, retry_after
@@ -89,7 +90,6 @@ from serving.protocol import (
     PredictResponse,
     RequestError,
     check_bearer,
-    error_body,
     parse_json,
     parse_predict,
     read_body,
@@ -113,31 +113,6 @@ api = FastAPI(
     version="1",
 )
 ROUTES = "POST /v1/predict, GET /v1/models, GET /v1/stats, GET /healthz, and the Open Inference Protocol under /v2"
-
-
-def error_response(exc: RequestError, input_shape: tuple[int, ...] | None) -> JSONResponse:
-    return JSONResponse(error_body(exc, input_shape), status_code=exc.status, headers=exc.headers)
-
-
-def v2_error_response(exc: RequestError) -> JSONResponse:
-    """A refusal in the Open Inference Protocol's error body."""
-    return JSONResponse({"error": exc.message}, status_code=exc.status, headers=exc.headers)
-
-
-V2_ERRORS: dict[int | str, dict[str, Any]] = {
-    code: {"description": text, "content": {"application/json": {"example": {"error": "what is wrong and the fix"}}}}
-    for code, text in {400: "Malformed request.", 401: "Missing or wrong bearer token.", 404: "Unknown model or version."}.items()
-}
-V2_INFER_BODY = {
-    "requestBody": {
-        "required": True,
-        "description": f"A JSON inference request, optionally followed by raw tensor bytes ({HEADER_LENGTH} gives the JSON's length).",
-        "content": {
-            "application/json": {"schema": {"type": "object"}},
-            "application/octet-stream": {"schema": {"type": "string", "format": "binary"}},
-        },
-    }
-}
 
 
 @api.exception_handler(StarletteHTTPException)
@@ -185,6 +160,9 @@ def model_card(config: TandemConfig, manifest: dict[str, Any]) -> dict[str, Any]
     }
 
 
+api.add_middleware(HotPath)
+
+
 @ray_serve.deployment
 @ray_serve.ingress(api)
 class TandemServer:
@@ -212,6 +190,7 @@ class TandemServer:
         # share are exactly the ones it spills to the next (their batchers shed when late).
         gated = serving.batching.admission == "latency" and self.role == "model"
         self.admission = Admission(serving.batching.target_p99_ms, min_in_flight=admission_floor(serving)) if gated else None
+        register_replica(self)  # the hot routes reach this replica through HotPath
         self.model: LocalModel | None = None
         self.router: Router | None = None
         self.failover: Failover | None = None
@@ -226,19 +205,24 @@ class TandemServer:
 
     @api.post("/v1/predict", response_model=PredictResponse, responses=ERROR_RESPONSES, openapi_extra=PREDICT_BODY)
     async def predict(self, request: Request) -> Response:
+        return await self.predict_v1(request)
+
+    async def predict_v1(self, request: Request) -> Response:
+        """POST /v1/predict (FastAPI's route above, or HotPath straight from the socket)."""
+
         def decode(raw: bytes) -> tuple[np.ndarray, bool]:
             return parse_predict(parse_json(raw), self.input_shape, self.limits.max_inputs)
 
         def encode(probabilities: bool, logits: np.ndarray, served_by: str, cached: int) -> Response:
             body: dict[str, Any] = {
-                "predictions": logits.argmax(axis=1).tolist(),
+                "predictions": logits.argmax(axis=1),
                 "model_version": self.version,
                 "deployment": served_by,
                 "cached": cached,
             }
             if probabilities:
-                body["probabilities"] = softmax(logits).tolist()
-            return JSONResponse(body)
+                body["probabilities"] = softmax(logits)
+            return json_response(body)
 
         return await self._answer(request, decode, encode, lambda exc: error_response(exc, self.input_shape))
 
@@ -274,11 +258,11 @@ class TandemServer:
 
     @api.post("/v2/models/{model_name}/infer", responses=V2_ERRORS, openapi_extra=V2_INFER_BODY)
     async def v2_infer(self, model_name: str, request: Request) -> Response:
-        return await self._v2_infer(request, model_name, None)
+        return await self.infer_v2(request, model_name, None)
 
     @api.post("/v2/models/{model_name}/versions/{model_version}/infer", responses=V2_ERRORS, openapi_extra=V2_INFER_BODY)
     async def v2_infer_version(self, model_name: str, model_version: str, request: Request) -> Response:
-        return await self._v2_infer(request, model_name, model_version)
+        return await self.infer_v2(request, model_name, model_version)
 
     @api.get("/v1/models", response_model=ModelsResponse, responses={401: ERROR_RESPONSES[401]})
     async def models(self, request: Request) -> Any:
@@ -337,7 +321,8 @@ class TandemServer:
                 self.admission.leave(ticket, answered)
         return encode(context, logits, served_by, cached)
 
-    async def _v2_infer(self, request: Request, model_name: str, model_version: str | None) -> Response:
+    async def infer_v2(self, request: Request, model_name: str, model_version: str | None) -> Response:
+        """POST /v2/models/{name}[/versions/{v}]/infer (FastAPI's routes above, or HotPath)."""
         try:
             check_model(model_name, model_version, self.config.name, self.version)
         except RequestError as exc:

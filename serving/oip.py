@@ -34,6 +34,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+import orjson
 
 from serving.protocol import RequestError
 
@@ -115,8 +116,10 @@ def parse_infer(body: bytes, header_length: str | None, input_shape: tuple[int, 
     """The inference request in a body, or a RequestError (400) that names the request part and the fix."""
     head, binary = split_body(body, header_length)
     try:
-        request = json.loads(head)
-    except (ValueError, RecursionError):
+        request = orjson.loads(head)
+    except orjson.JSONDecodeError:
+        request = _standard_json(head)
+    if request is None:
         raise bad_request(f'the request is not valid JSON; send {{"inputs": [{{"name": "{INPUT}", ...}}]}}') from None
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise bad_request(f'the request must be a JSON object with "inputs": a list holding one tensor named "{INPUT}"')
@@ -134,6 +137,14 @@ def parse_infer(body: bytes, header_length: str | None, input_shape: tuple[int, 
         )
     request_id = request.get("id")
     return InferRequest(x=x, request_id=str(request_id) if request_id is not None else None, outputs=requested_outputs(request))
+
+
+def _standard_json(head: bytes) -> Any:
+    """What orjson refused (NaN, Infinity, integers past 64 bits), by the standard library; None if invalid."""
+    try:
+        return json.loads(head)
+    except (ValueError, RecursionError):
+        return None
 
 
 def input_tensor(tensor: dict[str, Any], binary: bytes, input_shape: tuple[int, ...], max_inputs: int) -> tuple[np.ndarray, int]:
@@ -221,12 +232,12 @@ def infer_response(model: str, version: str, request: InferRequest, arrays: dict
             entry["parameters"] = {"binary_data_size": len(raw)}
             chunks.append(raw)
         else:
-            entry["data"] = array.reshape(-1).tolist()
+            entry["data"] = np.ascontiguousarray(array).reshape(-1)
         outputs.append(entry)
     response: dict[str, Any] = {"model_name": model, "model_version": version, "outputs": outputs}
     if request.request_id is not None:
         response["id"] = request.request_id
-    head = json.dumps(response, separators=(",", ":")).encode()
+    head = orjson.dumps(response, option=orjson.OPT_SERIALIZE_NUMPY)
     if not chunks:
         return head, None
     return head + b"".join(chunks), len(head)

@@ -20,6 +20,7 @@ import math
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
+import orjson
 from pydantic import BaseModel, Field
 
 if TYPE_CHECKING:
@@ -139,6 +140,10 @@ async def read_body(request: Request, max_bytes: int) -> bytes:
 def parse_json(raw: bytes) -> Any:
     if not raw:
         raise RequestError(400, "not_json", 'the body is empty; send JSON like {"inputs": [...]}')
+    try:
+        return orjson.loads(raw)
+    except orjson.JSONDecodeError:
+        pass  # NaN, Infinity, integers past 64 bits, deep nesting: the standard library decides, and says why
     try:
         return json.loads(raw)
     except RecursionError:  # json's C decoder recurses once per nesting level
