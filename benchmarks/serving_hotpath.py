@@ -1,14 +1,14 @@
 """Where one Tandem replica's time goes under load: the forward inside the replica against the
 same forward alone, server CPU per request, and what each hot-path setting buys.
 
-One wide MLP (64 -> 2048 -> 2048 -> 2048 -> 10), one replica of one CPU behind Ray's HAProxy
-(Tandem's default path), closed-loop load from a separate process (serving.loadgen) at
+One wide MLP (64 -> 2048 -> 2048 -> 2048 -> 10), replicas of one CPU behind Ray's HAProxy
+(Tandem's default path; one replica, or two to use both cores), closed-loop load from a separate process (serving.loadgen) at
 concurrency 32, one example per JSON request. Arms are deployed one at a time, each measured
 after a warm-up, in the order given; the machine's load average is recorded at start and end.
 
 Per arm: requests/s, p50/p99, mean batch size, the replica's mean forward time per batch (timed
 in the forward thread: GIL waits included, the thread hand-off not) against the same batch size
-timed alone in this process, the batcher's fitted slope and intercept, and the replica process's
+timed alone in this process, the batcher's fitted slope and intercept, and the replica processes'
 CPU per request. Writes benchmarks/results/serving_hotpath.{json,md}.
 
 Run: `python -m benchmarks serving_hotpath [--requests N] [--arms a,b]` (a few minutes per arm
@@ -29,26 +29,36 @@ import numpy as np
 RESULTS = Path(__file__).with_name("results")
 HIDDEN = [2048, 2048, 2048]
 CONCURRENCY = 32
-# name -> (engine, environment variables for the replica)
-ARMS: dict[str, tuple[str, dict[str, str]]] = {
-    "torch": ("torch", {}),
-    "onnxruntime": ("onnxruntime", {}),
+# name -> (engine, replicas); replicas share the machine's 2 cores with HAProxy and the client
+ARMS: dict[str, tuple[str, int]] = {
+    "torch": ("torch", 1),
+    "onnxruntime": ("onnxruntime", 1),
+    "onnxruntime_2_replicas": ("onnxruntime", 2),
 }
 
 
-def config_for(storage: Path, name: str, engine: str, port: int, env: dict[str, str]) -> Any:
+def config_for(storage: Path, name: str, engine: str, port: int, replicas: int = 1) -> Any:
     from cluster.config import validate_config
 
     return validate_config(
         {
             "name": name,
-            "cluster": {"storage": str(storage), "runtime_env": {"env_vars": env}},
+            "cluster": {"storage": str(storage)},
             "model": {"builder": "training.models:mlp", "args": {"hidden": HIDDEN}},
             "export": {"quantize": "none", "latency_batch_sizes": [1, 32]},
             "serving": {
                 "port": port,
                 "route_prefix": f"/{name}",
-                "deployments": [{"name": "model", "engine": engine, "cpus": 1, "threads": 1, "max_ongoing_requests": 256}],
+                "deployments": [
+                    {
+                        "name": "model",
+                        "engine": engine,
+                        "cpus": 1,
+                        "threads": 1,
+                        "max_ongoing_requests": 256,
+                        "autoscaling": {"min_replicas": replicas, "max_replicas": replicas},
+                    }
+                ],
                 # Queue limits only: closed-loop clients at a fixed concurrency are never refused.
                 "batching": {"max_batch_size": 32, "target_p99_ms": 50, "admission": "queue"},
                 "limits": {"max_queued_requests": 1024},
@@ -64,8 +74,7 @@ def process_cpu_s(pid: int) -> float:
     return times.user + times.system
 
 
-def measure_arm(storage: Path, artifact: Path, name: str, engine: str, env: dict[str, str], requests: int) -> dict[str, Any]:
-    import httpx
+def measure_arm(storage: Path, artifact: Path, name: str, engine: str, replicas: int, requests: int) -> dict[str, Any]:
     from ray import serve
 
     from benchmarks.serving import engine_latency_ms
@@ -73,45 +82,61 @@ def measure_arm(storage: Path, artifact: Path, name: str, engine: str, env: dict
     from serving.deploy import serve as deploy
     from serving.loadgen import load_from_process
 
-    config = config_for(storage, "hot-" + name.replace("_", "-").replace(".", "p"), engine, free_port(), env)
+    config = config_for(storage, "hot-" + name.replace("_", "-"), engine, free_port(), replicas)
     url = deploy(config, artifact=str(artifact))
     try:
         examples = np.random.default_rng(1).random((256, 64), dtype=np.float32)
         load_from_process(url, examples, 400, CONCURRENCY)  # warm-up: connections, allocations, the fit
-        before = httpx.get(f"{url}/v1/stats", timeout=10).json()
-        pid = before["pid"]
-        cpu0 = process_cpu_s(pid)
+        before = replica_stats(url, replicas)
+        cpu0 = {pid: process_cpu_s(pid) for pid in before}
         result = load_from_process(url, examples, requests, CONCURRENCY, max_seconds=300)
-        cpu = process_cpu_s(pid) - cpu0
-        after = httpx.get(f"{url}/v1/stats", timeout=10).json()
+        cpu = sum(process_cpu_s(pid) - cpu0[pid] for pid in before)
+        after = replica_stats(url, replicas)
     finally:
         serve.delete(config.name)
-    b0, b1 = before["batcher"], after["batcher"]
-    batches = b1["batches"] - b0["batches"]
-    examples_n = b1["examples"] - b0["examples"]
-    mean_batch = examples_n / batches if batches else 0.0
-    forward_ms = 1000 * (b1["forward_s_total"] - b0["forward_s_total"]) / batches if batches else float("nan")
+    delta = {
+        key: sum(after[pid]["batcher"][key] - before[pid]["batcher"][key] for pid in before)
+        for key in ("batches", "examples", "forward_s_total")
+    }
+    batches = delta["batches"]
+    mean_batch = delta["examples"] / batches if batches else 0.0
+    forward_ms = 1000 * delta["forward_s_total"] / batches if batches else float("nan")
     size = max(1, round(mean_batch))
     alone_ms = engine_latency_ms(artifact, engine, (size,))[f"batch_{size}_ms"]
+    fit = next(iter(after.values()))["batcher"]
     return {
         "arm": name,
         "engine": engine,
-        "env": env,
+        "replicas": replicas,
         **{k: getattr(result, k) for k in ("requests", "ok", "refused", "failed", "requests_per_s", "p50_ms", "p99_ms")},
         "mean_batch_size": mean_batch,
         "forward_in_replica_ms": forward_ms,
         "forward_alone_ms": alone_ms,
         "forward_ratio": forward_ms / alone_ms if alone_ms else float("nan"),
-        "fit_slope_ms": b1["slope_ms"],
-        "fit_intercept_ms": b1["intercept_ms"],
+        "fit_slope_ms": fit["slope_ms"],
+        "fit_intercept_ms": fit["intercept_ms"],
         "replica_cpu_ms_per_request": 1000 * cpu / max(1, result.ok),
         "replica_cpu_outside_forward_ms_per_request": (1000 * cpu - forward_ms * batches) / max(1, result.ok),
     }
 
 
+def replica_stats(url: str, replicas: int) -> dict[int, dict[str, Any]]:
+    """/v1/stats of every replica, by pid: asked until each has answered (HAProxy balances the asks)."""
+    import httpx
+
+    seen: dict[int, dict[str, Any]] = {}
+    with httpx.Client(timeout=10) as client:
+        for _ in range(100):
+            stats = client.get(f"{url}/v1/stats").json()
+            seen[stats["pid"]] = stats
+            if len(seen) == replicas:
+                return seen
+    raise RuntimeError(f"only {len(seen)} of {replicas} replicas answered /v1/stats")
+
+
 def markdown(rows: list[dict[str, Any]], load: tuple[float, float]) -> str:
     lines = [
-        f"One replica, wide MLP {HIDDEN}, c={CONCURRENCY}, load average {load[0]:.2f} at start, {load[1]:.2f} at end.",
+        f"Wide MLP {HIDDEN}, c={CONCURRENCY}, load average {load[0]:.2f} at start, {load[1]:.2f} at end.",
         "",
         "| arm | req/s | p50 ms | p99 ms | mean batch | forward in replica / alone (ms) | fit slope, intercept (ms) "
         "| replica CPU ms/req (outside forward) |",
@@ -142,8 +167,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     artifact = make_artifact(storage, "hot", HIDDEN)
     rows = []
     for name in args.arms.split(","):
-        engine, env = ARMS[name]
-        row = measure_arm(storage, artifact, name, engine, env, args.requests)
+        engine, replicas = ARMS[name]
+        row = measure_arm(storage, artifact, name, engine, replicas, args.requests)
         print(json.dumps(row), flush=True)
         rows.append(row)
     load_end = os.getloadavg()[0]
