@@ -15,7 +15,7 @@ from serving.protocol import RequestError, error_body
 
 
 def json_response(body: dict[str, Any]) -> Response:
-    """JSON by orjson (numpy arrays encoded directly): a tenth of the standard library's time."""
+    """JSON by orjson, numpy arrays encoded directly (no tolist(), no standard-library encoder)."""
     return Response(orjson.dumps(body, option=orjson.OPT_SERIALIZE_NUMPY), media_type="application/json")
 
 
