@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import logging
 import os
+import random
 import socket
 import tempfile
 import time
@@ -65,8 +66,22 @@ def local_haproxy_env() -> dict[str, str]:
 _ray_context: Any = None
 
 
+# Ports handed out below the kernel's ephemeral range (32768-60999 on Linux), above Ray's worker
+# ports (10002-19999) and Serve's direct-ingress range (30000-31000): a port from the ephemeral
+# range was once taken by an outgoing connection between being chosen and HAProxy binding it.
+FREE_PORT_RANGE = (20000, 29999)
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
+    """A TCP port free on this machine now, for a listener that binds it soon after."""
+    for port in random.sample(range(*FREE_PORT_RANGE), 200):
+        with socket.socket() as sock:
+            try:
+                sock.bind(("0.0.0.0", port))
+            except OSError:
+                continue
+            return port
+    with socket.socket() as sock:  # the range is crowded: fall back to any port the kernel picks
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
 
