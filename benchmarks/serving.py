@@ -82,12 +82,15 @@ def make_artifact(storage: Path, name: str, hidden: list[int]) -> Path:
     return folder
 
 
-def tandem_config(storage: Path, name: str, hidden: list[int], port: int, router: bool = False) -> Any:
+def tandem_config(
+    storage: Path, name: str, hidden: list[int], port: int, router: bool = False, engine: str = "onnxruntime", replicas: int = 1
+) -> Any:
     """Tandem's config for an arm; router=True adds a second (idle) deployment, so requests go
     ingress -> handle -> model replica: what the router hop costs."""
     from cluster.config import validate_config
 
-    model = {"name": "model", "engine": "onnxruntime", "cpus": 1, "max_ongoing_requests": 256}
+    scaling = {"min_replicas": replicas, "max_replicas": replicas}
+    model = {"name": "model", "engine": engine, "cpus": 1, "max_ongoing_requests": 256, "autoscaling": scaling}
     deployments = [model, {**model, "name": "spare"}] if router else [model]
     return validate_config(
         {

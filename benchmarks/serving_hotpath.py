@@ -37,36 +37,6 @@ ARMS: dict[str, tuple[str, int]] = {
 }
 
 
-def config_for(storage: Path, name: str, engine: str, port: int, replicas: int = 1) -> Any:
-    from cluster.config import validate_config
-
-    return validate_config(
-        {
-            "name": name,
-            "cluster": {"storage": str(storage)},
-            "model": {"builder": "training.models:mlp", "args": {"hidden": HIDDEN}},
-            "export": {"quantize": "none", "latency_batch_sizes": [1, 32]},
-            "serving": {
-                "port": port,
-                "route_prefix": f"/{name}",
-                "deployments": [
-                    {
-                        "name": "model",
-                        "engine": engine,
-                        "cpus": 1,
-                        "threads": 1,
-                        "max_ongoing_requests": 256,
-                        "autoscaling": {"min_replicas": replicas, "max_replicas": replicas},
-                    }
-                ],
-                # Queue limits only: closed-loop clients at a fixed concurrency are never refused.
-                "batching": {"max_batch_size": 32, "target_p99_ms": 50, "admission": "queue"},
-                "limits": {"max_queued_requests": 1024},
-            },
-        }
-    )
-
-
 def process_cpu_s(pid: int) -> float:
     import psutil
 
@@ -77,12 +47,12 @@ def process_cpu_s(pid: int) -> float:
 def measure_arm(storage: Path, artifact: Path, name: str, engine: str, replicas: int, requests: int) -> dict[str, Any]:
     from ray import serve
 
-    from benchmarks.serving import engine_latency_ms
+    from benchmarks.serving import engine_latency_ms, tandem_config
     from serving.deploy import free_port
     from serving.deploy import serve as deploy
     from serving.loadgen import load_from_process
 
-    config = config_for(storage, "hot-" + name.replace("_", "-"), engine, free_port(), replicas)
+    config = tandem_config(storage, "hot-" + name.replace("_", "-"), HIDDEN, free_port(), engine=engine, replicas=replicas)
     url = deploy(config, artifact=str(artifact))
     try:
         examples = np.random.default_rng(1).random((256, 64), dtype=np.float32)

@@ -60,7 +60,7 @@ def local_haproxy_env() -> dict[str, str]:
             RAY_SERVE_HAPROXY_STATS_PORT=str(free_port()),
             RAY_SERVE_HAPROXY_METRICS_PORT=str(free_port()),
         )
-    return {**_local_haproxy_env, **{k: v for k, v in os.environ.items() if k.startswith("RAY_SERVE_")}}
+    return dict(_local_haproxy_env)
 
 
 _ray_context: Any = None

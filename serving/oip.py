@@ -29,17 +29,17 @@ or version, 401/413/503 as on /v1.
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 import orjson
 
-from serving.protocol import RequestError
+from serving.protocol import RequestError, parse_json
 
 INPUT = "input"
-OUTPUTS = ("logits", "predictions", "probabilities")
+DATATYPE_OF = {"logits": "FP32", "predictions": "INT64", "probabilities": "FP32"}  # the model's outputs
+OUTPUTS = tuple(DATATYPE_OF)
 HEADER_LENGTH = "Inference-Header-Content-Length"
 EXTENSIONS = ["binary_tensor_data"]
 # Datatypes a client may send; every one is converted to the model's FP32. BOOL, BYTES and BF16
@@ -74,9 +74,8 @@ def model_metadata(name: str, version: str, input_shape: tuple[int, ...], num_cl
         "platform": "tandem",
         "inputs": [{"name": INPUT, "datatype": "FP32", "shape": [-1, *input_shape]}],
         "outputs": [
-            {"name": "logits", "datatype": "FP32", "shape": [-1, num_classes]},
-            {"name": "predictions", "datatype": "INT64", "shape": [-1]},
-            {"name": "probabilities", "datatype": "FP32", "shape": [-1, num_classes]},
+            {"name": name, "datatype": datatype, "shape": [-1] if name == "predictions" else [-1, num_classes]}
+            for name, datatype in DATATYPE_OF.items()
         ],
     }
 
@@ -115,12 +114,7 @@ def split_body(body: bytes, header_length: str | None) -> tuple[bytes, bytes]:
 def parse_infer(body: bytes, header_length: str | None, input_shape: tuple[int, ...], max_inputs: int) -> InferRequest:
     """The inference request in a body, or a RequestError (400) that names the request part and the fix."""
     head, binary = split_body(body, header_length)
-    try:
-        request = orjson.loads(head)
-    except orjson.JSONDecodeError:
-        request = _standard_json(head)
-    if request is None:
-        raise bad_request(f'the request is not valid JSON; send {{"inputs": [{{"name": "{INPUT}", ...}}]}}') from None
+    request = parse_json(head)
     if not isinstance(request, dict) or not isinstance(request.get("inputs"), list):
         raise bad_request(f'the request must be a JSON object with "inputs": a list holding one tensor named "{INPUT}"')
     tensors = request["inputs"]
@@ -137,14 +131,6 @@ def parse_infer(body: bytes, header_length: str | None, input_shape: tuple[int, 
         )
     request_id = request.get("id")
     return InferRequest(x=x, request_id=str(request_id) if request_id is not None else None, outputs=requested_outputs(request))
-
-
-def _standard_json(head: bytes) -> Any:
-    """What orjson refused (NaN, Infinity, integers past 64 bits), by the standard library; None if invalid."""
-    try:
-        return json.loads(head)
-    except (ValueError, RecursionError):
-        return None
 
 
 def input_tensor(tensor: dict[str, Any], binary: bytes, input_shape: tuple[int, ...], max_inputs: int) -> tuple[np.ndarray, int]:
@@ -216,9 +202,6 @@ def output_arrays(logits: np.ndarray, probabilities: np.ndarray | None) -> dict[
     if probabilities is not None:
         arrays["probabilities"] = probabilities.astype("<f4", copy=False)
     return arrays
-
-
-DATATYPE_OF = {"logits": "FP32", "predictions": "INT64", "probabilities": "FP32"}
 
 
 def infer_response(model: str, version: str, request: InferRequest, arrays: dict[str, np.ndarray]) -> tuple[bytes, int | None]:
