@@ -21,6 +21,7 @@ import json
 import math
 import os
 import resource
+import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -113,6 +114,7 @@ def run_worker(loop_config: dict[str, Any], session: WorkerSession) -> Any:
 
     config = validate_config(loop_config["config"])
     rank, world = session.rank, session.world_size
+    parent_pid = os.getppid()  # the raylet under Ray: see _exit_if_orphaned
     use_gpu = bool(loop_config.get("use_gpu")) and torch.cuda.is_available()
     device = torch.device("cuda", session.local_rank) if use_gpu else torch.device("cpu")
     if use_gpu:
@@ -147,7 +149,9 @@ def run_worker(loop_config: dict[str, Any], session: WorkerSession) -> Any:
         sampler.set_epoch(epoch)
         generator = torch.Generator().manual_seed(config.training.seed * 100_003 + rank * 1009 + epoch)
         started = time.perf_counter()
-        train_loss, samples = _train_epoch(engine, loader, augment, generator, device, dtype, config, rank, steps_per_epoch, loss_fn)
+        train_loss, samples = _train_epoch(
+            engine, loader, augment, generator, device, dtype, config, rank, steps_per_epoch, loss_fn, parent_pid
+        )
         elapsed = time.perf_counter() - started
         val_loss, val_accuracy = _evaluate(engine, val_set, config, rank, world, device, dtype)
         metrics = _epoch_metrics(
@@ -265,7 +269,20 @@ def _write_progress(engine: Any, rank: int) -> None:
     os.replace(tmp, path)
 
 
-def _train_epoch(engine, loader, augment, generator, device, dtype, config, rank, steps_per_epoch, loss_fn) -> tuple[float, int]:
+def _exit_if_orphaned(parent_pid: int, rank: int) -> None:
+    """Stop a worker whose parent (the raylet) died, e.g. with a SIGKILLed `tandem train` driver.
+
+    Ray's workers sit in process groups of their own and notice a dead raylet only seconds later;
+    meanwhile they would train on and write checkpoints no controller registers (measured: whole
+    runs of small models finished that way). One getppid() per step costs nothing next to a step."""
+    if os.getppid() != parent_pid:
+        print(f"[tandem] rank {rank}: the process that started this worker (pid {parent_pid}) is gone; stopping", file=sys.stderr, flush=True)
+        os._exit(1)
+
+
+def _train_epoch(
+    engine, loader, augment, generator, device, dtype, config, rank, steps_per_epoch, loss_fn, parent_pid
+) -> tuple[float, int]:
     engine.train()
     total_loss, batches, samples = 0.0, 0, 0
     micro_limit = steps_per_epoch * config.training.gradient_accumulation
@@ -282,6 +299,7 @@ def _train_epoch(engine, loader, augment, generator, device, dtype, config, rank
         batches += 1
         samples += len(y)
         _maybe_inject_fault(engine, rank)
+        _exit_if_orphaned(parent_pid, rank)
         _write_progress(engine, rank)
     return total_loss / max(1, batches), samples
 

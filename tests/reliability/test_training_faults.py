@@ -33,7 +33,7 @@ pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.reliability
 ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 EPOCHS = 4
-DRIVER_KILL_EPOCHS = 12
+DRIVER_KILL_EPOCHS = 20
 STEPS_PER_EPOCH = 22  # 1437 training examples / 2 ranks / batch 32, drop_last
 TIMEOUT_S = 300
 # Every process a `tandem train` subprocess starts (its local Ray included) inherits this variable,
@@ -254,10 +254,10 @@ def test_killed_driver_resumes_from_the_last_checkpoint(tmp_path, ray_tmp):
     storage, progress = tmp_path / "runs", tmp_path / "progress"
     progress.mkdir()
     config_path = tmp_path / "tandem.yaml"
-    # Three times the epochs of the worker test: killed in epoch 2, the cluster's workers outlive the
-    # driver by a few seconds and keep training (measured: from step 27 to 143 of 176 in about
-    # 3 s), and must not be able to finish the run in them (else the resume would have nothing to
-    # do and the test would prove nothing).
+    # Five times the epochs of the worker test: killed in epoch 2, the orphaned workers must not be
+    # able to finish the run (else the resume would have nothing to do and the test would prove
+    # nothing). They stop at their next step (the loop's orphan check); before that check they
+    # trained on for seconds and once finished all 12 epochs of an earlier version of this test.
     config_path.write_text(small(storage, f"training.epochs={DRIVER_KILL_EPOCHS}").to_yaml())
     tag = uuid.uuid4().hex
     leaked: list[int] = []
@@ -299,6 +299,8 @@ def test_killed_driver_resumes_from_the_last_checkpoint(tmp_path, ray_tmp):
     last_step_reached = max(e["step"] for e in read_progress(progress).values())
     assert last_checkpointed_epoch >= 1
     assert last_step_reached < DRIVER_KILL_EPOCHS * STEPS_PER_EPOCH, "the run finished despite the kill: nothing left to resume"
+    # Orphaned workers stop at their next step once their raylet is gone (the loop's orphan check).
+    assert last_step_reached - step_at_kill <= 2, (step_at_kill, last_step_reached)
     assert not list(storage.rglob("artifacts/manifest.json")), "the killed run wrote its final artifact"
 
     resumed_started = time.monotonic()
