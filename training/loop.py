@@ -276,7 +276,8 @@ def _exit_if_orphaned(parent_pid: int, rank: int) -> None:
     meanwhile they would train on and write checkpoints no controller registers (measured: whole
     runs of small models finished that way). One getppid() per step costs nothing next to a step."""
     if os.getppid() != parent_pid:
-        print(f"[tandem] rank {rank}: the process that started this worker (pid {parent_pid}) is gone; stopping", file=sys.stderr, flush=True)
+        message = f"[tandem] rank {rank}: the process that started this worker (pid {parent_pid}) is gone; stopping"
+        print(message, file=sys.stderr, flush=True)
         os._exit(1)
 
 
