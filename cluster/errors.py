@@ -17,3 +17,7 @@ class TandemError(Exception):
 
 class EngineError(TandemError, ValueError):
     """An inference engine, precision, device or optimization that cannot be used as asked."""
+
+
+class TrainingFailedError(TandemError, RuntimeError):
+    """The training workers raised (the user's model, data or loss code, or a worker lost for good)."""

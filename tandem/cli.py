@@ -2,13 +2,17 @@
 
 Every verb takes CONFIG as an optional first argument (the packaged example when omitted) and
 `--set path=value` overrides. A config problem prints every problem and exits 2; any other known
-failure prints one line and exits 1; neither prints a traceback.
+failure prints one line and exits 1; neither prints a traceback. The long verbs (train, tune,
+run) show Tandem's lines and send Ray's and DeepSpeed's output to the run folder's console.log
+(cluster/console.py); `tandem -v VERB` shows everything.
 """
 
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Annotated, Any
@@ -18,6 +22,7 @@ from rich.console import Console
 from rich.text import Text
 
 from cluster.config import ConfigError, TandemConfig, load_config
+from cluster.console import quiet_terminal, terminal_err, terminal_out
 from cluster.errors import TandemError
 
 app = typer.Typer(
@@ -28,8 +33,27 @@ app = typer.Typer(
 )
 # markup=False, emoji=False: what these print holds user text (config values, paths, error
 # messages); "[/]", "[a-z]" or ":x:" in it must print as written, not as Rich markup or an emoji.
-console = Console(stderr=False, markup=False, emoji=False)
-err = Console(stderr=True, markup=False, emoji=False)
+# Both write to the real terminal, also while a long verb sends everything else to its log.
+console = Console(file=terminal_out, markup=False, emoji=False)
+err = Console(file=terminal_err, markup=False, emoji=False)
+VERBOSE = {"on": False}
+
+
+@app.callback()
+def options(
+    verbose: Annotated[bool, typer.Option("--verbose", "-v", help="Show Ray's, DeepSpeed's and the workers' output too.")] = False,
+) -> None:
+    """Tandem: train, tune, optimize and serve a PyTorch model on one Ray cluster, from one config file."""
+    VERBOSE["on"] = verbose
+
+
+def quiet(cfg: TandemConfig):
+    """The long verbs' terminal: the log starts beside the runs and moves into the run folder."""
+    from cluster.runtime import storage_root
+
+    log = storage_root(cfg) / cfg.name / f".console-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    return quiet_terminal(log, verbose=VERBOSE["on"] or os.environ.get("TANDEM_VERBOSE") == "1")
+
 
 ConfigArg = Annotated[Path | None, typer.Argument(help="Tandem YAML config (default: the packaged digits example).", show_default=False)]
 SetOpt = Annotated[list[str] | None, typer.Option("--set", "-s", help="Override a config value: --set training.epochs=3 (repeatable).")]
@@ -113,7 +137,9 @@ def train(
     """Train with Ray Train + DeepSpeed; writes a run folder with the consolidated artifact."""
     from training.trainer import train as run_training
 
-    result = run_training(load(config, set_), resume=resume)
+    cfg = load(config, set_)
+    with quiet(cfg):
+        result = run_training(cfg, resume=resume)
     console.print(f"artifact: {result.artifact_dir}")
 
 
@@ -129,7 +155,9 @@ def tune(
     """Search hyperparameters with Ray Tune around the same trainer; hands the best artifact on."""
     from tuning.tuner import tune as run_tune
 
-    result = run_tune(load(config, set_), resume=resume)
+    cfg = load(config, set_)
+    with quiet(cfg):
+        result = run_tune(cfg, resume=resume)
     console.print(f"best trial {result.best.trial_id}: {result.best.params}\nartifact: {result.artifact_dir}\nresults: {result.run_dir}")
 
 
@@ -230,7 +258,8 @@ def run(
     if tune_ and cfg.tuning is None:
         raise TandemError("--tune needs a `tuning:` section in the config")
     console.print(Text("tandem run", style="bold"), f"{config or 'packaged example'}\n{summary(cfg)}", highlight=False)
-    run_lifecycle(cfg, use_tune=tune_, keep_serving=keep_serving, requests=requests)
+    with quiet(cfg):
+        run_lifecycle(cfg, use_tune=tune_, keep_serving=keep_serving, requests=requests)
 
 
 AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray dashboard address, e.g. http://HEAD:8265 (default: RAY_ADDRESS).")]

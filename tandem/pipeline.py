@@ -19,10 +19,11 @@ from rich.console import Console
 from rich.table import Table
 
 from cluster.config import TandemConfig
+from cluster.console import terminal_out
 from cluster.runtime import connect
 from serving.loadgen import LoadResult, load_from_process
 
-console = Console()
+console = Console(file=terminal_out)  # the real terminal, also while `tandem run` is quiet
 
 
 @dataclass

@@ -10,9 +10,8 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
-# DeepSpeed compiles two ops on first use; a cache shared by the whole test session (and CI's
-# later runs on the same machine) pays that once.
-os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions"))
+# DeepSpeed compiles its ops on first use into torch's extension cache (TORCH_EXTENSIONS_DIR, else
+# ~/.cache/torch_extensions): the same cache `tandem` uses when run by hand, so either pays once.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 

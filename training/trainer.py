@@ -23,6 +23,8 @@ from typing import Any
 
 from cluster.artifacts import ArtifactError, atomic_write_text, new_run_dir, save_model_artifact
 from cluster.config import ConfigError, Problem, TandemConfig
+from cluster.console import move_log
+from cluster.errors import TrainingFailedError
 from cluster.runtime import connect, pin_to_group, storage_root
 from training.ds_config import deepspeed_config
 
@@ -143,8 +145,10 @@ def build_trainer(
     resume_from: str | None = None,
     callbacks: list | None = None,
     hparams_from_config: bool = False,
+    echo_epochs: bool = True,
 ):
-    """hparams_from_config: after loading `resume_from`, take lr and weight decay from `config`
+    """echo_epochs: print a line per epoch (off inside tuning trials, whose progress is per trial).
+    hparams_from_config: after loading `resume_from`, take lr and weight decay from `config`
     rather than from the checkpoint (PBT: an exploiting trial keeps its own mutated values)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
@@ -166,7 +170,7 @@ def build_trainer(
         ),
         failure_config=FailureConfig(max_failures=t.max_failures),
         worker_runtime_env={"env_vars": worker_env(use_gpu)},
-        callbacks=[MetricsLog(run_dir)] + list(callbacks or []),
+        callbacks=[MetricsLog(run_dir, t.epochs, echo_epochs)] + list(callbacks or []),
     )
     loop_config = {
         "config": config.to_dict(),
@@ -184,16 +188,18 @@ def _metrics_log_class():
     class _MetricsLog(UserCallback):
         """Runs in the Train controller: appends rank 0's metrics to metrics.jsonl and prints an epoch line."""
 
-        def __init__(self, run_dir: Path):
-            self.path = Path(run_dir) / "metrics.jsonl"
+        def __init__(self, run_dir: Path, epochs: int, echo: bool):
+            self.path, self.epochs, self.echo = Path(run_dir) / "metrics.jsonl", epochs, echo
 
         def after_report(self, run_context, metrics, checkpoint):
             m = metrics[0]
             with open(self.path, "a") as handle:
                 handle.write(json.dumps(m) + "\n")
+            if not self.echo:
+                return
             print(
-                f"[tandem] epoch {m['epoch']:>3}  step {m['step']:>5}  train_loss {m['train_loss']:.4f}  val_loss {m['val_loss']:.4f}  "
-                f"val_acc {m['val_accuracy']:.4f}  {m['samples_per_s']:.0f} samples/s  lr {m['lr']:.2e}"
+                f"[tandem] epoch {m['epoch']:>3}/{self.epochs}  step {m['step']:>5}  train_loss {m['train_loss']:.4f}  "
+                f"val_loss {m['val_loss']:.4f}  val_acc {m['val_accuracy']:.4f}  {m['samples_per_s']:.0f} samples/s  lr {m['lr']:.2e}"
                 + ("  [checkpoint]" if checkpoint is not None else ""),
                 flush=True,
             )
@@ -201,8 +207,9 @@ def _metrics_log_class():
     return _MetricsLog
 
 
-def MetricsLog(run_dir: Path):  # noqa: N802 - a factory that reads like the class it returns
-    return _metrics_log_class()(run_dir)
+def MetricsLog(run_dir: Path, epochs: int, echo: bool = True):  # noqa: N802 - a factory that reads like the class it returns
+    """echo: print each epoch's line (the progress of `tandem train`; a tuning trial's go only to its files)."""
+    return _metrics_log_class()(run_dir, epochs, echo)
 
 
 def find_run_and_checkpoint(config: TandemConfig, resume: str) -> tuple[Path, str | None]:
@@ -238,11 +245,24 @@ def train(config: TandemConfig, resume: str | None = None, callbacks: list | Non
         atomic_write_text(run_dir / "config.yaml", config.to_yaml())
         atomic_write_text(run_dir / "deepspeed.json", json.dumps(checks["deepspeed"], indent=2))
         print(f"[tandem] run folder {run_dir}", flush=True)
+        move_log(run_dir)
         trainer = build_trainer(config, run_dir, use_gpu, resume_from, callbacks)
-        result = trainer.fit()
-        if result.error is not None:
-            raise result.error
+        result = fit(trainer, run_dir)
         return consolidate(config, run_dir, result)
+
+
+def fit(trainer: Any, run_dir: Path) -> Any:
+    """trainer.fit(), with the workers' own error (the user's code, usually) as a TandemError: the
+    CLI prints it, traceback snippet included, without the frames of Ray's driver around it."""
+    from ray.train import TrainingFailedError as RayTrainingFailed
+
+    try:
+        result = trainer.fit()
+    except RayTrainingFailed as exc:
+        raise TrainingFailedError(f"training failed (run folder {run_dir}):\n{exc}") from exc
+    if result.error is not None:
+        raise TrainingFailedError(f"training failed (run folder {run_dir}):\n{result.error}") from result.error
+    return result
 
 
 def consolidate(config: TandemConfig, run_dir: Path, result: Any) -> TrainResult:

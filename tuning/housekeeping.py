@@ -1,4 +1,5 @@
-"""Driver-side Tune callbacks: release what ended trials leave behind, and record how many ran at once.
+"""Driver-side Tune callbacks: release what ended trials leave behind, record how many ran at once,
+and print one progress line per finished trial (the terminal's view of a search).
 
 `ReleaseOrphanedPlacementGroups` is the safety net behind tuning/trial.py's graceful stop. A
 Train worker group's placement group belongs to the job, not to the Train controller that created
@@ -118,3 +119,26 @@ class TrackConcurrency(Callback):
 def read_peak(path: Path) -> int:
     path = Path(path)
     return json.loads(path.read_text())["peak_running_trials"] if path.exists() else 0
+
+
+class TrialProgress(Callback):
+    """One "[tandem] trial k/N ..." line per trial that ends (the epochs go to the trial's files)."""
+
+    def __init__(self, total: int, metric: str):
+        self.total, self.metric, self.ended = total, metric, 0
+
+    def _line(self, trial: Any, outcome: str) -> None:
+        self.ended += 1
+        result = trial.last_result or {}
+        value = result.get(self.metric)
+        shown = f"{self.metric} {value:.4f}" if isinstance(value, int | float) else f"no {self.metric}"
+        print(
+            f"[tandem] trial {self.ended:>3}/{self.total} {trial.trial_id} {outcome}: {shown} after {result.get('epoch', 0)} epoch(s)",
+            flush=True,
+        )
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._line(trial, "done")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        self._line(trial, "failed")

@@ -170,7 +170,9 @@ def results_table(trials: list[TrialSummary], best: TrialSummary | None, metric:
 def print_table(trials: list[TrialSummary], best: TrialSummary | None, metric: str, mode: str, title: str) -> None:
     from rich.console import Console
 
-    Console().print(results_table(trials, best, metric, mode, title))
+    from cluster.console import terminal_out
+
+    Console(file=terminal_out).print(results_table(trials, best, metric, mode, title))
 
 
 def write_csv(path: Path, trials: list[TrialSummary], metric: str, mode: str) -> None:

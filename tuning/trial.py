@@ -270,7 +270,7 @@ def run_trial(
         channel = TrialChannel.remote()
         ACTIVE.reset(channel, trial_dir)
         callbacks = [ForwardReports(channel), AnnounceController(channel), WaitForTune(channel)]
-        trainer = build_trainer(config, segment, use_gpu, resume_from, callbacks=callbacks, hparams_from_config=True)
+        trainer = build_trainer(config, segment, use_gpu, resume_from, callbacks=callbacks, hparams_from_config=True, echo_epochs=False)
         fit_thread, outcome = _fit_in_background(trainer)
         for message in _messages(channel, fit_thread):
             if message[0] == "controller":

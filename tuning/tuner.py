@@ -27,6 +27,7 @@ from typing import Any
 
 from cluster.artifacts import ArtifactError, atomic_write_text, model_version, new_run_dir, write_manifest
 from cluster.config import ConfigError, Problem, TandemConfig, config_with, read_yaml
+from cluster.console import move_log
 from cluster.runtime import connect, storage_root
 from tuning.resources import TRIAL_FUNCTION_CPU, TrialPlan, plan_trials
 from tuning.results import (
@@ -256,7 +257,7 @@ def tune(config: TandemConfig, resume: bool | str | Path = False, callbacks: lis
     import ray
 
     from training.trainer import resolve_use_gpu
-    from tuning.housekeeping import ReleaseOrphanedPlacementGroups, TrackConcurrency, read_peak
+    from tuning.housekeeping import ReleaseOrphanedPlacementGroups, TrackConcurrency, TrialProgress, read_peak
 
     space = check_tuning(config)
     with connect(config):
@@ -274,11 +275,16 @@ def tune(config: TandemConfig, resume: bool | str | Path = False, callbacks: lis
             f"{plan.describe()}",
             flush=True,
         )
+        move_log(run_dir)
         with _env(TUNE_GLOBAL_CHECKPOINT_S=EXPERIMENT_SNAPSHOT_S):
             if resume:
                 tuner = restore_tuner(config, space, plan, run_dir)
             else:
-                housekeeping = [ReleaseOrphanedPlacementGroups(), TrackConcurrency(run_dir / PEAK_FILE)]
+                housekeeping = [
+                    ReleaseOrphanedPlacementGroups(),
+                    TrackConcurrency(run_dir / PEAK_FILE),
+                    TrialProgress(n_trials, config.tuning.metric),
+                ]
                 tuner = make_tuner(config, space, plan, run_dir, housekeeping + list(callbacks or []))
             started = time.perf_counter()
             grid = tuner.fit()

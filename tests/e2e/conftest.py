@@ -67,7 +67,6 @@ def user_env(token: str) -> dict[str, str]:
         RAY_AUTH_TOKEN=token,
         RAY_USAGE_STATS_ENABLED="0",
         DS_ACCELERATOR="cpu",
-        TORCH_EXTENSIONS_DIR=os.environ.get("TORCH_EXTENSIONS_DIR", str(ROOT / ".cache" / "torch_extensions")),
     )
     return env
 

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 from cluster.artifacts import verify_artifact
+from tests.e2e.test_console import assert_no_chatter
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 ROOT = Path(__file__).resolve().parents[2]
@@ -39,3 +40,9 @@ def test_tandem_run_on_the_packaged_default(tmp_path):
     assert "served == artifact │ 100.0% of held-out examples" in out or "100.0% of held-out examples" in out
     assert " 0 failed at concurrency" in out
     assert "run folder:" in out
+    # A console for people: Tandem's progress, not Ray's and DeepSpeed's; theirs is in the run's log.
+    for epoch in (1, 2, 3):
+        assert f"[tandem] epoch   {epoch}/3" in out
+    assert_no_chatter(out)
+    logged = (artifact.parent / "console.log").read_text()
+    assert "(RayTrainWorker pid=" in logged and "[tandem] epoch   3/3" in logged
