@@ -8,7 +8,6 @@ refused. Storage is an absolute tmp path: the cluster shares this machine's disk
 
 from __future__ import annotations
 
-import importlib.util
 import re
 import sys
 import textwrap
@@ -32,10 +31,6 @@ TINY = [
 ]
 BROKEN = "model.args={hidden: [32], bogus: 1}"  # valid config, but the model builder refuses it in the job
 
-needs_trainer = pytest.mark.skipif(
-    importlib.util.find_spec("training.trainer") is None, reason="training/trainer.py (`tandem train`) does not exist yet"
-)
-
 
 def sets(overrides: list[str]) -> list[str]:
     return [arg for o in overrides for arg in ("--set", o)]
@@ -45,8 +40,6 @@ def tandem_submit(ray_head, overrides: list[str], stage: str = "train"):
     result = ray_head.run(
         ["tandem", "submit", "cluster/example.yaml", stage, "--address", ray_head.address, *sets(overrides)], timeout=JOB_TIMEOUT_S
     )
-    if "not available yet" in result.stderr:
-        pytest.skip("`tandem submit` is not wired to tandem.submit.submit yet")
     return result
 
 
@@ -69,7 +62,6 @@ def broken_submission(ray_head):
     return tandem_submit(ray_head, TINY + [BROKEN])
 
 
-@needs_trainer
 def test_tandem_submit_train_writes_the_artifact_and_exits_0(ray_head, tmp_path):
     storage = tmp_path / "runs"
     result = tandem_submit(ray_head, TINY + [f"cluster.storage={storage}"])
@@ -80,7 +72,6 @@ def test_tandem_submit_train_writes_the_artifact_and_exits_0(ray_head, tmp_path)
     the_artifact(storage)
 
 
-@needs_trainer
 def test_plain_ray_job_submit_runs_tandem_train(ray_head, tmp_path):
     storage = tmp_path / "runs"
     job_dir = tmp_path / "job"
@@ -94,7 +85,6 @@ def test_plain_ray_job_submit_runs_tandem_train(ray_head, tmp_path):
     the_artifact(storage)
 
 
-@needs_trainer
 def test_a_job_broken_by_an_override_exits_non_zero_with_its_error(broken_submission):
     output = broken_submission.stdout + broken_submission.stderr
     assert broken_submission.returncode == 1, output[-6000:]
@@ -103,7 +93,6 @@ def test_a_job_broken_by_an_override_exits_non_zero_with_its_error(broken_submis
     assert "Traceback" not in broken_submission.stderr  # the client's own output stays clean
 
 
-@needs_trainer
 def test_jobs_functions_see_the_failed_job(ray_head, broken_submission):
     job_id = re.search(r"submitted (\S+) to", broken_submission.stdout).group(1)
     result = python(

@@ -2,16 +2,13 @@
 
 from __future__ import annotations
 
-import pytest
-
-from cluster.config import ClusterConfig, load_config
+from cluster.config import load_config
 from tandem.checks import Finding, format_findings, has_errors, predeploy_checks
 
 GPU_SERVING = [
     "cluster.node_groups={gpu: {cpus: 8, gpus: 2, memory: 32Gi, min_replicas: 1, max_replicas: 3}, cpu: {cpus: 4, memory: 8Gi}}",
     "serving.deployments=[{name: gpu, engine: torch, node_group: gpu, gpus: 1, autoscaling: {min_replicas: 1, max_replicas: 6}}]",
 ]
-HAS_KUBERNETES_SECTION = "kubernetes" in ClusterConfig.model_fields
 
 
 def findings_at(overrides: list[str], path: str, target: str = "all") -> list[Finding]:
@@ -30,7 +27,6 @@ def test_no_upgrade_warning_without_serving_gpus():
     assert findings_at([], "cluster.kubernetes.upgrade_strategy") == []
 
 
-@pytest.mark.skipif(not HAS_KUBERNETES_SECTION, reason="cluster.kubernetes is not in the config schema yet")
 def test_upgrade_strategy_none_has_no_upgrade_warning():
     assert findings_at(GPU_SERVING + ["cluster.kubernetes.upgrade_strategy=None"], "cluster.kubernetes.upgrade_strategy") == []
 
