@@ -138,6 +138,9 @@ def teacher_dir(config: TandemConfig) -> str | None:
     return str(folder.resolve())
 
 
+TRAIN_POLL_ENV, TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
+
+
 def build_trainer(
     config: TandemConfig,
     run_dir: Path,
@@ -155,6 +158,10 @@ def build_trainer(
 
     from training.loop import train_loop_per_worker
 
+    # Ray Train's controller advances one state (placement, worker start, running) per poll of the
+    # workers, every 2 s by default: seconds of a small job's start-up. Ray Train hands the driver's
+    # value to the controller; a poll is one small RPC per worker. The user's value wins.
+    os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)
     t = config.training
     resources: dict[str, float] = {"CPU": t.cpus_per_worker, **pin_to_group(t.node_group)}
     if use_gpu:

@@ -1,0 +1,151 @@
+"""Start-up benchmark: how long `tandem train` of the packaged example takes to its first optimizer step.
+
+One epoch of the packaged example, as a user runs it (`tandem -v train --set training.epochs=1`,
+a fresh local Ray), with the DeepSpeed op already in the extension cache. Each output line is
+timestamped as it arrives; the phases are the lines Ray, Ray Train and Tandem print at each
+boundary, and the first step is when a worker's test-only progress file (TANDEM_PROGRESS_DIR,
+written after every step) first appears. Repeats (default 3) give the median per phase.
+
+Writes benchmarks/results/startup.{json,md,png}. Run: `python -m benchmarks startup [REPEATS]`.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+RESULTS = Path(__file__).with_name("results")
+VENV_BIN = Path(sys.executable).parent
+# (phase name, the first output line that ends it); the order is the order of a start.
+MARKS = [
+    ("python, imports, config, pre-flight", "Started a local Ray instance"),
+    ("local Ray up -> run folder", "[tandem] run folder"),
+    ("Train controller up, asks for workers", "Attempting to start training worker group"),
+    ("worker processes up, process group", "Setting up process group"),
+    ("worker group started", "Started training worker group"),
+]
+FIRST_STEP = "worker: data, model, DeepSpeed init -> first step"
+EPOCH = "first epoch done"
+EXIT = "artifact written, Ray shut down, exit"
+TARGET_FIRST_STEP_S = 15.0
+
+
+def load() -> str:
+    one, five, fifteen = os.getloadavg()
+    return f"{one:.2f} {five:.2f} {fifteen:.2f}"
+
+
+def one_start(workdir: Path) -> dict[str, float]:
+    """Seconds from the command's start to each mark, to the first step and to exit."""
+    progress = workdir / "progress"
+    progress.mkdir(parents=True)
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.update(TANDEM_PROGRESS_DIR=str(progress), RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
+    cmd = [str(VENV_BIN / "tandem"), "-v", "train", "--set", f"cluster.storage={workdir / 'runs'}", "--set", "training.epochs=1"]
+    started = time.monotonic()
+    seen: dict[str, float] = {}
+    first_step: list[float] = []
+
+    def watch_progress() -> None:
+        while proc.poll() is None and not first_step:
+            if any(progress.glob("rank-*.json")):
+                first_step.append(time.monotonic() - started)
+                return
+            time.sleep(0.01)
+
+    proc = subprocess.Popen(cmd, cwd=workdir, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    watcher = threading.Thread(target=watch_progress, daemon=True)
+    watcher.start()
+    tail: list[str] = []
+    for line in proc.stdout:
+        now = time.monotonic() - started
+        tail = (tail + [line])[-40:]
+        for name, needle in MARKS:
+            if needle in line and name not in seen:
+                seen[name] = now
+        if "[tandem] epoch" in line and EPOCH not in seen:
+            seen[EPOCH] = now
+    proc.wait()
+    watcher.join(timeout=5)
+    if proc.returncode != 0:
+        raise SystemExit(f"tandem train failed ({proc.returncode}):\n{''.join(tail)}")
+    seen[EXIT] = time.monotonic() - started
+    if first_step:
+        seen[FIRST_STEP] = first_step[0]
+    return seen
+
+
+def phases(marks: dict[str, float]) -> dict[str, float]:
+    """Durations of consecutive phases from the cumulative marks (a missing mark merges its phase into the next)."""
+    order = [name for name, _ in MARKS] + [FIRST_STEP, EPOCH, EXIT]
+    durations, last = {}, 0.0
+    for name in order:
+        if name in marks:
+            durations[name] = marks[name] - last
+            last = marks[name]
+    return durations
+
+
+def plot(rows: list[dict[str, float]], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    order = [name for name, _ in MARKS] + [FIRST_STEP, EPOCH, EXIT]
+    fig, ax = plt.subplots(figsize=(9, 3.2))
+    left = 0.0
+    for name in order:
+        value = statistics.median(r[name] for r in rows if name in r) if any(name in r for r in rows) else 0.0
+        ax.barh(0, value, left=left, label=f"{name} ({value:.1f} s)")
+        left += value
+    ax.set_yticks([])
+    ax.set_xlabel("seconds since `tandem train` started (median of repeats)")
+    ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.35), ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv: list[str]) -> None:
+    repeats = int(argv[0]) if argv else 3
+    load_start = load()
+    print(f"load average at start: {load_start}", flush=True)
+    runs = []
+    for i in range(repeats):
+        with tempfile.TemporaryDirectory(prefix="tandem-startup-") as folder:
+            marks = one_start(Path(folder))
+        runs.append(marks)
+        print(f"run {i + 1}: first step at {marks.get(FIRST_STEP, float('nan')):.1f} s, exit at {marks[EXIT]:.1f} s", flush=True)
+    durations = [phases(m) for m in runs]
+    median = {name: round(statistics.median(d[name] for d in durations if name in d), 2) for name in durations[0]}
+    first = statistics.median(m[FIRST_STEP] for m in runs if FIRST_STEP in m)
+    result = {
+        "command": "tandem -v train --set training.epochs=1 (packaged example, fresh local Ray, extension cached)",
+        "repeats": repeats,
+        "first_step_s": round(first, 2),
+        "exit_s": round(statistics.median(m[EXIT] for m in runs), 2),
+        "target_first_step_s": TARGET_FIRST_STEP_S,
+        "phases_median_s": median,
+        "runs": runs,
+        "load_average": {"start": load_start, "end": load()},
+        "machine": f"{os.cpu_count()} CPUs",
+    }
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / "startup.json").write_text(json.dumps(result, indent=2))
+    lines = ["| phase | median s |", "|---|---|"] + [f"| {name} | {value:.1f} |" for name, value in median.items()]
+    lines.append(f"| **first optimizer step** (target ≤ {TARGET_FIRST_STEP_S:g} s) | **{first:.1f}** |")
+    lines.append(f"\nLoad average at start {result['load_average']['start']}, at end {result['load_average']['end']}.")
+    (RESULTS / "startup.md").write_text("\n".join(lines) + "\n")
+    plot(durations, RESULTS / "startup.png")
+    print("\n".join(lines), flush=True)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
