@@ -12,6 +12,7 @@ import torch
 
 from cluster.artifacts import load_model, read_manifest, verify_artifact
 from cluster.config import ConfigError, load_config
+from cluster.errors import TrainingFailedError
 from training.data import digits, split
 from training.ds_config import zero_memory_formula
 from training.models import parameter_count
@@ -74,22 +75,37 @@ def test_zero3_partitions_parameters_across_ranks(ray_session, tmp_path):
 
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run(ray_session, tmp_path, monkeypatch):
-    overrides = ("training.epochs=4", "training.checkpoint.every_epochs=1", "training.max_failures=0")
+    epochs = 6
+    overrides = (f"training.epochs={epochs}", "training.checkpoint.every_epochs=1", "training.max_failures=0")
     reference = train(small(tmp_path / "a", *overrides))
     steps_per_epoch = reference.history[0]["step"]
 
-    # Crash a worker in epoch 3 with no retries left: the run fails after the epoch-2 checkpoint.
-    monkeypatch.setenv("TANDEM_FAULT_AT_STEP", str(2 * steps_per_epoch + steps_per_epoch // 2))
+    # Crash a worker in the last epoch with no retries left: the run fails after some checkpoints.
+    # Which is the last one Ray Train registered depends on when its controller polled (an epoch
+    # takes a fraction of a second here): the run's metrics.jsonl has one line per registered report.
+    monkeypatch.setenv("TANDEM_FAULT_AT_STEP", str((epochs - 1) * steps_per_epoch + steps_per_epoch // 2))
     monkeypatch.setenv("TANDEM_FAULT_MARKER", str(tmp_path / "fault-marker"))
     interrupted = small(tmp_path / "b", *overrides)
-    from ray.train import TrainingFailedError
-
     with pytest.raises(TrainingFailedError):
         train(interrupted)
+    assert (tmp_path / "fault-marker").exists(), "the fault hook never fired"
+    (run_dir,) = [p.parent for p in (tmp_path / "b").glob("*/*/metrics.jsonl")]
+    before_crash = read_history(run_dir)
+    last = len(before_crash)  # the epoch of the last registered checkpoint
+    assert 1 <= last < epochs and [h["epoch"] for h in before_crash] == list(range(1, last + 1)), before_crash
     monkeypatch.delenv("TANDEM_FAULT_AT_STEP")
     resumed = train(interrupted, resume="latest")
 
-    assert resumed.metrics["step"] == reference.metrics["step"] == 4 * steps_per_epoch
+    # Where the resume started: the epochs it appended to the run's metrics.jsonl continue from the
+    # last checkpoint's step; a resume that restarted from step 0 would append epochs 1, 2, ...
+    # with steps counted from 0 (and still end like the reference: training here is deterministic).
+    assert resumed.run_dir == run_dir
+    after_resume = read_history(run_dir)[last:]
+    assert [h["epoch"] for h in after_resume] == list(range(last + 1, epochs + 1)), after_resume
+    assert after_resume[0]["step"] - steps_per_epoch == before_crash[-1]["step"] == last * steps_per_epoch, after_resume
+    # ...with the checkpoint's weights: its first epoch is the uninterrupted run's same epoch.
+    assert after_resume[0]["val_loss"] == pytest.approx(reference.history[last]["val_loss"], rel=1e-3)
+    assert resumed.metrics["step"] == reference.metrics["step"] == epochs * steps_per_epoch
     assert resumed.metrics["val_loss"] == pytest.approx(reference.metrics["val_loss"], rel=1e-3)
     assert resumed.metrics["val_accuracy"] == pytest.approx(reference.metrics["val_accuracy"], abs=1e-3)
 
