@@ -358,17 +358,35 @@ def test_every_bad_input_gets_its_4xx_and_the_replica_keeps_serving(url):
     assert after["pid"] == pid  # the same replica process: nothing crashed or restarted it
 
 
+def sequential_round_trip_s(url: str, requests: int, seed: int, per_request: int = 1) -> float:
+    """The median round trip of one client sending `requests` requests one after another: the
+    baseline a burst is measured against, taken on the same machine just before it."""
+    from serving.loadgen import closed_loop
+
+    x = digits_inputs(requests * per_request, seed=seed).reshape(requests, per_request, 64)
+    records = asyncio.run(closed_loop(url, [json.dumps({"inputs": batch.tolist()}).encode() for batch in x], concurrency=1))
+    assert all(r["status"] == 200 for r in records), {r["status"] for r in records}
+    return float(np.median([r["seconds"] for r in records]))
+
+
 def test_a_sequential_client_gets_batch_size_one_and_no_added_wait(url):
     before = replica_stats(url)
     records = load(url, clients=1, requests_each=30, seed=11)
     after = replica_stats(url)
     assert all(r["status"] == 200 for r in records)
     assert mean_batch_size_between(before, after) == 1.0
-    waited = (
+    # The batcher chose to dispatch at once: a fixed wait (or an adaptive one that wrongly waits
+    # for a second request) plans a wait here.
+    assert after["batcher"]["planned_wait_ms"] == 0.0, after["batcher"]
+    waited_ms = (
         after["batcher"]["mean_queue_wait_ms"] * after["batcher"]["requests"]
         - before["batcher"]["mean_queue_wait_ms"] * before["batcher"]["requests"]
     ) / 30
-    assert waited < 2.0, after["batcher"]  # only the hop to the dispatch loop; a 5 ms fixed wait would show
+    round_trip_ms = 1000 * float(np.mean([r["seconds"] for r in records]))
+    print(f"sequential client: queue wait {waited_ms:.3f} ms of a {round_trip_ms:.2f} ms round trip")
+    # The queue wait is only the hop to the dispatch loop, a small part of the same requests' round
+    # trip; a 5 ms fixed wait would be most of it.
+    assert waited_ms < 0.25 * round_trip_ms, (waited_ms, round_trip_ms, after["batcher"])
 
 
 def test_concurrent_load_makes_batches(url):
@@ -383,13 +401,21 @@ def test_concurrent_load_makes_batches(url):
 def test_a_burst_of_200_gets_answers_or_fast_503s_never_a_stall(url):
     # 200 clients with one request each, all at once: above max_ongoing_requests (64) plus
     # max_queued_requests (32), so Serve and the batcher must refuse some, fast.
+    sequential = sequential_round_trip_s(url, 20, seed=15)
     records = load(url, clients=200, requests_each=1, seed=13)
     statuses = [r["status"] for r in records]
     assert set(statuses) <= {200, 503}, {s: statuses.count(s) for s in set(statuses)}
     assert statuses.count(200) > 0
     slowest = max(r["seconds"] for r in records)
-    print(f"burst of 200: {statuses.count(200)} answered, {statuses.count(503)} refused with 503, slowest {slowest:.2f} s")
-    assert slowest < 5.0, f"slowest request took {slowest:.1f} s"
+    one_by_one = len(records) * sequential  # the same requests sent one after another, measured just before
+    print(
+        f"burst of 200: {statuses.count(200)} answered, {statuses.count(503)} refused with 503, slowest {slowest:.2f} s, "
+        f"one by one {one_by_one:.2f} s (ratio {slowest / one_by_one:.2f})"
+    )
+    # No stall: the last answer of the burst comes within a few times what the same 200 requests
+    # take one after another (measured: 1.0-1.5x, opening 200 connections at once included); a
+    # stall (Serve's router backing off while the replica idles) lasts seconds.
+    assert slowest < 5 * one_by_one, f"slowest request took {slowest:.2f} s; one by one: {one_by_one:.2f} s"
     for r in records:
         if r["status"] == 503:
             assert int(r["retry_after"]) >= 1
@@ -402,6 +428,7 @@ def test_an_overloading_burst_gets_fast_503s_while_accepted_requests_finish(url)
     # so beyond its queue limit the batcher refuses the requests it predicts late.
     from serving.loadgen import closed_loop
 
+    sequential = sequential_round_trip_s(url, 10, seed=16, per_request=MAX_INPUTS)
     x = digits_inputs(200 * MAX_INPUTS, seed=14).reshape(200, MAX_INPUTS, 64)
     bodies = [json.dumps({"inputs": batch.tolist()}).encode() for batch in x]
     records = asyncio.run(closed_loop(url, bodies, concurrency=200))
@@ -410,8 +437,15 @@ def test_an_overloading_burst_gets_fast_503s_while_accepted_requests_finish(url)
     assert statuses.count(503) > 0 and statuses.count(200) > 0, {s: statuses.count(s) for s in set(statuses)}
     assert all(int(r["retry_after"]) >= 1 for r in records if r["status"] == 503)
     slowest = max(r["seconds"] for r in records)
-    print(f"overloading burst: {statuses.count(200)} answered, {statuses.count(503)} refused, slowest {slowest:.2f} s")
-    assert slowest < 5.0, f"slowest request took {slowest:.1f} s"
+    one_by_one = len(records) * sequential
+    print(
+        f"overloading burst: {statuses.count(200)} answered, {statuses.count(503)} refused, slowest {slowest:.2f} s, "
+        f"one by one {one_by_one:.2f} s (ratio {slowest / one_by_one:.2f})"
+    )
+    # Accepted requests finish and refusals come fast: nothing waits longer than a few times what
+    # these 200 requests take one after another, measured just before on the same machine
+    # (measured: 0.35-0.6x; a stall lasts seconds).
+    assert slowest < 5 * one_by_one, f"slowest request took {slowest:.2f} s; one by one: {one_by_one:.2f} s"
     answered = [json.loads(r["body"]) for r in records if r["status"] == 200]
     assert all(len(a["predictions"]) == MAX_INPUTS for a in answered)
 
