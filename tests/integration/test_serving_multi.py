@@ -8,6 +8,7 @@ answers equal its own engine's.
 from __future__ import annotations
 
 import os
+import re
 
 import httpx
 import numpy as np
@@ -82,13 +83,39 @@ def test_replicas_are_placed_on_their_node_groups(url, config):
         assert stats["resources"].get("CPU") == 0.5
 
 
-def test_auth_is_required_with_a_constant_time_token_check(url):
+def test_auth_is_required_at_the_ingress(url):
     x = [0.5] * 64
     assert httpx.post(f"{url}/v1/predict", json={"inputs": x}, timeout=30).status_code == 401
     wrong = httpx.post(f"{url}/v1/predict", json={"inputs": x}, headers={"Authorization": "Bearer nope"}, timeout=30)
     assert wrong.status_code == 401 and wrong.headers["www-authenticate"] == "Bearer" and wrong.json()["error"] == "unauthorized"
     assert httpx.get(f"{url}/v1/models", timeout=30).status_code == 401
     assert httpx.post(f"{url}/v1/predict", json={"inputs": x}, headers=AUTH, timeout=30).status_code == 200
+
+
+def test_the_token_check_compares_in_constant_time():
+    """No Ray: the bearer check (serving.protocol.check_bearer, which every authenticated route of
+    serving/app.py calls) compares digests with hmac.compare_digest and never with == or !=."""
+    import ast
+    import inspect
+
+    from serving import app, protocol
+
+    check = ast.parse(inspect.getsource(protocol.check_bearer))
+    calls = {ast.unparse(node.func) for node in ast.walk(check) if isinstance(node, ast.Call)}
+    assert "hmac.compare_digest" in calls, calls
+    compared = [
+        ast.unparse(node)
+        for node in ast.walk(check)
+        if isinstance(node, ast.Compare) and any(isinstance(op, (ast.Eq, ast.NotEq)) for op in node.ops)
+    ]
+    assert all("digest" not in text and "given" not in text for text in compared), compared  # only the scheme is compared plainly
+    # The app checks tokens through it, and no code of the app compares the token's digest itself.
+    source = inspect.getsource(app)
+    assert any(isinstance(n, ast.Call) and ast.unparse(n.func) == "check_bearer" for n in ast.walk(ast.parse(source)))
+    assert not re.search(r"token_digest\s*[!=]=|[!=]=\s*self\.token_digest", source)
+    with pytest.raises(protocol.RequestError):
+        protocol.check_bearer(f"Bearer {TOKEN}x", protocol.token_digest(TOKEN))
+    protocol.check_bearer(f"Bearer {TOKEN}", protocol.token_digest(TOKEN))
 
 
 def test_idle_traffic_stays_on_the_first_deployment_and_equals_torch(url, engines):
