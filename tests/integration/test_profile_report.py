@@ -9,16 +9,12 @@ from cluster.config import load_config
 from profiling.profile import profile
 from training.ds_config import zero_memory_formula
 from training.models import parameter_count
-from training.trainer import train
 
 pytestmark = pytest.mark.integration
 
 
-def test_profile_of_a_zero3_run_reports_the_runs_stage_and_its_measured_bytes(ray_session, tmp_path):
-    run_config = load_config(
-        None, [f"cluster.storage={tmp_path}", "training.epochs=1", "data.augment=[]", "training.deepspeed.zero_stage=3"]
-    )
-    result = train(run_config)
+def test_profile_of_a_zero3_run_reports_the_runs_stage_and_its_measured_bytes(zero3_run, tmp_path):
+    result, _ = zero3_run
     # Profiled with the packaged config (ZeRO-2): the table is for the config, the measured column for the run's own stage.
     report = profile(load_config(None, [f"cluster.storage={tmp_path}"]), source=result.run_dir, quick=True)
 

@@ -36,12 +36,11 @@ def artifact_accuracy(artifact_dir: Path, config) -> float:
 
 
 @pytest.mark.slow
-def test_default_example_reaches_95_percent_with_zero2(ray_session, tmp_path):
-    config = load_config(None, [f"cluster.storage={tmp_path}", "training.epochs=12"])
+def test_default_example_reaches_95_percent_with_zero2(default_example_run):
+    result, config = default_example_run
     assert config.training.deepspeed.zero_stage == 2 and config.training.workers == 2
-    result = train(config)
     history = result.history
-    assert [h["epoch"] for h in history] == list(range(1, 13))
+    assert [h["epoch"] for h in history] == list(range(1, config.training.epochs + 1))
     assert history[-1]["train_loss"] < history[0]["train_loss"]
     manifest = verify_artifact(result.artifact_dir)
     assert manifest["config_hash"] == config.config_hash() and manifest["version"]
@@ -59,9 +58,9 @@ def test_zero1_trains_and_loss_falls(ray_session, tmp_path):
     ]["stage"] == 1
 
 
-def test_zero3_partitions_parameters_across_ranks(ray_session, tmp_path):
-    config = small(tmp_path, "training.deepspeed.zero_stage=3", "model.args.hidden=[256, 256]")
-    result = train(config)
+def test_zero3_partitions_parameters_across_ranks(zero3_run):
+    result, config = zero3_run
+    assert config.training.deepspeed.zero_stage == 3 and config.training.workers == 2
     losses = [h["val_loss"] for h in result.history]
     assert losses[-1] < losses[0]
     n_params = parameter_count(load_model(result.artifact_dir)[0])
