@@ -555,6 +555,17 @@ def test_the_token_never_appears_in_the_run_folder_manifests_or_answers(url, con
     assert LEAKS["http answers"]["found"] == run["found"] == rendered["found"] == 0, (run["where"], rendered["where"])
 
 
+# Tandem's series that every batch records (serving/metrics.py, TandemMetrics.on_batch): a replica
+# that served a request exports all of them. The counters (shed, cache, spillover, retries) appear
+# only once something increments them.
+BATCH_METRICS = ("tandem_batch_size", "tandem_queue_wait_ms", "tandem_model_latency_ms", "tandem_batch_cap", "tandem_planned_wait_ms")
+
+
+def exported_tandem_metrics(text: str) -> set[str]:
+    """The Tandem metric names in a Prometheus text (Ray's "ray_" prefix and histogram suffixes dropped)."""
+    return set(re.findall(r"^(?:ray_)?(tandem_\w+?)(?:_bucket|_count|_sum)?[{ ]", text, re.M))
+
+
 def test_the_token_never_appears_in_the_prometheus_metrics(url, token):
     """Serve's and Tandem's metrics as Ray's metrics agent exports them (the app has no /metrics of
     its own). Ray prefixes application metrics with "ray_": tandem_batch_size is ray_tandem_batch_size."""
@@ -565,7 +576,7 @@ def test_the_token_never_appears_in_the_prometheus_metrics(url, token):
     port = ray._private.worker._global_node.metrics_export_port
     deadline = time.monotonic() + 30
     text = ""
-    while time.monotonic() < deadline and "tandem_batch_size" not in text:
+    while time.monotonic() < deadline and not set(BATCH_METRICS) <= exported_tandem_metrics(text):
         time.sleep(2)
         try:
             text = httpx.get(f"http://127.0.0.1:{port}/metrics", timeout=10).text
@@ -583,10 +594,12 @@ def test_the_token_never_appears_in_the_prometheus_metrics(url, token):
         token_occurrences=text.count(token),
     )
     assert serve_series > 0, f"no Serve series on Ray's metrics port {port}: not the endpoint this test means to search"
-    assert text.count(token) == 0
-    # Tandem's own series are searched when they exist; a replica whose TandemMetrics() failed logs
+    # Tandem's own series are there to be searched: a replica whose TandemMetrics() failed logs
     # "Tandem metrics are off" and exports none (seen while serving/metrics.py tagged a counter
     # "deployment", a tag Ray Serve reserves).
+    missing = sorted(set(BATCH_METRICS) - exported_tandem_metrics(text))
+    assert not missing, f"Tandem metrics missing from Ray's metrics port {port}: {missing}"
+    assert text.count(token) == 0
 
 
 def test_the_token_never_appears_in_rays_session_logs(url, token):
