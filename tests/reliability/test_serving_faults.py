@@ -9,7 +9,9 @@
   connection failed or closed without an answer (serving.settings.HAPROXY_RETRY_ON) on the other
   replica. Measured: 4 of 3,470 requests lost with Ray's default (connection failures only),
   1 of 3,890 with Tandem's ("Server disconnected without sending a response": HAProxy closed the
-  client's connection). So the test measures how many fail instead of promising none.
+  client's connection). So the test measures how many fail instead of promising none, and bounds
+  them by what the kill can reach: each load client has one request in flight, so at most one
+  failure per client.
 - The whole app: every replica process SIGKILLed (Serve restarts them), then Serve shut down and the
   app deployed again: the endpoint comes back serving the same model version.
 
@@ -146,7 +148,7 @@ def test_a_killed_model_replica_is_replaced_and_no_request_fails(router_app):
     assert served_by_a_after > 0
 
 
-def test_a_model_error_is_not_retried(router_app):
+def test_a_refused_input_gets_422_at_the_ingress_and_is_not_retried(router_app):
     # Bad input never reaches a model replica (refused at the ingress), and no retry is counted.
     _, _, url = router_app
     before = stats(url)["retries"]["total"]
@@ -239,7 +241,8 @@ def test_single_deployment_shape_replica_kill_is_measured(ray_session, tmp_path)
 
         assert wait_for(both_replicas_seen, timeout_s=60, every_s=0.05), pids
         victim = min(pids)
-        with BackgroundLoad(url, clients=8) as load:
+        clients = 8
+        with BackgroundLoad(url, clients=clients) as load:
             time.sleep(3)
             killed_at = time.monotonic()
             kill(victim)
@@ -259,6 +262,7 @@ def test_single_deployment_shape_replica_kill_is_measured(ray_session, tmp_path)
             failed_sent_after_kill_s=[round(r["sent_at"] - killed_at, 2) for r in load.records if r["status"] != 200][:10],
             requests_sent=len(load.records),
             failed=failed,
+            failed_bound=f"<= {clients} (one request in flight per client)",
             status_counts=codes,
             replicas_killed=1,
             replicas_replaced=int(replaced),
@@ -267,8 +271,10 @@ def test_single_deployment_shape_replica_kill_is_measured(ray_session, tmp_path)
         print(f"single shape: {len(load.records)} sent, codes {codes}, replaced in {replaced_after_s:.1f} s")
         assert replaced, status(config)
         # Measured, not promised: the requests the killed replica held can fail (see the module
-        # docstring). Everything after the kill is served by the other replica and the replacement.
-        assert codes.get(200, 0) > failed
+        # docstring). Everything after the kill is served by the other replica and the replacement,
+        # so no more can fail than the requests in flight at the kill: one per client.
+        assert failed <= clients, (codes, failed, clients)
+        assert codes.get(200, 0) > 0
         assert httpx.post(f"{url}/v1/predict", json={"inputs": [0.5] * 64}, timeout=30).status_code == 200
     finally:
         serve.delete(config.name)
