@@ -160,9 +160,11 @@ def start_head(env: dict[str, str], token: str, log: Path) -> tuple[subprocess.P
     return process, head
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def ray_head(tmp_path_factory) -> RayHead:
-    """One Ray head per test module (the machine has 2 cores), stopped after the module.
+    """One Ray head for the e2e tests (`serve deploy`, job submission), stopped at the end: a head
+    costs seconds to start and more to stop on this 2-core machine, and each test cleans up its
+    own Serve app or job.
 
     A loaded machine can make the raylet miss `ray start`'s fixed 30 s registration window; the
     head is then started again, up to START_ATTEMPTS times, each time on fresh ports.

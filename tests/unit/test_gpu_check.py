@@ -90,11 +90,14 @@ def test_dry_run_of_the_in_process_checks(tmp_path):
 
 
 @pytest.mark.slow
-def test_dry_run_of_every_check(tmp_path):
-    """Every check on the CPU (DeepSpeed ZeRO-2/3 through training.loop.run_worker, two gloo ranks): about a minute here."""
-    result = run_script("--dry-run", "--out", str(tmp_path), timeout=600)
+def test_dry_run_of_the_training_checks(tmp_path):
+    """The training checks on the CPU (DeepSpeed ZeRO-3 through training.loop.run_worker, saved and
+    reloaded; two gloo ranks). ZeRO-2 runs the same function with another stage, and the profile
+    and serving checks run in the test above, so neither is repeated here (each launch is a few
+    seconds of torch and DeepSpeed start-up)."""
+    result = run_script("--dry-run", "--only", "train/zero3,train/two-process", "--out", str(tmp_path), timeout=600)
     assert result.returncode == 0, result.stdout + result.stderr
-    assert check_lines(result.stdout) == {name: "PASS" for name in DRY_RUN_CHECKS}
+    assert check_lines(result.stdout) == {"train/zero3-fp32": "PASS", "train/two-process": "PASS"}
 
 
 def _refusing_launch(log_text: str):
