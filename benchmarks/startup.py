@@ -6,6 +6,10 @@ timestamped as it arrives; the phases are the lines Ray, Ray Train and Tandem pr
 boundary, and the first step is when a worker's test-only progress file (TANDEM_PROGRESS_DIR,
 written after every step) first appears. Repeats (default 3) give the median per phase.
 
+Arms, alternated run by run so that load hits both alike:
+- tandem: the defaults (Ray Train's controller polling every 0.5 s, see training/trainer.py);
+- ray_default_poll: the same with Ray Train's own 2 s poll (RAY_TRAIN_HEALTH_CHECK_INTERVAL_S=2).
+
 Writes benchmarks/results/startup.{json,md,png}. Run: `python -m benchmarks startup [REPEATS]`.
 """
 
@@ -35,6 +39,7 @@ FIRST_STEP = "worker: data, model, DeepSpeed init -> first step"
 EPOCH = "first epoch done"
 EXIT = "artifact written, Ray shut down, exit"
 TARGET_FIRST_STEP_S = 15.0
+ARMS = {"tandem": {}, "ray_default_poll": {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0"}}
 
 
 def load() -> str:
@@ -42,11 +47,12 @@ def load() -> str:
     return f"{one:.2f} {five:.2f} {fifteen:.2f}"
 
 
-def one_start(workdir: Path) -> dict[str, float]:
+def one_start(workdir: Path, arm_env: dict[str, str]) -> dict[str, float]:
     """Seconds from the command's start to each mark, to the first step and to exit."""
     progress = workdir / "progress"
     progress.mkdir(parents=True)
-    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")}
+    env.update(arm_env)
     env.update(TANDEM_PROGRESS_DIR=str(progress), RAY_USAGE_STATS_ENABLED="0", PYTHONUNBUFFERED="1")
     cmd = [str(VENV_BIN / "tandem"), "-v", "train", "--set", f"cluster.storage={workdir / 'runs'}", "--set", "training.epochs=1"]
     started = time.monotonic()
@@ -93,7 +99,8 @@ def phases(marks: dict[str, float]) -> dict[str, float]:
     return durations
 
 
-def plot(rows: list[dict[str, float]], path: Path) -> None:
+def plot(runs: list[dict[str, float]], path: Path) -> None:
+    rows = [phases(m) for m in runs]
     import matplotlib
 
     matplotlib.use("Agg")
@@ -113,37 +120,51 @@ def plot(rows: list[dict[str, float]], path: Path) -> None:
     fig.savefig(path, dpi=120)
 
 
+def summarize(runs: list[dict[str, float]]) -> dict:
+    durations = [phases(m) for m in runs]
+    return {
+        "first_step_s": round(statistics.median(m[FIRST_STEP] for m in runs if FIRST_STEP in m), 2),
+        "exit_s": round(statistics.median(m[EXIT] for m in runs), 2),
+        "phases_median_s": {name: round(statistics.median(d[name] for d in durations if name in d), 2) for name in durations[0]},
+        "runs": runs,
+    }
+
+
 def main(argv: list[str]) -> None:
     repeats = int(argv[0]) if argv else 3
     load_start = load()
     print(f"load average at start: {load_start}", flush=True)
-    runs = []
+    runs: dict[str, list[dict[str, float]]] = {arm: [] for arm in ARMS}
     for i in range(repeats):
-        with tempfile.TemporaryDirectory(prefix="tandem-startup-") as folder:
-            marks = one_start(Path(folder))
-        runs.append(marks)
-        print(f"run {i + 1}: first step at {marks.get(FIRST_STEP, float('nan')):.1f} s, exit at {marks[EXIT]:.1f} s", flush=True)
-    durations = [phases(m) for m in runs]
-    median = {name: round(statistics.median(d[name] for d in durations if name in d), 2) for name in durations[0]}
-    first = statistics.median(m[FIRST_STEP] for m in runs if FIRST_STEP in m)
+        for arm, arm_env in ARMS.items():
+            with tempfile.TemporaryDirectory(prefix="tandem-startup-") as folder:
+                marks = one_start(Path(folder), arm_env)
+            runs[arm].append(marks)
+            print(f"{arm} run {i + 1}: first step at {marks.get(FIRST_STEP, float('nan')):.1f} s, exit {marks[EXIT]:.1f} s", flush=True)
+    arms = {arm: summarize(r) for arm, r in runs.items()}
+    tandem, ray_poll = arms["tandem"], arms["ray_default_poll"]
     result = {
         "command": "tandem -v train --set training.epochs=1 (packaged example, fresh local Ray, extension cached)",
         "repeats": repeats,
-        "first_step_s": round(first, 2),
-        "exit_s": round(statistics.median(m[EXIT] for m in runs), 2),
         "target_first_step_s": TARGET_FIRST_STEP_S,
-        "phases_median_s": median,
-        "runs": runs,
+        "first_step_ratio_tandem_to_ray_default_poll": round(tandem["first_step_s"] / ray_poll["first_step_s"], 3),
+        "arms": arms,
         "load_average": {"start": load_start, "end": load()},
         "machine": f"{os.cpu_count()} CPUs",
     }
     RESULTS.mkdir(exist_ok=True)
     (RESULTS / "startup.json").write_text(json.dumps(result, indent=2))
-    lines = ["| phase | median s |", "|---|---|"] + [f"| {name} | {value:.1f} |" for name, value in median.items()]
-    lines.append(f"| **first optimizer step** (target ≤ {TARGET_FIRST_STEP_S:g} s) | **{first:.1f}** |")
-    lines.append(f"\nLoad average at start {result['load_average']['start']}, at end {result['load_average']['end']}.")
+    names = list(tandem["phases_median_s"])
+    lines = ["| phase (median s) | tandem | Ray Train's 2 s poll |", "|---|---|---|"]
+    lines += [f"| {n} | {tandem['phases_median_s'].get(n, 0):.1f} | {ray_poll['phases_median_s'].get(n, 0):.1f} |" for n in names]
+    lines.append(
+        f"| **first optimizer step** (target ≤ {TARGET_FIRST_STEP_S:g} s) | **{tandem['first_step_s']:.1f}** | "
+        f"{ray_poll['first_step_s']:.1f} ({result['first_step_ratio_tandem_to_ray_default_poll']:.2f}x) |"
+    )
+    lines.append(f"| exit | {tandem['exit_s']:.1f} | {ray_poll['exit_s']:.1f} |")
+    lines.append(f"\nLoad average at start {load_start}, at end {result['load_average']['end']}.")
     (RESULTS / "startup.md").write_text("\n".join(lines) + "\n")
-    plot(durations, RESULTS / "startup.png")
+    plot(runs["tandem"], RESULTS / "startup.png")
     print("\n".join(lines), flush=True)
 
 
