@@ -138,7 +138,19 @@ def teacher_dir(config: TandemConfig) -> str | None:
     return str(folder.resolve())
 
 
-TRAIN_POLL_ENV, TRAIN_POLL_S = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5"
+def train_controller_env(config: TandemConfig) -> dict[str, str]:
+    """Ray Train settings Tandem changes; Ray Train hands the driver's values to its controller.
+
+    - The controller advances one state (placement, worker start, running) per poll of the
+      workers, every 2 s by default: seconds of a small job's start-up. A poll is one small RPC
+      per worker, so 0.5 s costs nothing measurable.
+    - On a local Ray (one machine, nothing to drain) the preemption watcher is one more actor
+      process to start per run, and its constructor logs an error where the node has no drain state.
+    """
+    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
+    if config.cluster.address == "local" and not os.environ.get("RAY_ADDRESS"):
+        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
+    return env
 
 
 def build_trainer(
@@ -158,10 +170,8 @@ def build_trainer(
 
     from training.loop import train_loop_per_worker
 
-    # Ray Train's controller advances one state (placement, worker start, running) per poll of the
-    # workers, every 2 s by default: seconds of a small job's start-up. Ray Train hands the driver's
-    # value to the controller; a poll is one small RPC per worker. The user's value wins.
-    os.environ.setdefault(TRAIN_POLL_ENV, TRAIN_POLL_S)
+    for name, value in train_controller_env(config).items():
+        os.environ.setdefault(name, value)  # the user's own value wins
     t = config.training
     resources: dict[str, float] = {"CPU": t.cpus_per_worker, **pin_to_group(t.node_group)}
     if use_gpu:
