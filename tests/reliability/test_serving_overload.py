@@ -3,13 +3,18 @@
 - Overload: for OVERLOAD_S seconds, 128 clients (8 keep the replica busy) each send as soon as
   their last answer came, and wait Retry-After after a 503, as well-behaved clients do. Two copies
   of the model are deployed together and loaded one after the other: one with admission on arrival (serving/admission.py, the
-  default), one with queue limits only. Nothing fails; every 503 has Retry-After; the batcher's
-  queue stays bounded (its high-water mark, from /v1/stats, never passes max_ongoing_requests).
+  default), one with queue limits only. Nothing fails; every 503 has Retry-After; the batcher
+  queues only what Tandem's admission gate let in (its high-water mark, from /v1/stats, is within
+  the gate's max_in_flight, itself within max_ongoing_requests). The depth against
+  serving.settings.batcher_queue_limit (32 here) is recorded, not asserted: that limit is where the
+  batcher may start to shed, and it sheds only requests predicted late (serving/batching.py, 5.),
+  and the gate admits while its per-request cost, which batching lowers, fits the budget; so a
+  queue that drains in time passes it (measured: 39 and 59 queued, none shed by the batcher).
   Asserted as ratios of the two arms, measured back to back (medians): the gate's accepted requests are faster than the
   queue-only arm's, and its refusals come sooner than the queue-only arm's answers. The accepted p99 against
   batching.target_p99_ms is recorded for RELIABILITY.md, not asserted.
-- Soak: SOAK_S seconds of moderate load; the replica's RSS (psutil, pid from /v1/stats) at the end
-  is within RSS_GROWTH_BOUND of the RSS at the start (measured after warm-up).
+- Soak: SOAK_S seconds of moderate load; the replica's RSS (psutil, pid from /v1/stats) grows by
+  less than RSS_BYTES_PER_REQUEST per request served from the start (measured after warm-up) to the end.
 
 Not covered (measured while building this, on 2 shared cores): an open-loop load at 2.5x the
 replica's capacity overloads the HTTP front itself. Refusing a request in Python (uvicorn, FastAPI)
@@ -32,6 +37,7 @@ import psutil
 import pytest
 
 from serving.loadgen import RawConnection
+from serving.settings import batcher_queue_limit
 from tests.integration.test_serving import digits_inputs, make_artifact, serving_config
 from tests.reliability import figures
 
@@ -46,9 +52,9 @@ SOAK_S = 60.0
 SOAK_CLIENTS = 4
 MAX_ONGOING = 64
 TARGET_P99_MS = 50.0
-# Allowed RSS growth of a replica over the soak: 10% or 32 MiB, whichever is larger. A leak of one
-# response per request (about 1 KB) over the soak's tens of thousands of requests passes that.
-RSS_GROWTH_BOUND = (0.10, 32 * 2**20)
+# Allowed RSS growth of a replica over the soak, per request served. Measured noise: about 2 MiB
+# over 28,848 requests (76 B/request); a leak of one response per request (about 1 KB) is 4x over.
+RSS_BYTES_PER_REQUEST = 256
 
 
 def timed_load(url: str, bodies: list[bytes], clients: int, seconds: float, honor_retry_after: bool = False) -> tuple[list[dict], float]:
@@ -221,6 +227,7 @@ def test_overload_sheds_fast_with_retry_after_and_a_bounded_queue(apps):
     gated, queued = overload_figures(records, wall), overload_figures(queue_records, queue_wall)
     polled_depth = max((s["batcher"]["queue_depth"] for s in poller.samples), default=-1)
     max_depth = after["batcher"]["max_queue_depth"]
+    queue_limit = batcher_queue_limit(config.serving)  # where the replica's batcher may start to shed
     result = dict(
         load=f"{OVERLOAD_CLIENTS} closed-loop clients honouring Retry-After ({CAPACITY_CLIENTS} keep the replica busy) for "
         f"{OVERLOAD_S:.0f} s",
@@ -233,7 +240,9 @@ def test_overload_sheds_fast_with_retry_after_and_a_bounded_queue(apps):
         admission=after["admission"],
         max_queue_depth=max_depth,
         max_polled_queue_depth=polled_depth,
-        queue_bound=MAX_ONGOING,
+        batcher_queue_limit=queue_limit,
+        over_batcher_queue_limit=max_depth > queue_limit,
+        queue_bound=f"max_queue_depth <= admission max_in_flight <= max_ongoing_requests ({MAX_ONGOING})",
         batcher_shed=after["batcher"]["shed"],
     )
     figures.record("serving_overload", **result)
@@ -249,7 +258,9 @@ def test_overload_sheds_fast_with_retry_after_and_a_bounded_queue(apps):
     assert gated["accepted_p50_ms"] < queued["accepted_p50_ms"], result
     assert gated["shed_p50_ms"] < queued["accepted_p50_ms"], result
     assert all(r["retry_after"] and int(r["retry_after"]) >= 1 for r in records if r["status"] == 503)
-    assert max_depth <= MAX_ONGOING, result
+    # The batcher queues only requests Tandem's gate admitted, within Serve's max_ongoing_requests.
+    # Not asserted against batcher_queue_limit: see the module docstring.
+    assert 0 < max_depth and polled_depth <= max_depth <= after["admission"]["max_in_flight"] <= MAX_ONGOING, result
 
 
 def test_soak_memory_stays_bounded(app):
@@ -268,6 +279,7 @@ def test_soak_memory_stays_bounded(app):
     end = samples[-1]
     assert replica_pids(url) == pids  # the same processes throughout: nothing restarted
     statuses = [r["status"] for r in records]
+    served = statuses.count(200)
     mib = 2**20
     result = dict(
         seconds=SOAK_S,
@@ -280,11 +292,14 @@ def test_soak_memory_stays_bounded(app):
         rss_start_mib={str(p): round(start[p] / mib, 1) for p in pids},
         rss_end_mib={str(p): round(end[p] / mib, 1) for p in pids},
         rss_max_mib={str(p): round(max(s[p] for s in samples) / mib, 1) for p in pids},
-        rss_bound=f"end <= start + max({RSS_GROWTH_BOUND[0]:.0%}, {RSS_GROWTH_BOUND[1] // mib} MiB)",
+        rss_growth_bytes_per_request={str(p): round((end[p] - start[p]) / max(1, served), 1) for p in pids},
+        rss_bound=f"(end - start) / requests served < {RSS_BYTES_PER_REQUEST} B",
     )
     figures.record("serving_soak", **result)
     print(f"soak: {result}")
     # Moderate load: no failure; a few 503s are the batcher keeping its target on a busy machine.
     assert result["failed"] == 0 and result["ok"] > 0.9 * len(statuses), {s: statuses.count(s) for s in set(statuses)}
+    # Enough requests that a 1 KB-per-request leak (several MiB) stands well clear of the noise.
+    assert served >= 10_000, result
     for pid in pids:
-        assert end[pid] <= start[pid] + max(RSS_GROWTH_BOUND[0] * start[pid], RSS_GROWTH_BOUND[1]), result
+        assert (end[pid] - start[pid]) / served < RSS_BYTES_PER_REQUEST, result
