@@ -33,6 +33,7 @@ ROOT = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 START_TIMEOUT_S = 180
 STOP_TIMEOUT_S = 60
+GRACEFUL_STOP_S = 8
 START_ATTEMPTS = 3
 
 
@@ -125,7 +126,10 @@ def stop_head(process: subprocess.Popen, temp_dir: Path) -> None:
     if process.poll() is None:
         process.send_signal(signal.SIGTERM)
         try:
-            process.wait(timeout=STOP_TIMEOUT_S)
+            # `ray start --block` stops its processes one by one on SIGTERM (about 30 s here, most
+            # of it waiting on the dashboard); after a short grace the group is killed outright.
+            # Its workers sit in process groups of their own and exit when their raylet is gone.
+            process.wait(timeout=GRACEFUL_STOP_S)
         except subprocess.TimeoutExpired:
             pass
     # Whatever is left of this head (its own session, so its own group) and nothing else.
