@@ -545,6 +545,7 @@ NON_ARTIFACT_WRITES = {
     "training/loop.py": "the test-only fault-injection marker",
     "serving/loadgen.py": "a temp file of inputs handed to the load-generator subprocess",
     "tandem/reference.py": "a developer tool that rewrites README.md in the checkout",
+    "cluster/console.py": "the long verbs' console.log, appended line by line while they run, and the terminal's duplicated descriptors",
 }
 PACKAGES = ("cluster", "serving", "training", "tuning")
 
