@@ -163,6 +163,10 @@ def move_log(folder: Path) -> Path | None:
     if current is None:
         return None
     target = Path(folder) / LOG_NAME
+    count = 1
+    while target.exists() and Path(current) != target:  # a resumed run keeps the earlier runs' logs
+        count += 1
+        target = Path(folder) / f"console-{count}.log"
     if Path(current) != target:
         try:
             os.replace(current, target)

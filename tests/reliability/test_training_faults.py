@@ -25,6 +25,7 @@ import torch
 
 from cluster.artifacts import load_model, verify_artifact
 from cluster.config import load_config
+from tests.e2e.test_console import assert_no_chatter
 from tests.reliability.figures import record
 from training.data import digits, split
 from training.trainer import read_history
@@ -322,6 +323,13 @@ def test_killed_driver_resumes_from_the_last_checkpoint(tmp_path, ray_tmp):
     (run_dir,) = {p.parent for p in storage.rglob("metrics.jsonl")}
     history = read_history(run_dir)
     epochs = [h["epoch"] for h in history]
+    # The console of `tandem train` is Tandem's: a line per epoch it trained, no Ray or DeepSpeed
+    # chatter; that went to the run folder's console.log.
+    assert f"[tandem] epoch  {DRIVER_KILL_EPOCHS}/{DRIVER_KILL_EPOCHS}" in output, output[-3000:]
+    assert_no_chatter(output)
+    # The killed run's log stays; the resumed run's is the next one.
+    assert "(RayTrainWorker pid=" in (run_dir / "console.log").read_text()
+    assert "[tandem] resumed from" in (run_dir / "console-2.log").read_text()
     restored = re.search(r"\[tandem\] resumed from .* step (\d+)\)", output)
     assert restored, f"the resumed workers did not say they loaded a checkpoint:\n{output[-3000:]}"
     restored_step = int(restored.group(1))
