@@ -109,20 +109,10 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(ray_session, tmp_path
     assert resumed.metrics["val_accuracy"] == pytest.approx(reference.metrics["val_accuracy"], abs=1e-3)
 
 
-def test_worker_death_is_retried_from_the_last_checkpoint(ray_session, tmp_path, monkeypatch):
-    config = small(tmp_path, "training.epochs=4", "training.checkpoint.every_epochs=1", "training.max_failures=2")
-    steps_per_epoch = 22  # 1437 training examples / 2 ranks / batch 32
-    fault_step = 3 * steps_per_epoch + steps_per_epoch // 2  # mid epoch 4
-    monkeypatch.setenv("TANDEM_FAULT_AT_STEP", str(fault_step))
-    monkeypatch.setenv("TANDEM_FAULT_MARKER", str(tmp_path / "fault-marker"))
-    result = train(config)
-    assert (tmp_path / "fault-marker").exists(), "the fault hook never fired"
-    epochs = [h["epoch"] for h in read_history(result.run_dir)]
-    assert epochs[-1] == 4 and result.metrics["step"] == 4 * steps_per_epoch
-    # Lost work is at most one checkpoint interval: epochs are repeated at most once.
-    repeated = len(epochs) - len(set(epochs))
-    assert repeated <= config.training.checkpoint.every_epochs
-    verify_artifact(result.artifact_dir)
+# A worker's death mid-epoch, retried by Ray Train from the last checkpoint, is proven with a real
+# external SIGKILL in tests/reliability/test_training_faults.py
+# (test_worker_sigkilled_mid_epoch_resumes_from_the_last_checkpoint: where it restored, the steps
+# lost, the artifact); an in-process copy of that claim here cost a Train run and proved less.
 
 
 def test_bad_inputs_fail_before_any_worker_starts(tmp_path):

@@ -253,18 +253,18 @@ class InterruptOnce(Callback):
 def test_restore_after_an_interruption_does_not_rerun_finished_trials(ray_session, tmp_path):
     config = tiny(
         tmp_path,
-        "{max_concurrent_trials: 2, search: {name: grid}, space: {training.optimizer.lr: {grid: [1.0e-3, 1.0e-2, 3.0e-3, 3.0e-2]}}}",
+        "{max_concurrent_trials: 2, search: {name: grid}, space: {training.optimizer.lr: {grid: [1.0e-3, 1.0e-2, 3.0e-2]}}}",
         "training.epochs=2",
     )
     marker = tmp_path / "interrupted.json"
     with pytest.raises(Exception):  # noqa: B017 - Tune may wrap the callback's error
-        tune(config, callbacks=[InterruptOnce(marker, finished=2)])
+        tune(config, callbacks=[InterruptOnce(marker, finished=1)])
     assert marker.exists(), "the tune failed before the simulated interruption"
     finished_before = json.loads(marker.read_text())
-    assert len(finished_before) >= 2
+    assert len(finished_before) >= 1
 
     result = tune(config, resume=True)
-    assert len(result.trials) == 4 and all(t.status == "completed" for t in result.trials)
+    assert len(result.trials) == 3 and all(t.status == "completed" for t in result.trials)
     by_id = {t.trial_id: t for t in result.trials}
     for trial_id in finished_before:
         assert by_id[trial_id].starts == 1, f"{trial_id} finished before the interruption but ran again"
