@@ -8,7 +8,8 @@ Tandem's per-epoch lines that was most of the screen. Inside `quiet_terminal(log
   a library's C extension) lands there;
 - sys.stdout and sys.stderr become a line router: every line goes to the log (colour codes dropped), and a Tandem line
   ("[tandem] ..." once Ray's "(Actor pid=N)" prefix is dropped) goes to the terminal as well;
-- `terminal_out` and `terminal_err` stay the real terminal: the CLI's Rich consoles write there;
+- `terminal_out` and `terminal_err` stay the real terminal: the CLI's Rich consoles write there,
+  and so do Tandem's own warnings (the "tandem.*" loggers, WARNING and above);
 - `move_log(folder)` moves the log into the run folder once that exists, and says where it is.
 
 A process without a TTY (`ray job submit`, CI) gets plain lines: Ray's colour codes are dropped.
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import logging
 import os
 import re
 import sys
@@ -127,12 +129,17 @@ def quiet_terminal(log_path: Path, verbose: bool = False) -> Iterator[Path | Non
     os.dup2(log.fileno(), 2)
     sys.stdout, sys.stderr = _LineRouter(log, terminal_out), _LineRouter(log, terminal_err)
     _active.update(log=log, path=log_path)
+    warnings_handler = logging.StreamHandler(terminal_err)
+    warnings_handler.setLevel(logging.WARNING)
+    warnings_handler.setFormatter(logging.Formatter(f"{TANDEM_MARK} %(levelname)s %(message)s"))
+    logging.getLogger("tandem").addHandler(warnings_handler)
     try:
         with warnings.catch_warnings():
             # A library's warning is for the log (its text still lands there through stderr).
             warnings.showwarning = _warning_to_log
             yield log_path
     finally:
+        logging.getLogger("tandem").removeHandler(warnings_handler)
         for router in (sys.stdout, sys.stderr):
             if isinstance(router, _LineRouter):
                 router.finish()

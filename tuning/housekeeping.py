@@ -28,7 +28,7 @@ from ray.tune import Callback
 
 from cluster.artifacts import atomic_write_json
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("tandem.tuning")
 SWEEP_EVERY_S = 5.0
 NIL_ACTOR = "ff" * 16
 

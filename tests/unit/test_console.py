@@ -22,6 +22,7 @@ SCRIPT = textwrap.dedent(
         print("2026-11-29 INFO worker.py -- Started a local Ray instance.", file=sys.stderr)
         os.write(2, b"[2026-11-29 E core_worker.cc] written below Python\\n")
         import warnings; warnings.warn("a library's FutureWarning", FutureWarning)
+        import logging; logging.getLogger("tandem.cluster").warning("the local Ray missed its start-up deadline")
         (Path(sys.argv[1]) / "run").mkdir()
         move_log(Path(sys.argv[1]) / "run")
         terminal_out.write("artifact: written by the CLI\\n")
@@ -42,6 +43,7 @@ def test_tandem_lines_reach_the_terminal_and_everything_reaches_the_log(tmp_path
     assert "[tandem] resumed from x (tag t, step 44)\n" in done.stdout
     assert f"[tandem] log of Ray, DeepSpeed and the workers: {tmp_path / 'run' / 'console.log'}" in done.stdout
     assert "artifact: written by the CLI" in done.stdout and "after the block" in done.stdout
+    assert "[tandem] WARNING the local Ray missed its start-up deadline" in done.stderr  # Tandem's warnings stay on screen
     for chatter in ("Reporting training result", "Started a local Ray instance", "written below Python", "FutureWarning", "\x1b["):
         assert chatter not in terminal, chatter
         if chatter != "\x1b[":
