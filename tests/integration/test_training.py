@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 from pathlib import Path
@@ -49,13 +48,8 @@ def test_default_example_reaches_95_percent_with_zero2(default_example_run):
     assert abs(artifact_accuracy(result.artifact_dir, config) - history[-1]["val_accuracy"]) < 1e-6
 
 
-def test_zero1_trains_and_loss_falls(ray_session, tmp_path):
-    result = train(small(tmp_path, "training.deepspeed.zero_stage=1"))
-    losses = [h["val_loss"] for h in result.history]
-    assert losses[-1] < losses[0]
-    assert (result.run_dir / "deepspeed.json").exists() and json.loads((result.run_dir / "deepspeed.json").read_text())[
-        "zero_optimization"
-    ]["stage"] == 1
+# ZeRO-1 trains (DeepSpeed's JSON at stage 1, loss falls, artifact verified): the worker-SIGKILL
+# run in tests/reliability/test_training_faults.py is a ZeRO-1 run and asserts it.
 
 
 def test_zero3_partitions_parameters_across_ranks(zero3_run):
