@@ -273,13 +273,11 @@ def fit(trainer: Any, run_dir: Path) -> Any:
     CLI prints it, traceback snippet included, without the frames of Ray's driver around it."""
     from ray.train import TrainingFailedError as RayTrainingFailed
 
+    # Ray Train V2's fit() raises the workers' error itself (it never returns a result holding one).
     try:
-        result = trainer.fit()
+        return trainer.fit()
     except RayTrainingFailed as exc:
         raise TrainingFailedError(f"training failed (run folder {run_dir}):\n{exc}") from exc
-    if result.error is not None:
-        raise TrainingFailedError(f"training failed (run folder {run_dir}):\n{result.error}") from result.error
-    return result
 
 
 def consolidate(config: TandemConfig, run_dir: Path, result: Any) -> TrainResult:

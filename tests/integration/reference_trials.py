@@ -20,6 +20,8 @@ from pathlib import Path
 
 
 def main(argv: list[str]) -> int:
+    from tests.gpu.gpu_check import LocalSession, free_port
+
     config_path, updates_path, out_path = argv
     # As in a Train worker (training/trainer.py worker_env): one intra-op thread, the CPU accelerator.
     os.environ.update({"OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
@@ -32,7 +34,6 @@ def main(argv: list[str]) -> int:
     import torch.distributed as dist
 
     from cluster.config import config_with, load_config
-    from tests.gpu.gpu_check import LocalSession
     from training.loop import run_worker
 
     dist.init_process_group("gloo", rank=0, world_size=1)
@@ -47,14 +48,6 @@ def main(argv: list[str]) -> int:
     dist.destroy_process_group()
     Path(out_path).write_text(json.dumps(finals))
     return 0
-
-
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 if __name__ == "__main__":
