@@ -102,7 +102,9 @@ def local_num_cpus(config: TandemConfig) -> float:
     if config.cluster.local.num_cpus:
         return config.cluster.local.num_cpus
     training = config.training.workers * config.training.cpus_per_worker + 1
-    serving = sum(d.cpus * d.autoscaling.max_replicas for d in config.serving.deployments) + 1
+    cores = len(os.sched_getaffinity(0))
+    # 'auto' replica counts resolve against this machine's cores (serving.settings.replica_slots).
+    serving = sum(d.cpus * d.autoscaling.bounds(cores // d.threads)[1] for d in config.serving.deployments) + 1
     return max(4.0, training, serving)
 
 

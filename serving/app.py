@@ -98,7 +98,7 @@ from serving.protocol import (
     token_digest,
 )
 from serving.router import Router
-from serving.settings import INGRESS, TOKEN_DIGEST_ENV, admission_floor, deployment_options, has_router, serve_env
+from serving.settings import INGRESS, TOKEN_DIGEST_ENV, Hardware, admission_floor, deployment_options, has_router, serve_env
 
 logger = logging.getLogger("tandem.serving")
 
@@ -430,6 +430,24 @@ class TandemServer:
 # ---------------------------------------------------------------------------------------------
 
 
+def cluster_hardware() -> Hardware:
+    """Cores and GPUs of the cluster the app is built on, for 'auto' replica counts.
+
+    Ray's CPU count is logical: a single-node Ray may declare more than the machine has (Tandem
+    starts a local Ray with at least 4), so on one node it is capped at the cores this process may
+    run on. A cluster of several nodes is taken at its word.
+    """
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address="auto")
+    resources = ray.cluster_resources()
+    cores, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
+    if sum(1 for node in ray.nodes() if node.get("Alive")) == 1:
+        cores = min(cores, len(os.sched_getaffinity(0)))
+    return Hardware(cores=max(1, cores), gpus=gpus)
+
+
 def build_app(args: dict[str, Any]) -> Any:
     """The Serve application for {"config": <TandemConfig as dict>, "artifact": "latest" | path}."""
     config = validate_config(args["config"])
@@ -437,7 +455,7 @@ def build_app(args: dict[str, Any]) -> Any:
     read_manifest(artifact)  # a missing or damaged artifact fails here, in the caller, not in every replica
     # The RAY_SERVE_* variables of the process that builds the app win over ours (serve_env).
     replica_env = {**serve_env(config.serving, os.environ), **dict(args.get("replica_env") or {})}
-    options = deployment_options(config, replica_env)
+    options = deployment_options(config, replica_env, cluster_hardware())
     base = {"config": config.to_dict(), "artifact": str(Path(artifact).resolve())}
 
     def model_spec(index: int) -> dict[str, Any]:

@@ -15,9 +15,10 @@ serving/admission.py only.
 from __future__ import annotations
 
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
-from cluster.config import Deployment, ServingConfig, TandemConfig
+from cluster.config import AUTO, Deployment, ServingConfig, TandemConfig
 from cluster.runtime import pin_to_group
 from serving.admission import MIN_IN_FLIGHT
 
@@ -110,24 +111,65 @@ def admission_floor(serving: ServingConfig) -> int:
 # ---------------------------------------------------------------------------------------------
 
 
-def autoscaling_options(deployment: Deployment) -> dict[str, Any]:
-    """`num_replicas` for a fixed count, else Serve's `autoscaling_config` (Serve refuses both)."""
+@dataclass(frozen=True)
+class Hardware:
+    """What the replicas of a deployment that is not pinned to a node group can run on: the cluster
+    as Ray reports it when the app is built (serving/app.py `cluster_hardware`)."""
+
+    cores: int
+    gpus: int = 0
+
+
+def replica_slots(config: TandemConfig, deployment: Deployment, hardware: Hardware) -> int:
+    """Replicas the serving hardware holds: one per `threads` cores, or per `gpus` GPUs.
+
+    A deployment pinned to a node group counts that group's nodes at their most (the config says
+    what they hold); any other counts `hardware`.
+    """
+    cores, gpus = hardware.cores, hardware.gpus
+    group = config.cluster.node_groups.get(deployment.node_group or "")
+    if group is not None:
+        cores, gpus = int(group.cpus * group.max_replicas), group.gpus * group.max_replicas
+    if deployment.gpus > 0:
+        return int(gpus // deployment.gpus)
+    return cores // deployment.threads
+
+
+def replica_bounds(config: TandemConfig, hardware: Hardware | None) -> dict[str, tuple[int, int] | None]:
+    """(min, max) replicas of every model deployment, by name; None where a bound is 'auto' and the
+    hardware is not known (a Serve config file: build_app resolves it on the cluster)."""
+    bounds: dict[str, tuple[int, int] | None] = {}
+    for deployment in config.serving.deployments:
+        scaling = deployment.autoscaling
+        if AUTO in (scaling.min_replicas, scaling.max_replicas) and hardware is None:
+            bounds[deployment.name] = None
+        else:
+            bounds[deployment.name] = scaling.bounds(replica_slots(config, deployment, hardware or Hardware(cores=1)))
+    return bounds
+
+
+def autoscaling_options(deployment: Deployment, bounds: tuple[int, int] | None) -> dict[str, Any]:
+    """`num_replicas` for a fixed count, else Serve's `autoscaling_config` (Serve refuses both);
+    nothing while the bounds are not resolved yet."""
+    if bounds is None:
+        return {}
+    low, high = bounds
     scaling = deployment.autoscaling
-    if scaling.min_replicas == scaling.max_replicas:
-        return {"num_replicas": scaling.max_replicas}
+    if low == high:
+        return {"num_replicas": high}
     config: dict[str, Any] = {
-        "min_replicas": scaling.min_replicas,
-        "max_replicas": scaling.max_replicas,
+        "min_replicas": low,
+        "max_replicas": high,
         "target_ongoing_requests": scaling.target_ongoing_requests,
         "upscale_delay_s": scaling.upscale_delay_s,
         "downscale_delay_s": scaling.downscale_delay_s,
     }
     if scaling.initial_replicas is not None:
-        config["initial_replicas"] = scaling.initial_replicas
+        config["initial_replicas"] = min(max(scaling.initial_replicas, low), high)
     return {"autoscaling_config": config}
 
 
-def model_deployment_options(serving: ServingConfig, deployment: Deployment) -> dict[str, Any]:
+def model_deployment_options(serving: ServingConfig, deployment: Deployment, bounds: tuple[int, int] | None) -> dict[str, Any]:
     """Options of one model deployment, keyed by the name the Serve app gives it."""
     actor_options: dict[str, Any] = {"num_cpus": deployment.cpus, "num_gpus": deployment.gpus}
     resources = pin_to_group(deployment.node_group)
@@ -135,23 +177,28 @@ def model_deployment_options(serving: ServingConfig, deployment: Deployment) -> 
         actor_options["resources"] = resources
     return {
         "name": deployment.name,
-        **autoscaling_options(deployment),
+        **autoscaling_options(deployment, bounds),
         "max_ongoing_requests": derived_max_ongoing_requests(serving, deployment),
         "max_queued_requests": deployment.max_queued_requests or serving.limits.max_queued_requests,
         "ray_actor_options": actor_options,
     }
 
 
-def ingress_options(serving: ServingConfig) -> dict[str, Any]:
+def ingress_options(serving: ServingConfig, bounds: dict[str, tuple[int, int] | None]) -> dict[str, Any]:
     """The HTTP entry: never scaled to zero, and never the bottleneck of what sits behind it.
 
     One ingress replica forwards to one replica of each model deployment at their target load,
     so it scales up to the widest deployment and aims at the sum of their targets. Its
     max_ongoing_requests covers every model replica's own limit, so it only queues when they do.
+    While a model deployment's bounds are not resolved (a Serve config file), its scaling and
+    limit are left to build_app, which resolves them on the cluster.
     """
     deployments = serving.deployments
-    widest = max(d.autoscaling.max_replicas for d in deployments)
-    capacity = sum(derived_max_ongoing_requests(serving, d) * d.autoscaling.max_replicas for d in deployments)
+    resolved = {d.name: b for d in deployments if (b := bounds[d.name]) is not None}
+    if len(resolved) < len(deployments):
+        return {"name": INGRESS, "ray_actor_options": {"num_cpus": INGRESS_NUM_CPUS}}
+    widest = max(high for _, high in resolved.values())
+    capacity = sum(derived_max_ongoing_requests(serving, d) * resolved[d.name][1] for d in deployments)
     scaling: dict[str, Any]
     if widest == 1:
         scaling = {"num_replicas": 1}
@@ -175,15 +222,19 @@ def ingress_options(serving: ServingConfig) -> dict[str, Any]:
     }
 
 
-def deployment_options(config: TandemConfig, replica_env: Mapping[str, str] | None = None) -> dict[str, dict[str, Any]]:
+def deployment_options(
+    config: TandemConfig, replica_env: Mapping[str, str] | None = None, hardware: Hardware | None = None
+) -> dict[str, dict[str, Any]]:
     """Serve options of every deployment of the app, by deployment name (the one source for
-    build_app and the Serve config file); replica_env goes into each replica's runtime_env."""
+    build_app and the Serve config file); replica_env goes into each replica's runtime_env.
+    hardware: what 'auto' replica counts resolve against; without it they are left out."""
     serving = config.serving
     env = dict(replica_env or {})
     options: dict[str, dict[str, Any]] = {}
-    entries = [model_deployment_options(serving, d) for d in serving.deployments]
+    bounds = replica_bounds(config, hardware)
+    entries = [model_deployment_options(serving, d, bounds[d.name]) for d in serving.deployments]
     if has_router(config):
-        entries.insert(0, ingress_options(serving))
+        entries.insert(0, ingress_options(serving, bounds))
     for entry in entries:
         # Serve's own refusals (more requests waiting for a slot than max_queued_requests) say when
         # to retry too; without this they are 503s with no Retry-After.

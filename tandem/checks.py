@@ -103,7 +103,8 @@ def deployments_fit_their_groups(config: TandemConfig) -> list[Finding]:
             group = groups[dep.node_group]
             per_node = int(group.gpus // dep.gpus)
             capacity = per_node * group.max_replicas
-            if dep.autoscaling.min_replicas > capacity:
+            # 'auto' resolves to what the group holds (serving.settings.replica_slots).
+            if dep.autoscaling.min_replicas != "auto" and dep.autoscaling.min_replicas > capacity:
                 findings.append(
                     Finding(
                         "error",

@@ -4,7 +4,8 @@
     config = load_config("my.yaml", ["training.epochs=3"])   # every problem at once, or a TandemConfig
 
 Where things go:
-- schema.py    pydantic models of every section (a new field goes here, with its description)
+- schema.py    pydantic models of every section and the root (a new field goes here, with its description);
+                 export and serving in serving_schema.py, the shared base class and types in base.py
 - checks.py    cross-section checks, one small function per trap (a new trap goes here)
 - problems.py  Problem and ConfigError: each problem names its dotted path, the value and the fix
 - loading.py   YAML reading (duplicate keys refused), `--set` overrides, validation, config_with
@@ -19,31 +20,35 @@ from cluster.config.schema import (
     CONFIG_VERSION,
     PACKAGED_EXAMPLE,
     Augment,
-    Auth,
-    Autoscaling,
-    Batching,
-    CacheConfig,
     CheckpointConfig,
     ClusterConfig,
     DataConfig,
-    Deployment,
     DistillConfig,
-    ExportConfig,
     KubernetesConfig,
-    Limits,
     ModelConfig,
     NodeGroup,
-    ParityGate,
-    RouterConfig,
     RuntimeEnv,
-    ServingConfig,
     TandemConfig,
     TrainingConfig,
     TuningConfig,
     resolve_import_path,
 )
+from cluster.config.serving_schema import (
+    AUTO,
+    Auth,
+    Autoscaling,
+    Batching,
+    CacheConfig,
+    Deployment,
+    ExportConfig,
+    Limits,
+    ParityGate,
+    RouterConfig,
+    ServingConfig,
+)
 
 __all__ = [
+    "AUTO",
     "CONFIG_VERSION",
     "PACKAGED_EXAMPLE",
     "Augment",

@@ -94,11 +94,19 @@ def _inner_model(annotation: Any) -> Any:
     return annotation
 
 
+# Union-member tags pydantic adds to error locations besides model names and 'literal[...]'.
+UNION_TAGS = {"constrained-int", "int"}
+
+
+def _is_union_tag(part: Any) -> bool:
+    return isinstance(part, str) and (part[:1].isupper() or "[" in part or part in UNION_TAGS)
+
+
 def problems_from_validation(error: ValidationError, prefix: tuple[Any, ...], root: type[BaseModel], source: str | None) -> list[Problem]:
-    problems = []
+    problems: list[Problem] = []
     for item in error.errors(include_url=False):
         # pydantic adds union-member tags (e.g. 'TuningConfig', 'function-after[...]') to locations; drop them.
-        loc = prefix + tuple(p for p in item["loc"] if not (isinstance(p, str) and (p[:1].isupper() or "[" in p)))
+        loc = prefix + tuple(p for p in item["loc"] if not _is_union_tag(p))
         path = _dotted(loc)
         kind = item["type"]
         if kind == "extra_forbidden":
@@ -119,7 +127,23 @@ def problems_from_validation(error: ValidationError, prefix: tuple[Any, ...], ro
             if described:
                 message = f"{message}; expected: {described}"
         problems.append(Problem(path=path, value=item.get("input") if kind != "missing" else None, message=message))
-    return problems
+    return _one_per_path(problems)
+
+
+def _one_per_path(problems: list[Problem]) -> list[Problem]:
+    """A value a union refused gets one error per member (`int > 0`, `'auto'`): one line per field,
+    the members' complaints joined with 'or'."""
+    merged: dict[str, Problem] = {}
+    for problem in problems:
+        first = merged.get(problem.path)
+        if first is None:
+            merged[problem.path] = problem
+            continue
+        head, _, expected = problem.message.partition("; expected: ")
+        first_head, _, first_expected = first.message.partition("; expected: ")
+        tail = f"; expected: {first_expected or expected}" if first_expected or expected else ""
+        first.message = f"{first_head}, or {head[:1].lower()}{head[1:]}{tail}"
+    return list(merged.values())
 
 
 # ---------------------------------------------------------------------------------------------

@@ -149,7 +149,7 @@ def overload_config(storage, name: str, admission: str, route_prefix: str = "/")
         name,
         {
             "route_prefix": route_prefix,
-            "deployments": [{"name": "cpu", "engine": "onnxruntime", "cpus": 0.5, "max_ongoing_requests": MAX_ONGOING}],
+            "deployments": [{"name": "cpu", "engine": "onnxruntime", "cpus": 0.5, "autoscaling": {"min_replicas": 1, "max_replicas": 1}, "max_ongoing_requests": MAX_ONGOING}],
             "batching": {"max_batch_size": 32, "target_p99_ms": TARGET_P99_MS, "admission": admission},
             "limits": {"max_queued_requests": 32},
         },

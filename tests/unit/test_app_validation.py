@@ -13,7 +13,16 @@ import pytest
 from cluster.config import validate_config
 from serving.protocol import RequestError, check_bearer, parse_json, parse_predict, token_digest
 from serving.router import Router
-from serving.settings import admission_floor, batcher_queue_limit, deployment_options, has_router, ingress_deployment_name, serve_env
+from serving.settings import (
+    INGRESS,
+    Hardware,
+    admission_floor,
+    batcher_queue_limit,
+    deployment_options,
+    has_router,
+    ingress_deployment_name,
+    serve_env,
+)
 
 SHAPE = (64,)
 
@@ -116,7 +125,11 @@ def test_router_policies():
 
 def one_deployment():
     return validate_config(
-        {"serving": {"deployments": [{"name": "cpu", "cpus": 0.5, "autoscaling": {"max_replicas": 2, "upscale_delay_s": 1}}]}}
+        {
+            "serving": {
+                "deployments": [{"name": "cpu", "cpus": 0.5, "autoscaling": {"min_replicas": 1, "max_replicas": 2, "upscale_delay_s": 1}}]
+            }
+        }
     )
 
 
@@ -151,6 +164,30 @@ def test_deployment_options_carry_limits_resources_and_the_fast_path_env():
     assert options["ray_actor_options"]["runtime_env"] == {"env_vars": {"RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}}
     pinned = deployment_options(two_deployments())["gpu"]["ray_actor_options"]
     assert pinned["resources"] == {"group_gpu": 1}
+
+
+def test_auto_replicas_fill_the_cores_the_replicas_run_on():
+    default = validate_config({})
+    # The default: a fixed count, one replica per core of the cluster the app is built on.
+    assert deployment_options(default, hardware=Hardware(cores=2))["cpu"]["num_replicas"] == 2
+    assert deployment_options(default, hardware=Hardware(cores=1))["cpu"]["num_replicas"] == 1
+    threads = validate_config({"serving": {"deployments": [{"name": "cpu", "threads": 2}]}})
+    assert deployment_options(threads, hardware=Hardware(cores=5))["cpu"]["num_replicas"] == 2
+    gpu = validate_config({"serving": {"deployments": [{"name": "gpu", "engine": "torch", "gpus": 0.5}]}})
+    assert deployment_options(gpu, hardware=Hardware(cores=16, gpus=2))["gpu"]["num_replicas"] == 4
+    # Pinned: the node group's nodes at their most, whatever the building node has.
+    assert deployment_options(two_deployments(), hardware=Hardware(cores=64))["cpu"]["num_replicas"] == 2
+    # An explicit bound wins; 'auto' beside it is clamped to it.
+    scaled = validate_config({"serving": {"deployments": [{"name": "cpu", "autoscaling": {"min_replicas": 1}}]}})
+    config = deployment_options(scaled, hardware=Hardware(cores=4))["cpu"]["autoscaling_config"]
+    assert (config["min_replicas"], config["max_replicas"]) == (1, 4)
+    capped = validate_config({"serving": {"deployments": [{"name": "cpu", "autoscaling": {"max_replicas": 3}}]}})
+    assert deployment_options(capped, hardware=Hardware(cores=8))["cpu"]["num_replicas"] == 3
+    # Unknown hardware (a Serve config file): the counts are left to build_app on the cluster.
+    unresolved = deployment_options(default)["cpu"]
+    assert "num_replicas" not in unresolved and "autoscaling_config" not in unresolved
+    router = deployment_options(two_deployments())[INGRESS]
+    assert "num_replicas" not in router and "max_ongoing_requests" not in router
 
 
 def test_serve_env_turns_on_the_fast_path_and_keeps_local_haproxy_files_private(monkeypatch):
