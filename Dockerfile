@@ -29,8 +29,11 @@ COPY --chown=ray:users serving ./serving
 COPY --chown=ray:users profiling ./profiling
 COPY --chown=ray:users tandem ./tandem
 COPY --chown=ray:users examples ./examples
+# The rendered manifests point Ray's HAProxy at tandem-haproxy by this path
+# (serving.settings.IMAGE_FRONT_BINARY): the build fails if pip put it elsewhere.
 RUN pip install --no-cache-dir -c constraints.txt . \
-    && python -c "import ray, tandem.cli; assert ray.__version__ == '2.60.0', ray.__version__"
+    && python -c "import ray, tandem.cli; assert ray.__version__ == '2.60.0', ray.__version__" \
+    && test -x /home/ray/anaconda3/bin/tandem-haproxy
 
 # Serve replicas and Ray Train workers import the installed packages; the working directory
 # only holds the examples a user may point `tandem` at.

@@ -14,9 +14,12 @@ from __future__ import annotations
 import logging
 import os
 import random
+import shutil
 import socket
+import sys
 import tempfile
 import time
+from pathlib import Path
 from typing import Any
 
 from ray import serve as ray_serve
@@ -26,7 +29,7 @@ from cluster.config import TandemConfig
 from cluster.runtime import storage_root
 from serving.app import build_app
 from serving.protocol import token_digest
-from serving.settings import HAPROXY_READY_TIMEOUT_S, TOKEN_DIGEST_ENV, serve_env
+from serving.settings import HAPROXY_READY_TIMEOUT_S, IMAGE_FRONT_BINARY, TOKEN_DIGEST_ENV, serve_env
 
 logger = logging.getLogger("tandem.serving")
 
@@ -84,6 +87,18 @@ def free_port() -> int:
     with socket.socket() as sock:  # the range is crowded: fall back to any port the kernel picks
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+def local_front_binary() -> str | None:
+    """This installation's `tandem-haproxy` (serving/haproxy_front.py), None when it has none (a
+    checkout never installed): HAProxy then runs as Ray configures it, without Tandem's shedding."""
+    beside_python = Path(sys.executable).with_name("tandem-haproxy")
+    if beside_python.is_file() and os.access(beside_python, os.X_OK):
+        return str(beside_python)
+    found = shutil.which("tandem-haproxy")
+    if found is None:
+        logger.warning("tandem-haproxy is not installed (pip install -e .): HAProxy runs without Tandem's shedding")
+    return found
 
 
 def _ensure_ray(config: TandemConfig) -> bool:
@@ -159,7 +174,7 @@ def serve(config: TandemConfig, artifact: str = "latest", blocking: bool = False
     the old ones, so requests in flight during the rollout are answered.
     """
     local = _ensure_ray(config)
-    replica_env = serve_env(config.serving, os.environ)
+    replica_env = serve_env(config.serving, os.environ, local_front_binary() if local else IMAGE_FRONT_BINARY)
     controller_env = {**local_haproxy_env(), **replica_env} if local and config.serving.http_path == "haproxy" else dict(replica_env)
     token_env = config.serving.auth.token_env
     if token_env and os.environ.get(token_env):

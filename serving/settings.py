@@ -20,7 +20,8 @@ from typing import Any
 
 from cluster.config import AUTO, Deployment, ServingConfig, TandemConfig
 from cluster.runtime import pin_to_group
-from serving.admission import MIN_IN_FLIGHT
+from serving.admission import ADMIT_FRACTION, MIN_IN_FLIGHT
+from serving.haproxy_front import QUEUE_MS_ENV, SERVER_MAXCONN_ENV
 
 APP_BUILDER = "serving.app:build_app"  # the import path Serve config files and RayServices name
 INGRESS = "Ingress"  # the router deployment's name, only with several model deployments
@@ -42,6 +43,9 @@ HAPROXY_RETRY_ON = "conn-failure empty-response junk-response"
 # head that is busy starting (a pod on a loaded node; here, 2 shared cores) misses that, and
 # `serve deploy` then fails with "HAProxyManager ... killed by ray.kill".
 HAPROXY_READY_TIMEOUT_S = "30"
+# Where Tandem's image (Dockerfile) installs the `tandem-haproxy` console script: the base image's
+# Python. A cluster not built from that image sets RAY_SERVE_HAPROXY_BINARY_PATH itself.
+IMAGE_FRONT_BINARY = "/home/ray/anaconda3/bin/tandem-haproxy"
 
 
 def has_router(config: TandemConfig) -> bool:
@@ -53,12 +57,16 @@ def ingress_deployment_name(config: TandemConfig) -> str:
     return INGRESS if has_router(config) else config.serving.deployments[0].name
 
 
-def serve_env(serving: ServingConfig, caller_env: Mapping[str, str] | None = None) -> dict[str, str]:
+def serve_env(
+    serving: ServingConfig, caller_env: Mapping[str, str] | None = None, front_binary: str | None = IMAGE_FRONT_BINARY
+) -> dict[str, str]:
     """Environment variables for the Serve controller and every replica.
 
     caller_env: the environment of the process that deploys; its RAY_SERVE_* variables win over
     ours and travel to the replicas too. A config file (Serve config, RayService) passes none, so
     that it follows from the config alone.
+    front_binary: where `tandem-haproxy` (serving/haproxy_front.py) is on the nodes: Tandem's
+    image by default; None turns shedding in HAProxy off.
     """
     env: dict[str, str] = {}
     if serving.http_path in ("haproxy", "direct"):
@@ -66,8 +74,28 @@ def serve_env(serving: ServingConfig, caller_env: Mapping[str, str] | None = Non
     if serving.http_path == "haproxy":
         env["RAY_SERVE_ENABLE_HA_PROXY"] = "1"
         env["RAY_SERVE_HAPROXY_RETRY_ON"] = HAPROXY_RETRY_ON
+        if front_binary:
+            env.update(shedding_env(serving, front_binary))
     env.update({k: v for k, v in (caller_env or {}).items() if k.startswith("RAY_SERVE_")})
     return env
+
+
+def shedding_env(serving: ServingConfig, front_binary: str) -> dict[str, str]:
+    """HAProxy's shedding in front of the replicas (serving/haproxy_front.py).
+
+    Each replica holds at most two full batches from HAProxy (one running, one filling: what
+    batching needs); with a router, the ingress replica holds that for every deployment behind it.
+    A request finding every slot taken waits in HAProxy's queue at most the share of the latency
+    target the admission gate leaves a replica (0.3 x target_p99_ms), then gets a 503 with
+    Retry-After from HAProxy, without costing the replicas anything.
+    """
+    batches = 2 * serving.batching.max_batch_size * len(serving.deployments)
+    queue_ms = max(1, round(ADMIT_FRACTION * serving.batching.target_p99_ms))
+    return {
+        "RAY_SERVE_HAPROXY_BINARY_PATH": front_binary,
+        SERVER_MAXCONN_ENV: str(batches),
+        QUEUE_MS_ENV: str(queue_ms),
+    }
 
 
 def controller_env(settings: Mapping[str, str]) -> dict[str, str]:
