@@ -3,6 +3,7 @@
 PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
+BENCH_STAMP := .venv/.installed-bench
 export RAY_USAGE_STATS_ENABLED := 0
 
 .PHONY: demo test test-fast lint bench reliability clean install gpu-wheels gpu-check
@@ -31,7 +32,12 @@ test-fast: $(STAMP)
 lint: $(STAMP)
 	.venv/bin/ruff check .
 
-bench: $(STAMP)
+# The benchmarks' peers too (the `bench` extra: LitServe), with the same pins.
+$(BENCH_STAMP): $(STAMP)
+	$(PIP) install -q -c constraints.txt -e ".[test,bench]"
+	touch $(BENCH_STAMP)
+
+bench: $(BENCH_STAMP)
 	$(PY) -m benchmarks
 
 # Rerun the fault, fuzz, overload and soak tests and rewrite RELIABILITY.md from their figures.

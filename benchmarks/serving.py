@@ -1,67 +1,81 @@
-"""Serving benchmark: Tandem's Serve app against Ray Serve's own settings and a plain FastAPI server.
+"""Serving benchmark: Tandem against LitServe, Ray Serve's @serve.batch and a plain FastAPI server.
 
-Closed-loop load from a separate client process (keep-alive connections, one example per
-request, fixed request counts, concurrency 1, 8 and 32, loopback only), arms side by side in one
-run, on two models served by the same onnxruntime fp32 engine with one thread:
-- wide:   an MLP 64 -> 2048 -> 2048 -> 10 (about a millisecond or more per single example here);
+Closed-loop load (serving/loadgen.py in a separate process: keep-alive connections, one example
+per request, loopback) at concurrency 1, 8, 32 and 128, on two models served by the same engine
+(ONNX Runtime fp32, one intra-op thread, the artifact's model.onnx):
+- wide:   an MLP 64 -> 2048 -> 2048 -> 2048 -> 10 (the forward is most of a request's cost);
 - digits: the packaged example's MLP 64 -> 128 -> 128 -> 10 (the HTTP path is the cost).
 
-Arms
-- plain:           FastAPI + uvicorn in one process, the engine called inline, unbatched
-- serve_default:   Ray Serve defaults (proxy actor -> replica), unbatched
-- fast:            Ray's throughput-optimized mode (direct ingress), client on the replica's port, unbatched
-- fast_batch_10_10ms: the same with `@serve.batch` at Ray's defaults (10 examples, 10 ms)
-- fast_batch_B_Wms:   `@serve.batch` over a small grid (B examples, W ms); the best is named per row
-- tandem:          Tandem's app (adaptive batcher, the model deployment is the ingress), client on
-                   HAProxy's port (Ray's HAProxy mode in front of the direct-ingress replicas)
-- tandem_direct:   the same replica, client on its own port (what HAProxy costs)
-- tandem_router_hop: Tandem with two deployments, all traffic to the first: HAProxy -> "Ingress"
-                   -> handle -> model replica (what the router hop costs; one deployment has none)
+Arms, one server deployed at a time (deploy, warm up, every level, tear down; benchmarks/_serving_arms.py):
+- plain:          FastAPI + uvicorn in its own process, the engine inline, unbatched
+- litserve:       LitServe 0.2.19, batches of up to 32 with a 5 ms wait, one CPU worker, own process
+- serve_batch:    Ray Serve's defaults (its proxy actor, max_ongoing_requests 5) with
+                  @serve.batch(max_batch_size=32, batch_wait_timeout_s=0.005)
+- tandem_v1:      Tandem, one replica, /v1/predict JSON, its defaults otherwise (HAProxy, adaptive
+                  batching, the latency admission gate: refusals at c=128 are reported, not hidden)
+- tandem_v2:      the same deployment, requests in the Open Inference Protocol's binary form
+- tandem_default: Tandem with its default replica count, /v1 JSON
 
-Reported per arm and concurrency: requests/s, p50, p99, mean batch size, and the CPU time of the
-server processes per request (every process Ray or uvicorn started, HAProxy included; not the
-client), each also as a ratio against the plain arm. Writes benchmarks/results/serving.{json,md,png}.
+Per arm and level: requests/s, p50, p99, refused and failed requests, mean batch size (every arm
+counts its batches), server cores (CPU seconds of the server's processes over the load's wall
+time: the whole process tree for plain and LitServe; replicas plus HAProxy or Serve's proxy for
+the Ray arms, not Ray's controller, GCS or raylet; their idle rate while the load generator
+starts and exits is taken out), server CPU ms per answered request, and the part of it outside
+the forward (each arm times its forward; engine_latency_ms at the mean batch size is the
+fallback estimate, marked in the row). Ratios of each arm against litserve and plain at each
+level; the issue's targets on the wide model are computed and stored, not asserted.
+Writes benchmarks/results/serving.{json,md,png} (--quick: serving_quick.*).
 
-The machine this runs on may be shared: every fast-path arm and the plain server are deployed at
-once and measured interleaved, arm after arm at each concurrency, in two rounds (the second in
-reverse order); per arm the round with the higher throughput is kept, and each row records the
-load average it saw. Ray Serve's default path needs its own Serve (a controller setting), so it
-runs first, alone, in one round.
-
-Run: `python -m benchmarks serving [--quick]` (about 20-30 minutes on a 2-core machine; --quick
-is one round with fewer requests and only the wide model).
+Run: `python -m benchmarks serving [--quick] [--arms plain,litserve,...]`: about 25 minutes on a
+2-core machine (serve_batch's levels above 5 clients run into their 2-minute bound: Serve's
+default max_ongoing_requests of 5 makes its router back off); --quick (digits only, c=1 and 32,
+300 requests per level) about 2.
 """
 
-# No `from __future__ import annotations`: FastAPI must see the real `Request` class of the
-# routes defined inside functions below, not a string it cannot resolve.
-import asyncio
+from __future__ import annotations
+
+import argparse
 import json
 import os
-import subprocess
-import sys
 import tempfile
 import time
-from dataclasses import dataclass
+from contextlib import AbstractContextManager, suppress
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks._serving_arms import (
+    Counters,
+    Server,
+    check_v2_answer,
+    default_serve,
+    litserve_server,
+    plain_server,
+    serve_batch_server,
+    tandem_server,
+)
+from benchmarks._serving_report import add_ratios, markdown, plot, targets
+
 RESULTS = Path(__file__).with_name("results")
-MODELS = {"wide": [2048, 2048], "digits": [128, 128]}
-CONCURRENCY = (1, 8, 32)
-REQUESTS = {1: 300, 8: 1000, 32: 2000}
-QUICK_REQUESTS = {1: 150, 8: 400, 32: 800}
-WARMUP = 100
-ROUNDS = 2  # interleaved rounds; the best round per arm is kept (see measure_interleaved)
-GRID = [(32, 1.0), (32, 5.0), (16, 2.0)]  # @serve.batch (max_batch_size, batch_wait_timeout ms)
-RAY_DEFAULT_BATCH = (10, 10.0)
+MODELS = {"wide": [2048, 2048, 2048], "digits": [128, 128]}
+ARMS = ("plain", "litserve", "serve_batch", "tandem_v1", "tandem_v2", "tandem_default")
+CONCURRENCY = (1, 8, 32, 128)
+QUICK_CONCURRENCY = (1, 32)
+QUICK_REQUESTS = 300
+MAX_SECONDS = 120.0  # per level: an arm that stalls costs two minutes, not the run
+WARMUP = (200, 32)  # requests, concurrency: connections opened, allocations made, Tandem's batcher fitted
 TARGET_P99_MS = 50.0
 
 
+def requests_at(concurrency: int, quick: bool) -> int:
+    if quick:
+        return QUICK_REQUESTS
+    return 500 if concurrency == 1 else 1500
+
+
 # ---------------------------------------------------------------------------------------------
-# models and artifacts
+# models, artifacts, Ray (benchmarks/serving_hotpath.py uses these too)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -83,32 +97,40 @@ def make_artifact(storage: Path, name: str, hidden: list[int]) -> Path:
 
 
 def tandem_config(
-    storage: Path, name: str, hidden: list[int], port: int, router: bool = False, engine: str = "onnxruntime", replicas: int = 1
+    storage: Path,
+    name: str,
+    hidden: list[int],
+    port: int,
+    router: bool = False,
+    engine: str = "onnxruntime",
+    replicas: int | None = 1,
+    defaults: bool = False,
 ) -> Any:
-    """Tandem's config for an arm; router=True adds a second (idle) deployment, so requests go
-    ingress -> handle -> model replica: what the router hop costs."""
+    """Tandem's config for an arm. replicas=None leaves the replica count to Tandem's default.
+
+    defaults=False (the hot-path benchmark): queue-only admission and wide queue limits, since it
+    compares forward paths at a fixed concurrency, where refusing closed-loop clients would change
+    what is measured. defaults=True (this benchmark): Tandem as a user deploys it. router=True adds
+    a second (idle) deployment, so requests go ingress -> handle -> model replica."""
     from cluster.config import validate_config
 
-    scaling = {"min_replicas": replicas, "max_replicas": replicas}
-    model = {"name": "model", "engine": engine, "cpus": 1, "max_ongoing_requests": 256, "autoscaling": scaling}
-    deployments = [model, {**model, "name": "spare"}] if router else [model]
+    model: dict[str, Any] = {"name": "model", "engine": engine, "cpus": 1}  # one CPU per replica, as every arm
+    if replicas is not None:
+        model["autoscaling"] = {"min_replicas": replicas, "max_replicas": replicas}
+    serving: dict[str, Any] = {"port": port, "route_prefix": f"/{name}"}
+    if not defaults:
+        model["max_ongoing_requests"] = 256
+        serving["batching"] = {"max_batch_size": 32, "target_p99_ms": TARGET_P99_MS, "admission": "queue"}
+        serving["router"] = {"policy": "spillover", "spill_threshold": 100000}
+        serving["limits"] = {"max_queued_requests": 1024}
+    serving["deployments"] = [model, {**model, "name": "spare"}] if router else [model]
     return validate_config(
         {
             "name": name,
             "cluster": {"storage": str(storage)},
             "model": {"builder": "training.models:mlp", "args": {"hidden": hidden}},
             "export": {"quantize": "none", "latency_batch_sizes": [1, 32]},
-            "serving": {
-                "port": port,
-                "route_prefix": f"/{name}",
-                # One replica with a whole CPU: the arms differ in the path, not in resources.
-                "deployments": deployments,
-                # Queue limits only: the benchmark compares batching policies at a fixed concurrency,
-                # where refusing closed-loop clients would only change what is measured.
-                "batching": {"max_batch_size": 32, "target_p99_ms": TARGET_P99_MS, "admission": "queue"},
-                "router": {"policy": "spillover", "spill_threshold": 100000},
-                "limits": {"max_queued_requests": 1024},
-            },
+            "serving": serving,
         }
     )
 
@@ -133,132 +155,22 @@ def engine_latency_ms(artifact: Path, engine_name: str = "onnxruntime", sizes: t
     return out
 
 
-# ---------------------------------------------------------------------------------------------
-# baseline servers: plain FastAPI, and Ray Serve deployments with and without @serve.batch
-# ---------------------------------------------------------------------------------------------
+def start_ray(num_cpus: int = 32) -> None:
+    """A local Ray, retried when the raylet misses Ray's fixed 30 s start window (cluster.runtime).
+    num_cpus: what Ray reports (and schedules); the default leaves room for many replicas at once."""
+    from cluster.runtime import start_local_ray
 
-
-def plain_app(artifact: str) -> Any:
-    """FastAPI calling the engine inline: the same decoding as Tandem, no batching, no Ray."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
-
-    from serving.engines import load_engine
-    from serving.protocol import parse_predict
-
-    engine = load_engine(Path(artifact), engine="onnxruntime", threads=1)
-    app = FastAPI()
-
-    @app.post("/v1/predict")
-    async def predict(request: Request) -> JSONResponse:
-        x, _ = parse_predict(json.loads(await request.body()), engine.input_shape, 256)
-        logits = engine.predict(x)
-        return JSONResponse({"predictions": logits.argmax(axis=1).tolist()})
-
-    @app.get("/healthz")
-    async def healthz() -> dict[str, str]:
-        return {"status": "ok"}
-
-    return app
-
-
-def run_plain_server(artifact: str, port: int) -> None:
-    import uvicorn
-
-    uvicorn.run(plain_app(artifact), host="127.0.0.1", port=port, access_log=False, log_level="warning")
-
-
-def baseline_deployment() -> Any:
-    """A Serve deployment like the README's: FastAPI ingress, the engine inline or under @serve.batch."""
-    from fastapi import FastAPI, Request
-    from fastapi.responses import JSONResponse
-    from ray import serve
-
-    from serving.engines import load_engine
-    from serving.protocol import parse_predict
-
-    api = FastAPI()
-
-    @serve.deployment
-    @serve.ingress(api)
-    class Baseline:
-        def __init__(self, artifact: str, batch: list[float] | None):
-            self.engine = load_engine(Path(artifact), engine="onnxruntime", threads=1)
-            self.batched = batch is not None
-            self.batches = self.examples = 0
-            if batch is not None:
-                self.run_batch.set_max_batch_size(int(batch[0]))
-                self.run_batch.set_batch_wait_timeout_s(batch[1] / 1000)
-
-        @serve.batch(max_batch_size=RAY_DEFAULT_BATCH[0], batch_wait_timeout_s=RAY_DEFAULT_BATCH[1] / 1000)
-        async def run_batch(self, rows: list[np.ndarray]) -> list[np.ndarray]:
-            self.batches += 1
-            self.examples += len(rows)
-            return list(self.engine.predict(np.stack(rows)))
-
-        @api.post("/v1/predict")
-        async def predict(self, request: Request) -> JSONResponse:
-            x, _ = parse_predict(json.loads(await request.body()), self.engine.input_shape, 256)
-            if self.batched:
-                logits = (await self.run_batch(x[0]))[None]
-            else:
-                self.batches += 1
-                self.examples += len(x)
-                logits = self.engine.predict(x)
-            return JSONResponse({"predictions": logits.argmax(axis=1).tolist()})
-
-        @api.get("/v1/stats")
-        async def stats(self) -> dict[str, Any]:
-            return {"batcher": {"batches": self.batches, "examples": self.examples}}
-
-        @api.get("/healthz")
-        async def healthz(self) -> dict[str, str]:
-            return {"status": "ok"}
-
-    return Baseline
-
-
-def deploy_baseline(name: str, artifact: Path, batch: tuple[int, float] | None, env: dict[str, str]) -> None:
-    from ray import serve
-
-    # Replicas import this module: put the repository on their path (benchmarks/ is not installed).
-    env = {**env, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}".rstrip(os.pathsep)}
-    deployment = baseline_deployment().options(
-        name=name,
-        max_ongoing_requests=256,
-        ray_actor_options={"num_cpus": 1, "runtime_env": {"env_vars": env}},
-    )
-    serve.run(deployment.bind(str(artifact), list(batch) if batch else None), name=name, route_prefix=f"/{name}")
+    start_local_ray(num_cpus=num_cpus, include_dashboard=False, log_to_driver=False)
 
 
 # ---------------------------------------------------------------------------------------------
-# measuring: a client in its own process, CPU of the server processes
+# measuring
 # ---------------------------------------------------------------------------------------------
-
-
-def client_main(url: str, concurrency: int, requests: int, seed: int) -> None:
-    """Entry point of the client process: print one JSON summary of a closed-loop run."""
-    from serving.loadgen import closed_loop, encode_requests, summarize
-
-    rows = np.random.default_rng(seed).random((requests, 64), dtype=np.float32)
-    bodies = encode_requests(rows)
-    start = time.perf_counter()
-    records = asyncio.run(closed_loop(url, bodies, concurrency))
-    print(json.dumps(summarize(records, time.perf_counter() - start, concurrency).to_dict()))
-
-
-def run_client(url: str, concurrency: int, requests: int, seed: int = 0) -> dict[str, Any]:
-    code = f"from benchmarks.serving import client_main; client_main({url!r}, {concurrency}, {requests}, {seed})"
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=900, cwd=ROOT, env=env)
-    if done.returncode != 0:
-        raise RuntimeError(f"client failed for {url}: {done.stderr[-2000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 def server_cpu_seconds(roots: list[int], exclude: tuple[int, ...] = ()) -> float:
     """User + system CPU of the given processes and their descendants (Ray's workers, HAProxy),
-    leaving out the `exclude` processes and theirs (the plain servers when Ray's are measured)."""
+    leaving out the `exclude` processes and theirs."""
     import psutil
 
     skipped: set[int] = set()
@@ -287,341 +199,219 @@ def server_cpu_seconds(roots: list[int], exclude: tuple[int, ...] = ()) -> float
     return total
 
 
-def batch_counts(url: str) -> tuple[int, int] | None:
-    import httpx
+def process_titles(roots: list[int]) -> list[str]:
+    """The processes server_cpu_seconds counts for `roots`, by title (Ray's "ray::<actor>",
+    else the executable): what a row's CPU figures cover."""
+    import psutil
 
-    try:
-        batcher = httpx.get(f"{url}/v1/stats", timeout=10).json()["batcher"]
-        return int(batcher["batches"]), int(batcher["examples"])
-    except Exception:
-        return None
-
-
-@dataclass
-class Target:
-    """One arm of one model, ready to take load."""
-
-    model: str
-    arm: str
-    url: str
-    cpu_roots: list[int]
-    cpu_exclude: tuple[int, ...] = ()
-    stats_url: str | None = None
+    titles = []
+    for pid in roots:
+        with suppress(psutil.Error):
+            for process in [psutil.Process(pid), *psutil.Process(pid).children(recursive=True)]:
+                titles.append(Path((process.cmdline() or [process.name()])[0]).name)
+    return sorted(titles)
 
 
-def measure_once(target: Target, concurrency: int, requests: int, seed: int) -> dict[str, Any]:
-    """One closed-loop run against one arm: a row with throughput, latency, batch size and CPU."""
-    stats_url = target.stats_url or target.url
-    before_cpu, before_batches = server_cpu_seconds(target.cpu_roots, target.cpu_exclude), batch_counts(stats_url)
-    summary = run_client(target.url, concurrency, requests, seed=seed)
-    after_cpu, after_batches = server_cpu_seconds(target.cpu_roots, target.cpu_exclude), batch_counts(stats_url)
-    mean_batch = 1.0 if target.arm == "plain" else float("nan")  # nan: the arm's replica is not reachable for stats
-    if before_batches and after_batches and after_batches[0] > before_batches[0]:
-        mean_batch = (after_batches[1] - before_batches[1]) / (after_batches[0] - before_batches[0])
+class ForwardEstimate:
+    """engine_latency_ms at a batch size, measured once per model and size: the forward time of an
+    arm whose server cannot time its own."""
+
+    def __init__(self, artifacts: dict[str, Path]):
+        self.artifacts, self.cache = artifacts, {}
+
+    def ms(self, model: str, mean_batch: float) -> float:
+        size = max(1, round(mean_batch))
+        if (model, size) not in self.cache:
+            self.cache[(model, size)] = engine_latency_ms(self.artifacts[model], sizes=(size,))[f"batch_{size}_ms"]
+        return self.cache[(model, size)]
+
+
+def idle_cores(pids: list[int], seconds: float = 1.0) -> float:
+    """The server's CPU rate with no load (Ray's replicas and proxies poll and report metrics)."""
+    before = server_cpu_seconds(pids)
+    time.sleep(seconds)
+    return (server_cpu_seconds(pids) - before) / seconds
+
+
+def level_row(model: str, arm: str, result: Any, cpu_s: float, counters: Counters | None, estimate: ForwardEstimate) -> dict[str, Any]:
+    """One row of the report: the load's result and what the server spent on it."""
+    batches, examples, forward_s = counters if counters else (float("nan"),) * 3
+    mean_batch = examples / batches if batches and batches > 0 else float("nan")
+    forward_source = "measured"
+    if np.isnan(forward_s) and not np.isnan(mean_batch):
+        forward_s = estimate.ms(model, mean_batch) * batches / 1000
+        forward_source = "estimated: engine_latency_ms at the mean batch size x batches"
+    answered = max(1, result.ok)
     return {
-        "model": target.model,
-        "arm": target.arm,
-        "concurrency": concurrency,
-        **summary,
+        "model": model,
+        "arm": arm,
+        **result.to_dict(),
         "mean_batch_size": mean_batch,
-        "server_cpu_ms_per_request": 1000 * (after_cpu - before_cpu) / max(1, summary["requests"]),
+        "server_cores": cpu_s / result.wall_s if result.wall_s else float("nan"),
+        "server_cpu_ms_per_request": 1000 * cpu_s / answered,
+        "forward_ms_per_batch": 1000 * forward_s / batches if batches else float("nan"),
+        "forward_source": forward_source,
+        "cpu_outside_forward_ms_per_request": 1000 * (cpu_s - forward_s) / answered,
         "load_average_1m": os.getloadavg()[0],
     }
 
 
-def measure_interleaved(targets: list[Target], requests: dict[int, int], rounds: int) -> list[dict[str, Any]]:
-    """Every arm at each concurrency, arm after arm, for `rounds` rounds (the order reversed every
-    other round); per arm and concurrency the round with the highest throughput is kept.
+def measure_level(server: Server, model: str, arm: str, concurrency: int, requests: int, protocol: str, estimate: ForwardEstimate) -> dict:
+    from serving.loadgen import load_from_process
 
-    The machine is shared: a neighbour's burst during one arm's run would otherwise decide the
-    comparison. Interleaving spreads such bursts over all arms, and the best of the rounds is the
-    least disturbed one.
-    """
-    for target in targets:
-        run_client(target.url, 8, WARMUP, seed=99)
-    runs: dict[tuple[str, str, int], list[dict[str, Any]]] = {}
-    for round_index in range(rounds):
-        order = targets if round_index % 2 == 0 else targets[::-1]
-        for concurrency in CONCURRENCY:
-            for target in order:
-                row = measure_once(target, concurrency, requests[concurrency], seed=concurrency + 100 * round_index)
-                row["round"] = round_index
-                print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
-                runs.setdefault((target.model, target.arm, concurrency), []).append(row)
-    return [max(rows, key=lambda r: r["requests_per_s"]) for rows in runs.values()]
+    examples = np.random.default_rng(concurrency).random((256, 64), dtype=np.float32)
+    pids = server.processes()
+    idle = idle_cores(pids)
+    cpu_before, counters_before, started = server_cpu_seconds(pids), server.counters(), time.perf_counter()
+    result = load_from_process(
+        server.url, examples, requests, concurrency, max_seconds=MAX_SECONDS, protocol=protocol, model=server.model_name
+    )
+    cpu_s, counters_after = server_cpu_seconds(pids) - cpu_before, server.counters()
+    # The load generator's process starts (imports) before its load and exits after it; the server
+    # idles meanwhile at its background rate, which is no cost of the load's requests.
+    cpu_s -= idle * max(0.0, time.perf_counter() - started - result.wall_s)
+    counters = counters_after.minus(counters_before) if counters_before and counters_after else None
+    row = level_row(model, arm, result, cpu_s, counters, estimate)
+    return {**row, "server_idle_cores": idle, "replicas": server.replicas(), "server_processes": process_titles(pids)}
 
 
-def wait_http(url: str, timeout_s: float = 120.0) -> None:
-    import httpx
+def measure_arm(server: Server, model: str, arm: str, levels: tuple[int, ...], quick: bool, estimate: ForwardEstimate) -> list[dict]:
+    """Warm-up, then every concurrency level, one after another, on a deployed server."""
+    from serving.loadgen import load_from_process
 
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/healthz", timeout=5).status_code == 200:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.25)
-    raise TimeoutError(f"{url}/healthz did not answer")
-
-
-# ---------------------------------------------------------------------------------------------
-# the arms
-# ---------------------------------------------------------------------------------------------
-
-
-def start_plain_server(artifact: Path) -> tuple[subprocess.Popen, str]:
-    from serving.deploy import free_port
-
-    port = free_port()
-    code = f"from benchmarks.serving import run_plain_server; run_plain_server({str(artifact)!r}, {port})"
-    server = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, env={**os.environ, "PYTHONPATH": str(ROOT)})
-    url = f"http://127.0.0.1:{port}"
-    wait_http(url)
-    return server, url
-
-
-def replica_url(app_name: str, route_prefix: str) -> str:
-    """The direct-ingress port of an app's (one) ingress replica."""
-    import ray
-    from ray.serve.context import _get_global_client
-
-    client = _get_global_client()
-    groups = ray.get(client._controller.get_target_groups.remote(app_name, from_proxy_manager=True))
-    for group in groups:
-        for target in group.targets:
-            if target.port != client.http_config.port and getattr(group.protocol, "value", group.protocol) == "HTTP":
-                return f"http://127.0.0.1:{target.port}{route_prefix}"
-    raise RuntimeError(f"no direct-ingress replica port for {app_name}; is RAY_SERVE_THROUGHPUT_OPTIMIZED on?")
-
-
-def session_serve_default(
-    artifacts: dict[str, Path], requests: dict[int, int], roots: list[int], exclude: tuple[int, ...]
-) -> list[dict[str, Any]]:
-    """Ray Serve with its defaults: the proxy actor in the path (5 to 30 times the others' cost
-    here, so one round, on its own)."""
-    from ray import serve
-
-    from serving.deploy import free_port
-
-    port = free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    protocol = "v2" if arm == "tandem_v2" else "v1"
+    if protocol == "v2":
+        check_v2_answer(server)  # a wrong /v2 body would otherwise be measured as fast failures
+    warmup = np.random.default_rng(99).random((64, 64), dtype=np.float32)
+    load_from_process(server.url, warmup, WARMUP[0], WARMUP[1], max_seconds=MAX_SECONDS, protocol=protocol, model=server.model_name)
     rows = []
-    try:
-        for model, artifact in artifacts.items():
-            name = f"default-{model}"
-            deploy_baseline(name, artifact, None, {})
-            url = f"http://127.0.0.1:{port}/{name}"
-            wait_http(url)
-            rows += measure_interleaved([Target(model, "serve_default", url, roots, exclude)], requests, rounds=1)
-            serve.delete(name)
-    finally:
-        serve.shutdown()
+    for concurrency in levels:
+        row = measure_level(server, model, arm, concurrency, requests_at(concurrency, quick), protocol, estimate)
+        print(json.dumps({k: round(v, 2) if isinstance(v, float) else v for k, v in row.items()}), flush=True)
+        rows.append(row)
     return rows
 
 
-def session_fast_path(
-    storage: Path, artifacts: dict[str, Path], requests: dict[int, int], roots: list[int], plain: list[Target], rounds: int
-) -> list[dict[str, Any]]:
-    """Throughput-optimized Serve with HAProxy: Tandem's apps and the static baselines, all
-    deployed at once, measured interleaved with the plain servers."""
+# ---------------------------------------------------------------------------------------------
+# the arms, in order: the peers before Ray starts, then Serve's default path, then Tandem
+# ---------------------------------------------------------------------------------------------
+
+
+class Run:
+    """What the arms share: the models' artifacts, the levels, where scratch files go."""
+
+    def __init__(self, artifacts: dict[str, Path], storage: Path, quick: bool, arms: list[str]):
+        self.artifacts, self.storage, self.quick, self.arms = artifacts, storage, quick, arms
+        self.levels = QUICK_CONCURRENCY if quick else CONCURRENCY
+        self.estimate = ForwardEstimate(artifacts)
+        self.rows: list[dict[str, Any]] = []
+
+    def measure(self, deployed: AbstractContextManager[Server], model: str, arms: list[str]) -> None:
+        """Deploy one server, measure each of `arms` on it, tear it down."""
+        with deployed as server:
+            for arm in arms:
+                print(f"== {arm} / {model}", flush=True)
+                self.rows += measure_arm(server, model, arm, self.levels, self.quick, self.estimate)
+
+    def peers(self) -> None:
+        for model, artifact in self.artifacts.items():
+            if "plain" in self.arms:
+                self.measure(plain_server(artifact), model, ["plain"])
+            if "litserve" in self.arms:
+                self.measure(litserve_server(artifact, self.storage), model, ["litserve"])
+
+    def serve_batch(self) -> None:
+        with default_serve() as port:
+            for model, artifact in self.artifacts.items():
+                self.measure(serve_batch_server(f"serve-batch-{model}", artifact, port), model, ["serve_batch"])
+
+    def tandem(self) -> None:
+        from serving.deploy import free_port
+
+        one_replica = [arm for arm in ("tandem_v1", "tandem_v2") if arm in self.arms]
+        for model, artifact in self.artifacts.items():
+            if one_replica:
+                config = tandem_config(self.storage, f"tandem-{model}", MODELS[model], free_port(), defaults=True)
+                self.measure(tandem_server(config, artifact), model, one_replica)
+            if "tandem_default" in self.arms:
+                # No autoscaling block: Tandem's default replica count for this machine.
+                config = tandem_config(self.storage, f"tandem-default-{model}", MODELS[model], free_port(), replicas=None, defaults=True)
+                self.measure(tandem_server(config, artifact), model, ["tandem_default"])
+
+
+def run_arms(run: Run) -> None:
+    import ray
     from ray import serve
 
-    from serving import deploy as tandem
-    from serving.deploy import free_port
-    from serving.settings import serve_env
-
-    port = free_port()
-    exclude = tuple(t.cpu_roots[0] for t in plain)
-    static = [("fast", None), (f"fast_batch_{RAY_DEFAULT_BATCH[0]}_{RAY_DEFAULT_BATCH[1]:g}ms", RAY_DEFAULT_BATCH)]
-    static += [(f"fast_batch_{size}_{wait:g}ms", (size, wait)) for size, wait in GRID]
-    targets = list(plain)
+    run.peers()  # before Ray starts: its idle processes would share the machine with them
+    if not set(run.arms) & {"serve_batch", "tandem_v1", "tandem_v2", "tandem_default"}:
+        return
+    # Ray reports the machine's real cores: Tandem's default replica count fills what Ray reports,
+    # and one arm runs at a time, so nothing else needs the headroom.
+    start_ray(num_cpus=os.cpu_count() or 1)
     try:
-        for model, artifact in artifacts.items():
-            config = tandem_config(storage, f"tandem-{model}", MODELS[model], port)
-            url = tandem.serve(config, artifact=str(artifact))  # starts Serve (fast path env) on first use
-            targets.append(Target(model, "tandem", url, roots, exclude))
-            targets.append(Target(model, "tandem_direct", replica_url(config.name, f"/tandem-{model}"), roots, exclude))
-            routed = tandem_config(storage, f"routed-{model}", MODELS[model], port, router=True)
-            targets.append(Target(model, "tandem_router_hop", tandem.serve(routed, artifact=str(artifact)), roots, exclude))
-            env = serve_env(config.serving, os.environ)
-            for arm, batch in static:
-                name = f"{arm.replace('_', '-')}-{model}"
-                deploy_baseline(name, artifact, batch, env)
-                url = replica_url(name, f"/{name}")
-                wait_http(url)
-                targets.append(Target(model, arm, url, roots, exclude))
-        return measure_interleaved(targets, requests, rounds)
+        if "serve_batch" in run.arms:
+            run.serve_batch()  # Serve's default proxy needs a Serve of its own, shut down after
+        run.tandem()
     finally:
         serve.shutdown()
+        ray.shutdown()
 
 
-# ---------------------------------------------------------------------------------------------
-# report
-# ---------------------------------------------------------------------------------------------
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks serving", description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="smoke run: digits only, c=1 and 32, 300 requests per level")
+    parser.add_argument("--arms", default=",".join(ARMS), help=f"comma-separated, from {list(ARMS)}")
+    args = parser.parse_args(argv)
+    args.arms = args.arms.split(",")
+    unknown = sorted(set(args.arms) - set(ARMS))
+    if unknown:
+        parser.error(f"unknown arm(s) {unknown}; choose from {list(ARMS)}")
+    if "litserve" in args.arms:
+        import importlib.util
 
-
-def add_ratios(rows: list[dict[str, Any]]) -> None:
-    plain = {(r["model"], r["concurrency"]): r for r in rows if r["arm"] == "plain"}
-    for row in rows:
-        base = plain.get((row["model"], row["concurrency"]))
-        if base:
-            row["throughput_vs_plain"] = row["requests_per_s"] / base["requests_per_s"]
-            row["p50_vs_plain"] = row["p50_ms"] / base["p50_ms"]
-            row["p99_vs_plain"] = row["p99_ms"] / base["p99_ms"]
-            row["cpu_vs_plain"] = (
-                row["server_cpu_ms_per_request"] / base["server_cpu_ms_per_request"] if base["server_cpu_ms_per_request"] else float("nan")
-            )
-
-
-def targets(rows: list[dict[str, Any]], model: str = "wide") -> dict[str, Any]:
-    """The issue's targets on the wide model, for tandem (HAProxy) and tandem_direct."""
-    at = {(r["arm"], r["concurrency"]): r for r in rows if r["model"] == model}
-    out: dict[str, Any] = {}
-    static_arms = sorted({a for a, _ in at if a.startswith("fast_batch")})
-    if not static_arms or ("fast", 1) not in at:
-        return out
-    for arm in ("tandem", "tandem_direct"):
-        if (arm, 32) not in at:
-            continue
-        best32 = max(static_arms, key=lambda a: at[(a, 32)]["requests_per_s"])
-        best8 = max(static_arms + ["fast"], key=lambda a: at[(a, 8)]["requests_per_s"])
-        out[arm] = {
-            "c32_throughput_vs_best_static": at[(arm, 32)]["requests_per_s"] / at[(best32, 32)]["requests_per_s"],
-            "c32_p99_vs_best_static": at[(arm, 32)]["p99_ms"] / at[(best32, 32)]["p99_ms"],
-            "c32_best_static": best32,
-            "c8_throughput_vs_best_of_static_and_fast": at[(arm, 8)]["requests_per_s"] / at[(best8, 8)]["requests_per_s"],
-            "c8_best": best8,
-            "c1_p50_vs_fast_unbatched": at[(arm, 1)]["p50_ms"] / at[("fast", 1)]["p50_ms"],
-        }
-        goal = out[arm]
-        goal["met"] = {
-            "c32": goal["c32_throughput_vs_best_static"] >= 1.0 and goal["c32_p99_vs_best_static"] <= 1.0,
-            "c8": goal["c8_throughput_vs_best_of_static_and_fast"] >= 1.0,
-            "c1": goal["c1_p50_vs_fast_unbatched"] <= 1.2,
-        }
-    return out
-
-
-def markdown(rows: list[dict[str, Any]], engines: dict[str, dict[str, float]]) -> str:
-    lines = []
-    for model in dict.fromkeys(r["model"] for r in rows):
-        timing = engines.get(model, {})
-        lines.append(
-            f"\n### {model} (engine: {timing.get('batch_1_ms', float('nan')):.2f} ms at batch 1, "
-            f"{timing.get('batch_32_ms', float('nan')):.2f} ms at batch 32)\n"
-        )
-        lines.append(
-            "| arm | c=1 req/s (p50 ms) | c=8 req/s (p99 ms) | c=32 req/s (p99 ms) | batch @32 | server CPU ms/req @32 | vs plain @32: "
-            "req/s, p99, CPU |"
-        )
-        lines.append("|---|---|---|---|---|---|---|")
-        at = {(r["arm"], r["concurrency"]): r for r in rows if r["model"] == model}
-        for arm in dict.fromkeys(r["arm"] for r in rows if r["model"] == model):
-            c1, c8, c32 = at.get((arm, 1)), at.get((arm, 8)), at.get((arm, 32))
-            if not (c1 and c8 and c32):
-                continue
-            ratios = ", ".join(f"{c32.get(key, float('nan')):.2f}x" for key in ("throughput_vs_plain", "p99_vs_plain", "cpu_vs_plain"))
-            lines.append(
-                f"| {arm} | {c1['requests_per_s']:.0f} ({c1['p50_ms']:.1f}) | {c8['requests_per_s']:.0f} ({c8['p99_ms']:.1f}) | "
-                f"{c32['requests_per_s']:.0f} ({c32['p99_ms']:.1f}) | {c32['mean_batch_size']:.1f} | "
-                f"{c32['server_cpu_ms_per_request']:.2f} | {ratios} |"
-            )
-    return "\n".join(lines)
-
-
-def plot(rows: list[dict[str, Any]], path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    models = list(dict.fromkeys(r["model"] for r in rows))
-    fig, axes = plt.subplots(1, len(models), figsize=(7 * len(models), 5), squeeze=False)
-    for ax, model in zip(axes[0], models, strict=True):
-        for arm in dict.fromkeys(r["arm"] for r in rows if r["model"] == model):
-            points = sorted((r for r in rows if r["model"] == model and r["arm"] == arm), key=lambda r: r["concurrency"])
-            style = "-o" if arm.startswith("tandem") else "--." if arm.startswith("fast_batch") else "-s"
-            ax.plot([p["requests_per_s"] for p in points], [p["p99_ms"] for p in points], style, label=arm)
-            for p in points:
-                ax.annotate(f"c={p['concurrency']}", (p["requests_per_s"], p["p99_ms"]), fontsize=6)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        ax.set_xlabel("requests/s")
-        ax.set_ylabel("p99 latency (ms)")
-        ax.set_title(f"{model}: closed loop, concurrency 1 / 8 / 32")
-        ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-
-
-def start_ray() -> None:
-    """A local Ray, retried when the raylet misses Ray's fixed 30 s start window (cluster.runtime)."""
-    from cluster.runtime import start_local_ray
-
-    start_local_ray(num_cpus=32, include_dashboard=False, log_to_driver=False)
+        if importlib.util.find_spec("litserve") is None:
+            parser.error('the litserve arm needs LitServe: pip install -c constraints.txt -e ".[bench]" (or leave it out with --arms)')
+    return args
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
-    import ray
-
-    argv = list(argv or [])
-    quick = "--quick" in argv
-    requests = QUICK_REQUESTS if quick else REQUESTS
-    rounds = 1 if quick else ROUNDS
-    models = {"wide": MODELS["wide"]} if quick else MODELS
-    RESULTS.mkdir(exist_ok=True)
+    args = parse_args(argv)
+    models = {"digits": MODELS["digits"]} if args.quick else MODELS
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    # A deleted direct-ingress app holds its replica for 30 s by default (for load balancers to
-    # deregister it); between arms nothing is routing to it. Passed to Serve by serve_env().
+    # A deleted app's direct-ingress replica drains for 30 s by default (for load balancers to
+    # deregister it); between arms nothing routes to it. Passed to Serve by serve_env().
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
-    started = time.time()
+    load_start, started = os.getloadavg()[0], time.time()
+    print(f"load average at start: {load_start:.2f}", flush=True)
     with tempfile.TemporaryDirectory(prefix="tandem-bench-") as tmp:
         storage = Path(tmp)
         artifacts = {name: make_artifact(storage, name, hidden) for name, hidden in models.items()}
         engines = {name: engine_latency_ms(path) for name, path in artifacts.items()}
         print(json.dumps({"engines": engines}), flush=True)
-        servers = {model: start_plain_server(artifact) for model, artifact in artifacts.items()}
-        plain = [Target(model, "plain", url, [server.pid]) for model, (server, url) in servers.items()]
-        exclude = tuple(server.pid for server, _ in servers.values())
-        rows: list[dict[str, Any]] = []
-        try:
-            start_ray()
-            roots = [os.getpid()]  # the local Ray's processes are this process's descendants
-            rows += session_serve_default(artifacts, requests, roots, exclude)
-            rows += session_fast_path(storage, artifacts, requests, roots, plain, rounds)
-        finally:
-            ray.shutdown()
-            for server, _ in servers.values():
-                server.terminate()
-                server.wait(timeout=30)
+        run = Run(artifacts, storage, args.quick, args.arms)
+        run_arms(run)
+    rows = run.rows
     add_ratios(rows)
-    report = {
-        "rows": rows,
-        "engines": engines,
-        "targets": targets(rows),
-        "setup": {
-            "models": models,
-            "concurrency": CONCURRENCY,
-            "requests": requests,
-            "grid": GRID,
-            "rounds": rounds,
-            "cpus": os.cpu_count(),
-            "load_average_at_end": os.getloadavg(),
-            "minutes": (time.time() - started) / 60,
-        },
+    setup = {
+        "models": models,
+        "arms": args.arms,
+        "concurrency": list(run.levels),
+        "requests": {c: requests_at(c, args.quick) for c in run.levels},
+        "quick": args.quick,
+        "cpus": os.cpu_count(),
+        "load_average_1m": {"start": load_start, "end": os.getloadavg()[0]},
+        "minutes": (time.time() - started) / 60,
     }
-    (RESULTS / "serving.json").write_text(json.dumps(report, indent=2, default=float))
-    table = markdown(rows, engines)
-    (RESULTS / "serving.md").write_text(
-        "## Serving benchmark\n" + table + "\n\nTargets (wide model):\n\n```\n" + json.dumps(report["targets"], indent=2) + "\n```\n"
-    )
-    plot(rows, RESULTS / "serving.png")
-    print(table)
-    print(json.dumps(report["targets"], indent=2))
+    report = {"setup": setup, "engines": engines, "targets": targets(rows), "rows": rows}
+    write_results(report, "serving_quick" if args.quick else "serving")
     return report
 
 
-if __name__ == "__main__":
-    main(sys.argv[1:])
+def write_results(report: dict[str, Any], stem: str) -> None:
+    RESULTS.mkdir(exist_ok=True)
+    (RESULTS / f"{stem}.json").write_text(json.dumps(report, indent=2, default=float))
+    text = markdown(report)
+    (RESULTS / f"{stem}.md").write_text(text)
+    plot(report["rows"], RESULTS / f"{stem}.png")
+    print(text)

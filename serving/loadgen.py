@@ -2,10 +2,17 @@
 serving benchmark and the tests all measure with it, and all get a `LoadResult`.
 
     python -m serving.loadgen URL --inputs inputs.json --requests 400 --concurrency 8 [--token-env TANDEM_TOKEN]
+        [--protocol v1|v2] [--model NAME] [--path /v1/predict]
 
 `concurrency` clients, each on its own keep-alive connection, send one example per request, one
 request after another, until `requests` have been sent or `max_seconds` passed (bounded in count
 and in time, so it always stops by itself). Loopback only: it refuses other hosts.
+
+Two request encodings: `v1` (default), a JSON body `{"inputs": [...], "probabilities": false}` to
+POST {url}/v1/predict; `v2`, the Open Inference Protocol's binary form (serving/oip.py) to POST
+{url}/v2/models/{model}/infer: a JSON header asking for the predictions as binary data, then the
+example's raw little-endian float32 bytes. `path` sends either to another path (a peer server
+under the same JSON shape, say).
 `load_from_process` runs it in a separate Python process, so the client never shares the
 server's GIL; in-process use (`run_load`, `closed_loop`) is for tests and quick probes.
 """
@@ -28,8 +35,15 @@ from urllib.parse import urlparse
 import httpx
 import numpy as np
 
+from serving.oip import HEADER_LENGTH, INPUT
+
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 NO_ANSWER = -1  # the status recorded for a request that got no HTTP answer (connection error, timeout)
+REQUEST_TIMEOUT_S = 60.0  # a request unanswered this long is recorded as NO_ANSWER
+PROTOCOLS = ("v1", "v2")
+V1_PATH = "/v1/predict"
+JSON_TYPE = "application/json"
+BINARY_TYPE = "application/octet-stream"
 
 
 @dataclass
@@ -52,6 +66,16 @@ class LoadResult:
         return asdict(self)
 
 
+@dataclass(frozen=True)
+class Wire:
+    """Where and how the requests of a load go: the path after the URL's own path, the body's
+    content type, and headers every request carries (the same for every body of a load)."""
+
+    path: str = V1_PATH
+    content_type: str = JSON_TYPE
+    headers: tuple[tuple[str, str], ...] = ()
+
+
 class RawConnection:
     """One keep-alive HTTP/1.1 connection over asyncio streams.
 
@@ -60,12 +84,14 @@ class RawConnection:
     and parses only the status line, Content-Length, Retry-After and the body.
     """
 
-    def __init__(self, url: str, token: str | None = None):
+    def __init__(self, url: str, token: str | None = None, content_type: str = JSON_TYPE, headers: tuple[tuple[str, str], ...] = ()):
         parsed = httpx.URL(url)
         self.host, self.port = parsed.host, parsed.port or 80
         self.prefix = parsed.path.rstrip("/")
         auth = f"Authorization: Bearer {token}\r\n" if token else ""
-        self.head = f"Host: {self.host}:{self.port}\r\nContent-Type: application/json\r\n{auth}"
+        extra = "".join(f"{name}: {value}\r\n" for name, value in headers)
+        # Built once: the per-request cost is one concatenation.
+        self.head = f"Host: {self.host}:{self.port}\r\nContent-Type: {content_type}\r\n{auth}{extra}"
         self.reader: Any = None
         self.writer: Any = None
 
@@ -129,30 +155,68 @@ class RawConnection:
         self.reader = self.writer = None
 
 
-def encode_requests(examples: Any, probabilities: bool = False) -> list[bytes]:
-    """One pre-encoded /v1/predict body per example (encoding is kept out of the timed path)."""
-    return [json.dumps({"inputs": row.tolist(), "probabilities": probabilities}).encode() for row in np.asarray(examples)]
+def v2_head(example_shape: tuple[int, ...]) -> bytes:
+    """The JSON part of a binary /v2 infer request for one example of `example_shape`: the same
+    for every such example, so its length is one header value for the whole load."""
+    size = 4 * int(np.prod(example_shape))  # float32
+    tensor = {"name": INPUT, "shape": [1, *example_shape], "datatype": "FP32", "parameters": {"binary_data_size": size}}
+    request = {"inputs": [tensor], "outputs": [{"name": "predictions", "parameters": {"binary_data": True}}]}
+    return json.dumps(request, separators=(",", ":")).encode()
+
+
+def encode_requests(examples: Any, probabilities: bool = False, protocol: str = "v1") -> list[bytes]:
+    """One pre-encoded body per example (encoding is kept out of the timed path): v1's JSON, or
+    v2's JSON header followed by the example's little-endian float32 bytes (predictions only)."""
+    rows = np.asarray(examples)
+    if protocol == "v1":
+        return [json.dumps({"inputs": row.tolist(), "probabilities": probabilities}).encode() for row in rows]
+    if protocol != "v2":
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
+    if probabilities:
+        raise ValueError("v2 bodies ask for the predictions only; use protocol='v1' for probabilities")
+    head = v2_head(rows.shape[1:])
+    return [head + np.ascontiguousarray(row, dtype="<f4").tobytes() for row in rows]
+
+
+def wire_for(protocol: str = "v1", model: str | None = None, path: str | None = None, example_shape: tuple[int, ...] = (64,)) -> Wire:
+    """The Wire of encode_requests(protocol) bodies: v1 JSON to /v1/predict, or v2 binary to
+    /v2/models/{model}/infer with the JSON header's length; `path` overrides the path."""
+    if protocol == "v1":
+        return Wire(path or V1_PATH)
+    if protocol != "v2":
+        raise ValueError(f"unknown protocol {protocol!r}; choose one of {PROTOCOLS}")
+    if not (model or path):
+        raise ValueError("protocol 'v2' needs the model name: requests go to /v2/models/{model}/infer")
+    headers = ((HEADER_LENGTH, str(len(v2_head(tuple(example_shape))))),)
+    return Wire(path or f"/v2/models/{model}/infer", BINARY_TYPE, headers)
 
 
 async def closed_loop(
-    url: str, bodies: list[bytes], concurrency: int, token: str | None = None, timeout_s: float = 60.0, max_seconds: float | None = None
+    url: str,
+    bodies: list[bytes],
+    concurrency: int,
+    token: str | None = None,
+    timeout_s: float = REQUEST_TIMEOUT_S,
+    max_seconds: float | None = None,
+    wire: Wire = Wire(),
 ) -> list[dict[str, Any]]:
     """`concurrency` clients on their own keep-alive connections send `bodies` (shared, in order)
-    one request after another, taking no new request after `max_seconds`. One record per request:
-    index, status (NO_ANSWER when none came), seconds, retry_after, body."""
+    one request after another, taking no new request after `max_seconds`, to `wire.path` (v1's
+    /v1/predict by default). One record per request: index, status (NO_ANSWER when none came),
+    seconds, retry_after, body."""
     pending = iter(range(len(bodies)))
     stop_at = time.perf_counter() + max_seconds if max_seconds is not None else None
     records: list[dict[str, Any]] = []
 
     async def client() -> None:
-        connection = RawConnection(url, token)
+        connection = RawConnection(url, token, wire.content_type, wire.headers)
         try:
             for index in pending:
                 start = time.perf_counter()
                 if stop_at is not None and start > stop_at:
                     return
                 try:
-                    status, headers, body = await asyncio.wait_for(connection.post("/v1/predict", bodies[index]), timeout_s)
+                    status, headers, body = await asyncio.wait_for(connection.post(wire.path, bodies[index]), timeout_s)
                 except (OSError, EOFError, asyncio.TimeoutError, ValueError) as exc:
                     status, headers, body = NO_ANSWER, {}, repr(exc).encode()
                     await connection.close()
@@ -194,21 +258,41 @@ def summarize(records: list[dict[str, Any]], wall_s: float, concurrency: int) ->
     )
 
 
-def run_load(url: str, examples: Any, requests: int, concurrency: int, token: str | None = None, max_seconds: float = 60.0) -> LoadResult:
+def run_load(
+    url: str,
+    examples: Any,
+    requests: int,
+    concurrency: int,
+    token: str | None = None,
+    max_seconds: float = 60.0,
+    protocol: str = "v1",
+    model: str | None = None,
+    path: str | None = None,
+) -> LoadResult:
     """Closed-loop load on a running endpoint: `requests` requests, one example each, cycling
-    through `examples`, from `concurrency` keep-alive connections, for at most `max_seconds`."""
+    through `examples`, from `concurrency` keep-alive connections, for at most `max_seconds`.
+    protocol, model, path: how the requests are encoded and where they go (see wire_for)."""
     host = urlparse(url).hostname
     if host not in LOOPBACK:
         raise ValueError(f"load is only sent to loopback addresses; got host {host!r}")
     rows = np.asarray(examples, dtype=np.float32)
-    bodies = encode_requests(rows[np.arange(requests) % len(rows)])
+    wire = wire_for(protocol, model, path, rows.shape[1:])
+    bodies = encode_requests(rows[np.arange(requests) % len(rows)], protocol=protocol)
     start = time.perf_counter()
-    records = asyncio.run(closed_loop(url, bodies, concurrency, token, max_seconds=max_seconds))
+    records = asyncio.run(closed_loop(url, bodies, concurrency, token, max_seconds=max_seconds, wire=wire))
     return summarize(records, time.perf_counter() - start, concurrency)
 
 
 def load_from_process(
-    url: str, examples: Any, requests: int, concurrency: int, token_env: str | None = None, max_seconds: float = 60.0
+    url: str,
+    examples: Any,
+    requests: int,
+    concurrency: int,
+    token_env: str | None = None,
+    max_seconds: float = 60.0,
+    protocol: str = "v1",
+    model: str | None = None,
+    path: str | None = None,
 ) -> LoadResult:
     """Run `run_load` in a separate Python process (its own GIL and event loop) and return its result."""
     with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
@@ -229,8 +313,10 @@ def load_from_process(
     ]
     if token_env:
         cmd += ["--token-env", token_env]
+    cmd += ["--protocol", protocol] + (["--model", model] if model else []) + (["--path", path] if path else [])
     try:
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=max_seconds + 60, env=dict(os.environ))
+        # The last requests may start at max_seconds and take a request timeout; a minute more for start-up.
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=max_seconds + REQUEST_TIMEOUT_S + 60, env=dict(os.environ))
     finally:
         Path(handle.name).unlink(missing_ok=True)
     if done.returncode != 0:
@@ -246,10 +332,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-seconds", type=float, default=60.0)
     parser.add_argument("--token-env", default=None, help="environment variable holding the bearer token")
+    parser.add_argument("--protocol", choices=PROTOCOLS, default="v1", help="v1 JSON, or v2: the Open Inference Protocol's binary form")
+    parser.add_argument("--model", default=None, help="v2: the model name in /v2/models/{model}/infer")
+    parser.add_argument("--path", default=None, help="the request path after the URL (default: the protocol's)")
     args = parser.parse_args(argv)
     examples = json.loads(Path(args.inputs).read_text())
     token = os.environ.get(args.token_env) if args.token_env else None
-    print(json.dumps(run_load(args.url, examples, args.requests, args.concurrency, token, args.max_seconds).to_dict()))
+    result = run_load(args.url, examples, args.requests, args.concurrency, token, args.max_seconds, args.protocol, args.model, args.path)
+    print(json.dumps(result.to_dict()))
 
 
 if __name__ == "__main__":
