@@ -35,15 +35,19 @@ BINARY_ENV = "TANDEM_HAPROXY_BINARY"
 RETRY_AFTER_S = 1
 # HAProxy sends an errorfile verbatim: a whole HTTP response, headers and body, in Tandem's error
 # body (serving/protocol.py) so clients parse it like the replica's own 503s.
+SHED_BODY = (
+    '{"error": "overloaded", "message": "every replica is busy and the request waited its limit in the queue in front of them; '
+    f'retry after {RETRY_AFTER_S} s"}}\n'
+)
+# Content-Length and no `Connection: close`: the client keeps its connection, so a refusal costs
+# it no new handshake (an open-loop client reconnecting for every 503 falls behind its arrivals).
 SHED_RESPONSE = (
     "HTTP/1.1 503 Service Unavailable\r\n"
     "Content-Type: application/json\r\n"
+    f"Content-Length: {len(SHED_BODY)}\r\n"
     f"Retry-After: {RETRY_AFTER_S}\r\n"
     "Cache-Control: no-cache\r\n"
-    "Connection: close\r\n"
-    "\r\n"
-    '{"error": "overloaded", "message": "every replica is busy and the request waited its limit in the queue in front of them; '
-    f'retry after {RETRY_AFTER_S} s"}}\n'
+    "\r\n" + SHED_BODY
 )
 
 

@@ -1,5 +1,7 @@
-"""The one closed-loop HTTP load generator: `tandem bench`, `tandem run`, `tandem profile`, the
-serving benchmark and the tests all measure with it, and all get a `LoadResult`.
+"""The one HTTP load generator: `tandem bench`, `tandem run`, `tandem profile`, the serving
+benchmark and the tests all measure with it. A closed loop (below) gives a `LoadResult`; an open
+loop (`open_loop`, `--rate`: Poisson arrivals that do not wait for answers, for overload) gives
+one record per request.
 
     python -m serving.loadgen URL --inputs inputs.json --requests 400 --concurrency 8 [--token-env TANDEM_TOKEN]
         [--protocol v1|v2] [--model NAME] [--path /v1/predict]
@@ -39,6 +41,7 @@ from serving.oip import HEADER_LENGTH, INPUT
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 NO_ANSWER = -1  # the status recorded for a request that got no HTTP answer (connection error, timeout)
+TIMED_OUT = -2  # open loop: the status of a request the client gave up on after its timeout
 REQUEST_TIMEOUT_S = 60.0  # a request unanswered this long is recorded as NO_ANSWER
 PROTOCOLS = ("v1", "v2")
 V1_PATH = "/v1/predict"
@@ -324,6 +327,90 @@ def load_from_process(
     return LoadResult(**json.loads(done.stdout.strip().splitlines()[-1]))
 
 
+async def open_loop(
+    url: str,
+    bodies: list[bytes],
+    rate: float,
+    seconds: float,
+    max_connections: int = 512,
+    timeout_s: float = 5.0,
+    wire: Wire = Wire(),
+    seed: int = 7,
+) -> list[dict[str, Any]]:
+    """Poisson arrivals at `rate` per second for `seconds`: the load of many independent users,
+    which does not slow down for a slow server (a closed loop does, and so hides overload).
+
+    Each arrival is sent on an idle keep-alive connection, or a new one while fewer than
+    `max_connections` are open; beyond that it waits for one, and that wait counts in its latency
+    (measured from its arrival time, not from when it was sent). A request unanswered after
+    `timeout_s` is given up: status TIMED_OUT. One record per request: status, seconds (from
+    arrival), retry_after, done_s (from the start), body (the first 200 bytes of a non-200 answer).
+    """
+    loop = asyncio.get_running_loop()
+    arrivals = np.cumsum(np.random.default_rng(seed).exponential(1 / rate, max(1, int(rate * seconds))))
+    idle: list[RawConnection] = []
+    slots = asyncio.Semaphore(max_connections)
+    records: list[dict[str, Any]] = []
+    begin = loop.time()
+
+    async def one(index: int, arrival: float) -> None:
+        async with slots:
+            connection = idle.pop() if idle else RawConnection(url, content_type=wire.content_type, headers=wire.headers)
+            try:
+                status, headers, body = await asyncio.wait_for(connection.post(wire.path, bodies[index % len(bodies)]), timeout_s)
+                idle.append(connection)
+            except asyncio.TimeoutError:
+                status, headers, body = TIMED_OUT, {}, b""
+                await connection.close()
+            except (OSError, EOFError, ValueError) as exc:
+                status, headers, body = NO_ANSWER, {}, repr(exc).encode()
+                await connection.close()
+        done = loop.time() - begin
+        records.append(
+            {
+                "status": status,
+                "seconds": done - arrival,
+                "retry_after": headers.get("retry-after"),
+                "done_s": done,
+                "body": body[:200].decode("latin-1") if status != 200 else "",
+            }
+        )
+
+    tasks = []
+    sent = 0
+    while sent < len(arrivals):
+        now = loop.time() - begin
+        while sent < len(arrivals) and arrivals[sent] <= now:  # every arrival that is due, then a millisecond's sleep
+            tasks.append(asyncio.create_task(one(sent, float(arrivals[sent]))))
+            sent += 1
+        await asyncio.sleep(0.001)
+    await asyncio.gather(*tasks)
+    for connection in idle:
+        await connection.close()
+    return records
+
+
+def open_loop_from_process(
+    url: str, examples: Any, rate: float, seconds: float, max_connections: int = 512, timeout_s: float = 5.0
+) -> tuple[list[dict[str, Any]], float]:
+    """Run `open_loop` (v1 JSON, one example per request) in a separate Python process; returns
+    its records and its wall time. Its own GIL matters more here than for a closed loop: the
+    arrivals must keep their schedule while the server is slow."""
+    host = urlparse(url).hostname
+    if host not in LOOPBACK:
+        raise ValueError(f"load is only sent to loopback addresses; got host {host!r}")
+    with tempfile.TemporaryDirectory() as folder:
+        inputs, out = Path(folder) / "inputs.json", Path(folder) / "records.json"
+        inputs.write_text(json.dumps(np.asarray(examples, dtype=np.float32).tolist()))
+        cmd = [sys.executable, "-m", "serving.loadgen", url, "--inputs", str(inputs), "--rate", str(rate), "--seconds", str(seconds)]
+        cmd += ["--connections", str(max_connections), "--timeout", str(timeout_s), "--records-out", str(out)]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + timeout_s + 120, env=dict(os.environ))
+        if done.returncode != 0:
+            raise RuntimeError(f"load generator failed: {done.stderr.strip()[-500:]}")
+        result = json.loads(out.read_text())
+    return result["records"], result["wall_s"]
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("url")
@@ -335,9 +422,24 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--protocol", choices=PROTOCOLS, default="v1", help="v1 JSON, or v2: the Open Inference Protocol's binary form")
     parser.add_argument("--model", default=None, help="v2: the model name in /v2/models/{model}/infer")
     parser.add_argument("--path", default=None, help="the request path after the URL (default: the protocol's)")
+    parser.add_argument("--rate", type=float, default=None, help="open loop: Poisson arrivals per second (v1 JSON)")
+    parser.add_argument("--seconds", type=float, default=10.0, help="open loop: how long arrivals come")
+    parser.add_argument("--connections", type=int, default=512, help="open loop: most connections open at once")
+    parser.add_argument("--timeout", type=float, default=5.0, help="open loop: seconds before a request is given up")
+    parser.add_argument("--records-out", default=None, help="open loop: write the records here (JSON)")
     args = parser.parse_args(argv)
     examples = json.loads(Path(args.inputs).read_text())
     token = os.environ.get(args.token_env) if args.token_env else None
+    if args.rate is not None:
+        bodies = encode_requests(examples)
+        start = time.perf_counter()
+        records = asyncio.run(open_loop(args.url, bodies, args.rate, args.seconds, args.connections, args.timeout))
+        report = json.dumps({"records": records, "wall_s": time.perf_counter() - start})
+        if args.records_out:
+            Path(args.records_out).write_text(report)
+        else:
+            print(report)
+        return
     result = run_load(args.url, examples, args.requests, args.concurrency, token, args.max_seconds, args.protocol, args.model, args.path)
     print(json.dumps(result.to_dict()))
 

@@ -546,6 +546,8 @@ NON_ARTIFACT_WRITES = {
     "serving/loadgen.py": "a temp file of inputs handed to the load-generator subprocess",
     "tandem/reference.py": "a developer tool that rewrites README.md in the checkout",
     "cluster/console.py": "the long verbs' console.log, appended line by line while they run, and the terminal's duplicated descriptors",
+    "serving/haproxy_front.py": "HAProxy's configuration copy, written atomically by itself (standard library only: it runs on every "
+    "HAProxy start)",
 }
 PACKAGES = ("cluster", "serving", "training", "tuning")
 
