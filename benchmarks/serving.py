@@ -63,7 +63,7 @@ ARMS = ("plain", "litserve", "serve_batch", "tandem_v1", "tandem_v2", "tandem_de
 CONCURRENCY = (1, 8, 32, 128)
 QUICK_CONCURRENCY = (1, 32)
 QUICK_REQUESTS = 300
-MAX_SECONDS = 120.0  # per level: an arm that stalls costs two minutes, not the run
+MAX_SECONDS = 45.0  # per level: an arm that stalls costs 45 s, not the run
 WARMUP = (200, 32)  # requests, concurrency: connections opened, allocations made, Tandem's batcher fitted
 TARGET_P99_MS = 50.0
 
