@@ -14,7 +14,9 @@ Where things go:
 - deploy.py      deploying from Python on the driver: serve, shutdown, status, URLs
 - serve_config.py the Ray Serve config file for `serve deploy` and the RayService
 - batching.py    the adaptive batcher (policy, pure); admission.py the gate on arrival;
-  router.py      choosing a deployment; failover.py resending what a lost replica dropped
+  router.py      choosing a deployment; failover.py resending what a lost replica dropped;
+  coalesce.py    the router's concurrent requests for one deployment sent as one handle call
+- haproxy_front.py  `tandem-haproxy`: Ray's HAProxy configuration plus Tandem's shedding in front
 - engines.py     inference engines (torch, ONNX Runtime) behind one Protocol; a new engine goes here
 - cache.py, metrics.py  result cache, Prometheus metrics
 - client.py      a small client; loadgen.py the one closed-loop load generator (LoadResult)

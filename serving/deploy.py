@@ -29,7 +29,7 @@ from cluster.config import TandemConfig
 from cluster.runtime import storage_root
 from serving.app import build_app
 from serving.protocol import token_digest
-from serving.settings import HAPROXY_READY_TIMEOUT_S, IMAGE_FRONT_BINARY, TOKEN_DIGEST_ENV, serve_env
+from serving.settings import HAPROXY_READY_TIMEOUT_S, TOKEN_DIGEST_ENV, serve_env
 
 logger = logging.getLogger("tandem.serving")
 
@@ -174,7 +174,8 @@ def serve(config: TandemConfig, artifact: str = "latest", blocking: bool = False
     the old ones, so requests in flight during the rollout are answered.
     """
     local = _ensure_ray(config)
-    replica_env = serve_env(config.serving, os.environ, local_front_binary() if local else IMAGE_FRONT_BINARY)
+    # Shedding in HAProxy needs tandem-haproxy where HAProxy runs: known here only for a local Ray.
+    replica_env = serve_env(config.serving, os.environ, local_front_binary() if local else None)
     controller_env = {**local_haproxy_env(), **replica_env} if local and config.serving.http_path == "haproxy" else dict(replica_env)
     token_env = config.serving.auth.token_env
     if token_env and os.environ.get(token_env):

@@ -24,14 +24,15 @@ from cluster.runtime import runtime_env
 from serving.settings import APP_BUILDER, controller_env, deployment_options, serve_env
 
 
-def build_serve_config(config: TandemConfig, artifact: str = "latest") -> dict[str, Any]:
+def build_serve_config(config: TandemConfig, artifact: str = "latest", front_binary: str | None = None) -> dict[str, Any]:
     """The Ray Serve config file (multi-application format) for `config`, serving `artifact`.
 
     Its Serve settings follow from the config alone: RAY_SERVE_* variables of the shell that
-    renders it never land in a file (or a RayService).
+    renders it never land in a file (or a RayService). front_binary: where `tandem-haproxy` is on
+    the cluster's nodes (the RayService names Tandem's image's); a file for any cluster has none.
     """
     serving = config.serving
-    settings = serve_env(serving)
+    settings = serve_env(serving, front_binary=front_binary)
     application = {
         "name": config.name,
         "route_prefix": serving.route_prefix,

@@ -44,7 +44,7 @@ HAPROXY_RETRY_ON = "conn-failure empty-response junk-response"
 # `serve deploy` then fails with "HAProxyManager ... killed by ray.kill".
 HAPROXY_READY_TIMEOUT_S = "30"
 # Where Tandem's image (Dockerfile) installs the `tandem-haproxy` console script: the base image's
-# Python. A cluster not built from that image sets RAY_SERVE_HAPROXY_BINARY_PATH itself.
+# Python. The KubeRay manifests name it; a Serve config file for any cluster does not.
 IMAGE_FRONT_BINARY = "/home/ray/anaconda3/bin/tandem-haproxy"
 
 
@@ -57,16 +57,14 @@ def ingress_deployment_name(config: TandemConfig) -> str:
     return INGRESS if has_router(config) else config.serving.deployments[0].name
 
 
-def serve_env(
-    serving: ServingConfig, caller_env: Mapping[str, str] | None = None, front_binary: str | None = IMAGE_FRONT_BINARY
-) -> dict[str, str]:
+def serve_env(serving: ServingConfig, caller_env: Mapping[str, str] | None = None, front_binary: str | None = None) -> dict[str, str]:
     """Environment variables for the Serve controller and every replica.
 
     caller_env: the environment of the process that deploys; its RAY_SERVE_* variables win over
     ours and travel to the replicas too. A config file (Serve config, RayService) passes none, so
     that it follows from the config alone.
-    front_binary: where `tandem-haproxy` (serving/haproxy_front.py) is on the nodes: Tandem's
-    image by default; None turns shedding in HAProxy off.
+    front_binary: where `tandem-haproxy` (serving/haproxy_front.py) is on the nodes; None (where
+    that is not known) leaves HAProxy as Ray configures it, without Tandem's shedding.
     """
     env: dict[str, str] = {}
     if serving.http_path in ("haproxy", "direct"):
@@ -269,6 +267,9 @@ def deployment_options(
         # Serve's own refusals (more requests waiting for a slot than max_queued_requests) say when
         # to retry too; without this they are 503s with no Retry-After.
         entry = {**entry, "backpressure_config": {"status_code": 503, "retry_after_s": 1}}
+        # Serve's access log writes a line per request to a rotating file in the replica: with it off
+        # one replica served 1,598 req/s instead of 1,362, the router shape 1,249 instead of 830.
+        entry["logging_config"] = {"enable_access_log": serving.access_log}
         if env:
             actor = dict(entry.get("ray_actor_options", {}))
             actor["runtime_env"] = {"env_vars": env}

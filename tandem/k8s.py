@@ -45,6 +45,7 @@ from cluster.artifacts import atomic_write_text
 from cluster.config import NodeGroup, TandemConfig, config_with, load_config
 from cluster.runtime import node_group_resources, runtime_env
 from serving.serve_config import build_serve_config, dump_serve_config
+from serving.settings import IMAGE_FRONT_BINARY
 
 API_VERSION = "ray.io/v1"
 CONFIG_MOUNT = "/config"
@@ -337,7 +338,7 @@ def ray_job(kcfg: TandemConfig, stage: str) -> dict[str, Any]:
 
 def serve_config_yaml(kcfg: TandemConfig) -> str:
     """serveConfigV2: exactly the YAML of build_serve_config for the pods' config."""
-    return dump_serve_config(build_serve_config(kcfg, kcfg.serving.artifact))
+    return dump_serve_config(build_serve_config(kcfg, kcfg.serving.artifact, front_binary=IMAGE_FRONT_BINARY))
 
 
 def ray_service(kcfg: TandemConfig) -> dict[str, Any]:

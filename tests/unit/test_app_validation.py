@@ -199,6 +199,11 @@ def test_serve_env_turns_on_the_fast_path_and_keeps_local_haproxy_files_private(
     # HAProxy resends a request a dying replica closed without an answer (predictions are idempotent).
     assert set(env["RAY_SERVE_HAPROXY_RETRY_ON"].split()) == {"conn-failure", "empty-response", "junk-response"}
     assert "RAY_SERVE_HAPROXY_STATS_PORT" not in env  # replicas get no per-machine settings
+    # Shedding in HAProxy only where tandem-haproxy's path is known: one batch per replica, 0.3 x the target in its queue.
+    assert "RAY_SERVE_HAPROXY_BINARY_PATH" not in env
+    shedding = serve_env(one_deployment().serving, front_binary="/opt/tandem-haproxy")
+    assert shedding["RAY_SERVE_HAPROXY_BINARY_PATH"] == "/opt/tandem-haproxy"
+    assert shedding["TANDEM_HAPROXY_SERVER_MAXCONN"] == "32" and shedding["TANDEM_HAPROXY_QUEUE_MS"] == "15"
     local = local_haproxy_env()
     assert len(local["RAY_SERVE_HAPROXY_METRICS_SOCKET_PATH"]) + 57 < 97  # HAProxy's limit, node id included
     assert local["RAY_SERVE_HAPROXY_STATS_PORT"] != "8404"

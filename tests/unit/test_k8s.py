@@ -20,6 +20,7 @@ import yaml
 from cluster.config import TandemConfig, load_config
 from cluster.runtime import node_group_resources
 from serving.serve_config import build_serve_config, dump_serve_config
+from serving.settings import IMAGE_FRONT_BINARY
 from tandem.k8s import (
     AUTH_TOKEN_KEY,
     CONFIG_FILE,
@@ -234,8 +235,15 @@ def test_rayservice_embeds_exactly_the_serve_config():
     cfg = gpu_and_cpu()
     service = render_manifests(cfg)["rayservice.yaml"]["spec"]
     kcfg = kubernetes_config(cfg)
-    assert service["serveConfigV2"] == dump_serve_config(build_serve_config(kcfg, kcfg.serving.artifact)) == serve_config_yaml(kcfg)
+    image_serve_config = build_serve_config(kcfg, kcfg.serving.artifact, front_binary=IMAGE_FRONT_BINARY)
+    assert service["serveConfigV2"] == dump_serve_config(image_serve_config) == serve_config_yaml(kcfg)
     serve = yaml.safe_load(service["serveConfigV2"])
+    # The image's tandem-haproxy sheds in front of the replicas; a Serve config file for any cluster
+    # (`tandem serve-config`) cannot know where that script is, so it leaves HAProxy as Ray sets it up.
+    controller = serve["controller_options"]["runtime_env"]["env_vars"]
+    assert controller["RAY_SERVE_HAPROXY_BINARY_PATH"] == IMAGE_FRONT_BINARY
+    anywhere = build_serve_config(kcfg, kcfg.serving.artifact)["controller_options"]["runtime_env"]["env_vars"]
+    assert "RAY_SERVE_HAPROXY_BINARY_PATH" not in anywhere
     assert serve["http_options"]["host"] == "0.0.0.0"  # reachable from the serve Service
     assert service["upgradeStrategy"] == {"type": "NewCluster"}
     cluster = service["rayClusterConfig"]
