@@ -29,11 +29,14 @@ import numpy as np
 RESULTS = Path(__file__).with_name("results")
 HIDDEN = [2048, 2048, 2048]
 CONCURRENCY = 32
-# name -> (engine, replicas); replicas share the machine's 2 cores with HAProxy and the client
-ARMS: dict[str, tuple[str, int]] = {
-    "torch": ("torch", 1),
-    "onnxruntime": ("onnxruntime", 1),
-    "onnxruntime_2_replicas": ("onnxruntime", 2),
+# name -> (engine, replicas, router); replicas share the machine's 2 cores with HAProxy and the
+# client. The router arm puts the Ingress deployment in front of one model replica (a second,
+# idle deployment makes the app a router): what the extra hop costs per request.
+ARMS: dict[str, tuple[str, int, bool]] = {
+    "torch": ("torch", 1, False),
+    "onnxruntime": ("onnxruntime", 1, False),
+    "onnxruntime_2_replicas": ("onnxruntime", 2, False),
+    "onnxruntime_router": ("onnxruntime", 1, True),
 }
 
 
@@ -44,7 +47,9 @@ def process_cpu_s(pid: int) -> float:
     return times.user + times.system
 
 
-def measure_arm(storage: Path, artifact: Path, name: str, engine: str, replicas: int, requests: int) -> dict[str, Any]:
+def measure_arm(
+    storage: Path, artifact: Path, name: str, engine: str, replicas: int, requests: int, router: bool = False
+) -> dict[str, Any]:
     from ray import serve
 
     from benchmarks.serving import engine_latency_ms, tandem_config
@@ -52,7 +57,7 @@ def measure_arm(storage: Path, artifact: Path, name: str, engine: str, replicas:
     from serving.deploy import serve as deploy
     from serving.loadgen import load_from_process
 
-    config = tandem_config(storage, "hot-" + name.replace("_", "-"), HIDDEN, free_port(), engine=engine, replicas=replicas)
+    config = tandem_config(storage, "hot-" + name.replace("_", "-"), HIDDEN, free_port(), engine=engine, replicas=replicas, router=router)
     url = deploy(config, artifact=str(artifact))
     try:
         examples = np.random.default_rng(1).random((256, 64), dtype=np.float32)
@@ -65,7 +70,7 @@ def measure_arm(storage: Path, artifact: Path, name: str, engine: str, replicas:
     finally:
         serve.delete(config.name)
     delta = {
-        key: sum(after[pid]["batcher"][key] - before[pid]["batcher"][key] for pid in before)
+        key: sum(after[pid]["batcher"][key] - before[pid]["batcher"][key] for pid in before if before[pid]["batcher"])
         for key in ("batches", "examples", "forward_s_total")
     }
     batches = delta["batches"]
@@ -73,11 +78,12 @@ def measure_arm(storage: Path, artifact: Path, name: str, engine: str, replicas:
     forward_ms = 1000 * delta["forward_s_total"] / batches if batches else float("nan")
     size = max(1, round(mean_batch))
     alone_ms = engine_latency_ms(artifact, engine, (size,))[f"batch_{size}_ms"]
-    fit = next(iter(after.values()))["batcher"]
+    fit = next(stats["batcher"] for stats in after.values() if stats["batcher"])
     return {
         "arm": name,
         "engine": engine,
         "replicas": replicas,
+        "router": router,
         **{k: getattr(result, k) for k in ("requests", "ok", "refused", "failed", "requests_per_s", "p50_ms", "p99_ms")},
         "mean_batch_size": mean_batch,
         "forward_in_replica_ms": forward_ms,
@@ -91,13 +97,18 @@ def measure_arm(storage: Path, artifact: Path, name: str, engine: str, replicas:
 
 
 def replica_stats(url: str, replicas: int) -> dict[int, dict[str, Any]]:
-    """/v1/stats of every replica, by pid: asked until each has answered (HAProxy balances the asks)."""
+    """/v1/stats of every replica, by pid: asked until each has answered (HAProxy balances the
+    asks). Behind a router the ingress answers for itself (no batcher) and for the model
+    deployment's replica it reached (with its batcher)."""
     import httpx
 
     seen: dict[int, dict[str, Any]] = {}
     with httpx.Client(timeout=10) as client:
         for _ in range(100):
             stats = client.get(f"{url}/v1/stats").json()
+            if stats.get("role") == "router":
+                model = stats["deployments"]["model"]
+                return {stats["pid"]: {**stats, "batcher": None}, model["pid"]: model}
             seen[stats["pid"]] = stats
             if len(seen) == replicas:
                 return seen
@@ -137,8 +148,8 @@ def main(argv: list[str] | None = None) -> list[dict[str, Any]]:
     artifact = make_artifact(storage, "hot", HIDDEN)
     rows = []
     for name in args.arms.split(","):
-        engine, replicas = ARMS[name]
-        row = measure_arm(storage, artifact, name, engine, replicas, args.requests)
+        engine, replicas, router = ARMS[name]
+        row = measure_arm(storage, artifact, name, engine, replicas, args.requests, router)
         print(json.dumps(row), flush=True)
         rows.append(row)
     load_end = os.getloadavg()[0]

@@ -4,7 +4,7 @@
   given CLIENT_TIMEOUT_S) at OVERLOAD_FACTOR x the capacity measured just before, against two copies
   of the model deployed together:
   - "front": the default app behind HAProxy, which Tandem configures to shed before Python
-    (serving/haproxy_front.py: each replica holds two full batches, a request waits at most
+    (serving/haproxy_front.py: each replica holds one full batch, a request waits at most
     0.3 x target_p99_ms for a slot, then gets HAProxy's 503 with Retry-After), and the replica's
     admission gate (serving/admission.py) for what gets in;
   - "queue-only": queue limits only (Serve's max_ongoing_requests and max_queued_requests, the
