@@ -191,6 +191,7 @@ def autoscaling_options(deployment: Deployment, bounds: tuple[int, int] | None) 
         "target_ongoing_requests": scaling.target_ongoing_requests,
         "upscale_delay_s": scaling.upscale_delay_s,
         "downscale_delay_s": scaling.downscale_delay_s,
+        "look_back_period_s": scaling.look_back_s,
     }
     if scaling.initial_replicas is not None:
         config["initial_replicas"] = min(max(scaling.initial_replicas, low), high)
@@ -239,6 +240,7 @@ def ingress_options(serving: ServingConfig, bounds: dict[str, tuple[int, int] | 
                 "target_ongoing_requests": sum(d.autoscaling.target_ongoing_requests for d in deployments),
                 "upscale_delay_s": min(d.autoscaling.upscale_delay_s for d in deployments),
                 "downscale_delay_s": max(d.autoscaling.downscale_delay_s for d in deployments),
+                "look_back_period_s": min(d.autoscaling.look_back_s for d in deployments),
             }
         }
     return {

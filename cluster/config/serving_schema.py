@@ -50,6 +50,13 @@ class Autoscaling(Strict):
     target_ongoing_requests: float = Field(16, gt=0, description="Ongoing requests per replica the autoscaler aims for.")
     upscale_delay_s: float = Field(5.0, ge=0, description="Seconds of sustained load before scaling up.")
     downscale_delay_s: float = Field(30.0, ge=0, description="Seconds of low load before scaling down.")
+    look_back_s: float = Field(
+        30.0,
+        gt=0,
+        description="Seconds of load metrics Serve averages for each decision (Serve's look_back_period_s; Ray 2.60 warns below "
+        "10 s, its deprecated metrics_interval_s: replicas push their load every RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S, "
+        "10 s by default).",
+    )
 
     @model_validator(mode="after")
     def _bounds(self) -> Autoscaling:

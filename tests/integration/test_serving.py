@@ -184,7 +184,15 @@ def config(storage) -> TandemConfig:
         storage,
         NAME,
         {
-            "deployments": [{"name": "cpu", "engine": "onnxruntime", "cpus": 0.5, "autoscaling": {"min_replicas": 1, "max_replicas": 1}, "max_ongoing_requests": 64}],
+            "deployments": [
+                {
+                    "name": "cpu",
+                    "engine": "onnxruntime",
+                    "cpus": 0.5,
+                    "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+                    "max_ongoing_requests": 64,
+                }
+            ],
             "batching": {"max_batch_size": 32, "target_p99_ms": 50},
             "cache": {"enabled": True, "max_entries": 1000, "ttl_s": 300},
             "limits": {"max_queued_requests": 32, "max_inputs": MAX_INPUTS, "max_body_bytes": MAX_BODY},

@@ -29,10 +29,14 @@ def wait_for(predicate, timeout_s: float) -> bool:
     return False
 
 
-def test_sustained_load_scales_up_to_two_replicas_and_back_down(ray_session, tmp_path):
+def test_sustained_load_scales_up_to_two_replicas_and_back_down(ray_session, tmp_path, monkeypatch):
     from ray import serve
 
     from serving.deploy import serve as deploy
+
+    # The deploying process's RAY_SERVE_* settings travel to this app's replicas (serve_env): they
+    # report their load every second instead of every 10, so the short look-back sees it.
+    monkeypatch.setenv("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
 
     artifact = make_artifact(tmp_path, NAME, seed=4, run="run-1")
     config = serving_config(
@@ -50,6 +54,8 @@ def test_sustained_load_scales_up_to_two_replicas_and_back_down(ray_session, tmp
                         "target_ongoing_requests": 1,
                         "upscale_delay_s": 1,
                         "downscale_delay_s": 3,
+                        # Serve averages 30 s of load by default; the replicas below push every second.
+                        "look_back_s": 3,
                     },
                 }
             ],

@@ -39,7 +39,14 @@ def config(artifact):
         {
             "deployments": [
                 {"name": "gpu", "engine": "torch", "node_group": "gpu", "cpus": 0.5, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
-                {"name": "cpu", "engine": "onnxruntime", "quantize": "int8", "node_group": "cpu", "cpus": 0.5, "autoscaling": {"min_replicas": 1, "max_replicas": 1}},
+                {
+                    "name": "cpu",
+                    "engine": "onnxruntime",
+                    "quantize": "int8",
+                    "node_group": "cpu",
+                    "cpus": 0.5,
+                    "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+                },
             ],
             "batching": {"max_batch_size": 16, "target_p99_ms": 100},
             "router": {"policy": "spillover", "spill_threshold": 2},

@@ -69,7 +69,15 @@ def config(storage):
         storage,
         NAME,
         {
-            "deployments": [{"name": "cpu", "engine": "torch", "cpus": 0.5, "autoscaling": {"min_replicas": 1, "max_replicas": 1}, "max_ongoing_requests": 32}],
+            "deployments": [
+                {
+                    "name": "cpu",
+                    "engine": "torch",
+                    "cpus": 0.5,
+                    "autoscaling": {"min_replicas": 1, "max_replicas": 1},
+                    "max_ongoing_requests": 32,
+                }
+            ],
             "batching": {"max_batch_size": 8, "target_p99_ms": 200},
             "cache": {"enabled": False},
             "limits": {"max_inputs": MAX_INPUTS, "max_body_bytes": MAX_BODY},
