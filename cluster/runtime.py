@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.config import RuntimeEnv, TandemConfig
+from cluster.config import Deployment, RuntimeEnv, TandemConfig
 
 logger = logging.getLogger("tandem.cluster")
 NODE_GROUP_CAPACITY = 1000
@@ -102,10 +102,24 @@ def local_num_cpus(config: TandemConfig) -> float:
     if config.cluster.local.num_cpus:
         return config.cluster.local.num_cpus
     training = config.training.workers * config.training.cpus_per_worker + 1
+    # 'auto' replica counts resolve against this machine's cores, as build_app will resolve them.
     cores = len(os.sched_getaffinity(0))
-    # 'auto' replica counts resolve against this machine's cores (serving.settings.replica_slots).
-    serving = sum(d.cpus * d.autoscaling.bounds(cores // d.threads)[1] for d in config.serving.deployments) + 1
+    serving = sum(d.cpus * d.autoscaling.bounds(replica_slots(config, d, cores))[1] for d in config.serving.deployments) + 1
     return max(4.0, training, serving)
+
+
+def replica_slots(config: TandemConfig, deployment: Deployment, cores: int, gpus: int = 0) -> int:
+    """Replicas the serving hardware holds: one per `threads` cores, or per `gpus` GPUs.
+
+    A deployment pinned to a node group counts that group's nodes at their most (the config says
+    what they hold); any other counts `cores` and `gpus` (the cluster's, or this machine's).
+    """
+    group = config.cluster.node_groups.get(deployment.node_group or "")
+    if group is not None:
+        cores, gpus = int(group.cpus * group.max_replicas), group.gpus * group.max_replicas
+    if deployment.gpus > 0:
+        return int(gpus // deployment.gpus)
+    return cores // deployment.threads
 
 
 @dataclass

@@ -99,7 +99,16 @@ from serving.protocol import (
     token_digest,
 )
 from serving.router import Router
-from serving.settings import INGRESS, TOKEN_DIGEST_ENV, Hardware, admission_floor, deployment_options, has_router, serve_env
+from serving.settings import (
+    INGRESS,
+    TOKEN_DIGEST_ENV,
+    Hardware,
+    admission_floor,
+    deployment_options,
+    has_router,
+    replica_bounds,
+    serve_env,
+)
 
 logger = logging.getLogger("tandem.serving")
 
@@ -203,8 +212,7 @@ class TandemServer:
             self.router = Router([d.name for d in serving.deployments], serving.router.policy, serving.router.spill_threshold)
             # One call in flight per model replica; the requests arriving meanwhile go together in the next
             # (measured: 830 req/s and 1.38 ms of CPU per request against 795 and 1.56 with two per replica).
-            slots = {name: replicas for name, replicas in spec.get("replicas", {}).items()}
-            self.coalescer = Coalescer(self._call, serving.batching.max_batch_size, per_target=slots)
+            self.coalescer = Coalescer(self._call, serving.batching.max_batch_size, per_target=spec.get("replicas"))
             self.failover = Failover(self.coalescer, self._probe, self.metrics)
 
     # ---------------------------------------------------------------- HTTP routes
@@ -446,8 +454,6 @@ def cluster_hardware() -> Hardware:
     """
     import ray
 
-    if not ray.is_initialized():
-        ray.init(address="auto")
     resources = ray.cluster_resources()
     cores, gpus = int(resources.get("CPU", 1)), int(resources.get("GPU", 0))
     if sum(1 for node in ray.nodes() if node.get("Alive")) == 1:
@@ -462,7 +468,8 @@ def build_app(args: dict[str, Any]) -> Any:
     read_manifest(artifact)  # a missing or damaged artifact fails here, in the caller, not in every replica
     # The RAY_SERVE_* variables of the process that builds the app win over ours (serve_env).
     replica_env = {**serve_env(config.serving, os.environ), **dict(args.get("replica_env") or {})}
-    options = deployment_options(config, replica_env, cluster_hardware())
+    hardware = cluster_hardware()
+    options = deployment_options(config, replica_env, hardware)
     base = {"config": config.to_dict(), "artifact": str(Path(artifact).resolve())}
 
     def model_spec(index: int) -> dict[str, Any]:
@@ -472,11 +479,6 @@ def build_app(args: dict[str, Any]) -> Any:
     if not has_router(config):
         return TandemServer.options(**options[config.serving.deployments[0].name]).bind(model_spec(0))
     handles = {d.name: ModelReplica.options(**options[d.name]).bind(model_spec(i)) for i, d in enumerate(config.serving.deployments)}
-    replicas = {d.name: most_replicas(options[d.name]) for d in config.serving.deployments}
+    replicas = {name: bounds[1] for name, bounds in replica_bounds(config, hardware).items() if bounds}
     router_spec = {**base, "role": "router", "name": INGRESS, "handles": handles, "replicas": replicas}
     return TandemServer.options(**options[INGRESS]).bind(router_spec)
-
-
-def most_replicas(options: dict[str, Any]) -> int:
-    """The most replicas a deployment's Serve options allow."""
-    return options.get("num_replicas") or options["autoscaling_config"]["max_replicas"]

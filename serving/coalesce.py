@@ -7,11 +7,12 @@ model replica's batcher would have put those requests in one forward anyway. Sen
 request as its own call made the router shape cost several times the single-deployment shape per
 request (README, "Serving hot path").
 
-How: at most `max_in_flight` calls per deployment are outstanding. A request that finds a free
-slot is sent at once (at low load nothing waits); one that finds them all busy waits with the
-others, and they go together, up to `max_rows` examples, as soon as a call returns. So the
-coalesced size follows the load the way the replica's batcher does, with no timer. Each caller
-gets its own rows of the answer, or the call's exception (the failover above resends it).
+How: at most `max_in_flight` calls per deployment are outstanding (the router: one per
+replica). A request that finds a free slot is sent at once (at low load nothing waits); one that
+finds them all busy waits with the others, and they go together, up to `max_rows` examples, as
+soon as a call returns. So the coalesced size follows the load the way the replica's batcher
+does, with no timer. Each caller gets its own rows of the answer, or the call's exception (the
+failover above resends it).
 
 Pure asyncio and numpy: no Ray here, unit-tested with a fake call.
 """
@@ -33,7 +34,7 @@ class Coalescer:
 
     def __init__(self, call: Call, max_rows: int, max_in_flight: int = 2, per_target: dict[str, int] | None = None):
         """max_in_flight: outstanding calls per target; per_target overrides it by target (the
-        router gives each deployment two per replica: one running, one filling)."""
+        router gives each deployment one per replica)."""
         self.call = call
         self.max_rows = max_rows
         self.max_in_flight = max_in_flight

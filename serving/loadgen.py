@@ -275,9 +275,7 @@ def run_load(
     """Closed-loop load on a running endpoint: `requests` requests, one example each, cycling
     through `examples`, from `concurrency` keep-alive connections, for at most `max_seconds`.
     protocol, model, path: how the requests are encoded and where they go (see wire_for)."""
-    host = urlparse(url).hostname
-    if host not in LOOPBACK:
-        raise ValueError(f"load is only sent to loopback addresses; got host {host!r}")
+    require_loopback(url)
     rows = np.asarray(examples, dtype=np.float32)
     wire = wire_for(protocol, model, path, rows.shape[1:])
     bodies = encode_requests(rows[np.arange(requests) % len(rows)], protocol=protocol)
@@ -298,33 +296,31 @@ def load_from_process(
     path: str | None = None,
 ) -> LoadResult:
     """Run `run_load` in a separate Python process (its own GIL and event loop) and return its result."""
-    with tempfile.NamedTemporaryFile("w", suffix=".json", delete=False) as handle:
-        json.dump(np.asarray(examples, dtype=np.float32).tolist(), handle)
-    cmd = [
-        sys.executable,
-        "-m",
-        "serving.loadgen",
-        url,
-        "--inputs",
-        handle.name,
-        "--requests",
-        str(requests),
-        "--concurrency",
-        str(concurrency),
-        "--max-seconds",
-        str(max_seconds),
-    ]
+    options = ["--requests", str(requests), "--concurrency", str(concurrency), "--max-seconds", str(max_seconds)]
     if token_env:
-        cmd += ["--token-env", token_env]
-    cmd += ["--protocol", protocol] + (["--model", model] if model else []) + (["--path", path] if path else [])
-    try:
-        # The last requests may start at max_seconds and take a request timeout; a minute more for start-up.
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=max_seconds + REQUEST_TIMEOUT_S + 60, env=dict(os.environ))
-    finally:
-        Path(handle.name).unlink(missing_ok=True)
+        options += ["--token-env", token_env]
+    options += ["--protocol", protocol] + (["--model", model] if model else []) + (["--path", path] if path else [])
+    # The last requests may start at max_seconds and take a request timeout; a minute more for start-up.
+    return LoadResult(**_loadgen_process(url, examples, options, timeout_s=max_seconds + REQUEST_TIMEOUT_S + 60))
+
+
+def require_loopback(url: str) -> None:
+    host = urlparse(url).hostname
+    if host not in LOOPBACK:
+        raise ValueError(f"load is only sent to loopback addresses; got host {host!r}")
+
+
+def _loadgen_process(url: str, examples: Any, options: list[str], timeout_s: float) -> Any:
+    """Run this module's CLI on `examples` in a separate Python process; return its last line of
+    output (one JSON document), parsed."""
+    with tempfile.TemporaryDirectory() as folder:
+        inputs = Path(folder) / "inputs.json"
+        inputs.write_text(json.dumps(np.asarray(examples, dtype=np.float32).tolist()))
+        cmd = [sys.executable, "-m", "serving.loadgen", url, "--inputs", str(inputs), *options]
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s, env=dict(os.environ))
     if done.returncode != 0:
         raise RuntimeError(f"load generator failed: {done.stderr.strip()[-500:]}")
-    return LoadResult(**json.loads(done.stdout.strip().splitlines()[-1]))
+    return json.loads(done.stdout.strip().splitlines()[-1])
 
 
 async def open_loop(
@@ -396,18 +392,9 @@ def open_loop_from_process(
     """Run `open_loop` (v1 JSON, one example per request) in a separate Python process; returns
     its records and its wall time. Its own GIL matters more here than for a closed loop: the
     arrivals must keep their schedule while the server is slow."""
-    host = urlparse(url).hostname
-    if host not in LOOPBACK:
-        raise ValueError(f"load is only sent to loopback addresses; got host {host!r}")
-    with tempfile.TemporaryDirectory() as folder:
-        inputs, out = Path(folder) / "inputs.json", Path(folder) / "records.json"
-        inputs.write_text(json.dumps(np.asarray(examples, dtype=np.float32).tolist()))
-        cmd = [sys.executable, "-m", "serving.loadgen", url, "--inputs", str(inputs), "--rate", str(rate), "--seconds", str(seconds)]
-        cmd += ["--connections", str(max_connections), "--timeout", str(timeout_s), "--records-out", str(out)]
-        done = subprocess.run(cmd, capture_output=True, text=True, timeout=seconds + timeout_s + 120, env=dict(os.environ))
-        if done.returncode != 0:
-            raise RuntimeError(f"load generator failed: {done.stderr.strip()[-500:]}")
-        result = json.loads(out.read_text())
+    require_loopback(url)
+    options = ["--rate", str(rate), "--seconds", str(seconds), "--connections", str(max_connections), "--timeout", str(timeout_s)]
+    result = _loadgen_process(url, examples, options, timeout_s=seconds + timeout_s + 120)
     return result["records"], result["wall_s"]
 
 
@@ -426,7 +413,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seconds", type=float, default=10.0, help="open loop: how long arrivals come")
     parser.add_argument("--connections", type=int, default=512, help="open loop: most connections open at once")
     parser.add_argument("--timeout", type=float, default=5.0, help="open loop: seconds before a request is given up")
-    parser.add_argument("--records-out", default=None, help="open loop: write the records here (JSON)")
     args = parser.parse_args(argv)
     examples = json.loads(Path(args.inputs).read_text())
     token = os.environ.get(args.token_env) if args.token_env else None
@@ -434,11 +420,7 @@ def main(argv: list[str] | None = None) -> None:
         bodies = encode_requests(examples)
         start = time.perf_counter()
         records = asyncio.run(open_loop(args.url, bodies, args.rate, args.seconds, args.connections, args.timeout))
-        report = json.dumps({"records": records, "wall_s": time.perf_counter() - start})
-        if args.records_out:
-            Path(args.records_out).write_text(report)
-        else:
-            print(report)
+        print(json.dumps({"records": records, "wall_s": time.perf_counter() - start}))
         return
     result = run_load(args.url, examples, args.requests, args.concurrency, token, args.max_seconds, args.protocol, args.model, args.path)
     print(json.dumps(result.to_dict()))

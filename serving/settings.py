@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from cluster.config import AUTO, Deployment, ServingConfig, TandemConfig
-from cluster.runtime import pin_to_group
+from cluster.runtime import pin_to_group, replica_slots
 from serving.admission import ADMIT_FRACTION, MIN_IN_FLIGHT
 from serving.haproxy_front import QUEUE_MS_ENV, SERVER_MAXCONN_ENV
 
@@ -148,21 +148,6 @@ class Hardware:
     gpus: int = 0
 
 
-def replica_slots(config: TandemConfig, deployment: Deployment, hardware: Hardware) -> int:
-    """Replicas the serving hardware holds: one per `threads` cores, or per `gpus` GPUs.
-
-    A deployment pinned to a node group counts that group's nodes at their most (the config says
-    what they hold); any other counts `hardware`.
-    """
-    cores, gpus = hardware.cores, hardware.gpus
-    group = config.cluster.node_groups.get(deployment.node_group or "")
-    if group is not None:
-        cores, gpus = int(group.cpus * group.max_replicas), group.gpus * group.max_replicas
-    if deployment.gpus > 0:
-        return int(gpus // deployment.gpus)
-    return cores // deployment.threads
-
-
 def replica_bounds(config: TandemConfig, hardware: Hardware | None) -> dict[str, tuple[int, int] | None]:
     """(min, max) replicas of every model deployment, by name; None where a bound is 'auto' and the
     hardware is not known (a Serve config file: build_app resolves it on the cluster)."""
@@ -172,7 +157,8 @@ def replica_bounds(config: TandemConfig, hardware: Hardware | None) -> dict[str,
         if AUTO in (scaling.min_replicas, scaling.max_replicas) and hardware is None:
             bounds[deployment.name] = None
         else:
-            bounds[deployment.name] = scaling.bounds(replica_slots(config, deployment, hardware or Hardware(cores=1)))
+            known = hardware or Hardware(cores=1)
+            bounds[deployment.name] = scaling.bounds(replica_slots(config, deployment, known.cores, known.gpus))
     return bounds
 
 

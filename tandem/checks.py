@@ -13,7 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Literal
 
-from cluster.config import TandemConfig
+from cluster.config import AUTO, TandemConfig
 from tandem.k8s import (
     groups_for,
     image_ray_version,
@@ -103,8 +103,8 @@ def deployments_fit_their_groups(config: TandemConfig) -> list[Finding]:
             group = groups[dep.node_group]
             per_node = int(group.gpus // dep.gpus)
             capacity = per_node * group.max_replicas
-            # 'auto' resolves to what the group holds (serving.settings.replica_slots).
-            if dep.autoscaling.min_replicas != "auto" and dep.autoscaling.min_replicas > capacity:
+            # 'auto' resolves to what the group holds (cluster.runtime.replica_slots).
+            if dep.autoscaling.min_replicas != AUTO and dep.autoscaling.min_replicas > capacity:
                 findings.append(
                     Finding(
                         "error",
