@@ -178,7 +178,8 @@ def _median(config: TandemConfig, space: SearchSpace) -> Any:
 
 def _pbt(config: TandemConfig, space: SearchSpace) -> Any:
     from ray import tune
-    from ray.tune.schedulers import PopulationBasedTraining
+
+    from tuning.pbt import HandoffPBT
 
     mutations = {}
     for entry in space.entries:
@@ -187,8 +188,11 @@ def _pbt(config: TandemConfig, space: SearchSpace) -> Any:
             # A grid sets the starting values; PBT mutates it as a choice among the same values.
             domain = tune.choice(list(range(len(entry.args))) if entry.encoded else list(entry.args))
         mutations[entry.path] = domain
-    return PopulationBasedTraining(
-        time_attr=TIME_ATTR, perturbation_interval=config.tuning.scheduler.perturbation_interval, hyperparam_mutations=mutations
+    return HandoffPBT(
+        final_epoch=config.training.epochs,
+        time_attr=TIME_ATTR,
+        perturbation_interval=config.tuning.scheduler.perturbation_interval,
+        hyperparam_mutations=mutations,
     )
 
 

@@ -51,6 +51,7 @@ from ray.train import UserCallback
 from ray.train.v2._internal.execution.callback import ControllerCallback, TrainContextCallback
 
 from cluster.config import validate_config
+from tuning.pbt import read_handoff
 from tuning.segments import donor_trial, log_segment
 from tuning.space import SearchSpace, trial_config
 
@@ -265,6 +266,8 @@ def run_trial(
                 "params": space.decode(sampled),
                 "resume_from": start.path if start else None,
                 "from_trial": donor_trial(start.path if start else None),
+                # A PBT exploit's copy of the donor checkpoint names the donor's epoch.
+                "from_epoch": (read_handoff(resume_from) or {}).get("epoch"),
             },
         )
         channel = TrialChannel.remote()

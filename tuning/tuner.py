@@ -181,6 +181,15 @@ def make_trainable(config: TandemConfig, space: SearchSpace, plan: TrialPlan, ru
     return tune.with_resources(trainable, {"CPU": TRIAL_FUNCTION_CPU})
 
 
+def checkpoints_to_keep(config: TandemConfig) -> int:
+    """Tune's retention per trial. PBT refers to the checkpoint of a donor's last perturbation,
+    which must still exist when an exploit is decided up to one interval later; and Tune registers
+    that checkpoint twice (the report, then PBT's save, which for a function trainable returns the
+    same folder), so each one takes two places in the count."""
+    scheduler = config.tuning.scheduler
+    return 2 * (scheduler.perturbation_interval + 1) if scheduler.name == "pbt" else 2
+
+
 def make_tuner(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_dir: Path, callbacks: list) -> Any:
     from ray import tune
 
@@ -202,9 +211,10 @@ def make_tuner(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_di
     run_config = tune.RunConfig(
         name=EXPERIMENT,
         storage_path=str(run_dir),
-        # Tune's copies of each trial's checkpoints: the last for the artifact and a restore; PBT
-        # keeps more, since a donor's checkpoint must outlive the exploiting trial's restart.
-        checkpoint_config=tune.CheckpointConfig(num_to_keep=4 if tuning.scheduler.name == "pbt" else 2),
+        # Tune's copies of each trial's checkpoints: the last for the artifact and a restore. A PBT
+        # donor's checkpoint is copied for its exploiter when the exploit is decided (tuning/pbt.py),
+        # so retention never races a restart.
+        checkpoint_config=tune.CheckpointConfig(num_to_keep=checkpoints_to_keep(config)),
         # Worker failures are retried inside the Train run (training.max_failures).
         failure_config=tune.FailureConfig(max_failures=0),
         callbacks=callbacks,
@@ -258,6 +268,7 @@ def tune(config: TandemConfig, resume: bool | str | Path = False, callbacks: lis
 
     from training.trainer import resolve_use_gpu
     from tuning.housekeeping import ReleaseOrphanedPlacementGroups, TrackConcurrency, TrialProgress, read_peak
+    from tuning.pbt import remove_handoffs
 
     space = check_tuning(config)
     with connect(config):
@@ -289,6 +300,7 @@ def tune(config: TandemConfig, resume: bool | str | Path = False, callbacks: lis
             started = time.perf_counter()
             grid = tuner.fit()
             wall_s = time.perf_counter() - started
+        remove_handoffs(run_dir / EXPERIMENT)
         return report(config, space, plan, run_dir, grid, wall_s, read_peak(run_dir / PEAK_FILE))
 
 

@@ -1,0 +1,80 @@
+"""Population Based Training whose exploits cannot lose their checkpoint or land on the last epoch.
+
+Ray Tune's PBT hands an exploiting trial a *reference* to the donor's newest Tune checkpoint. The
+exploiter then restarts (a new actor, a new Train run, DeepSpeed loading the shards) while the
+donor trains on, and the donor's checkpoint retention (`CheckpointConfig.num_to_keep`) may delete
+that folder before the exploiter has read it: `FileNotFoundError: .../checkpoint_00000N/latest`.
+And a donor that has already reported its last epoch hands over a checkpoint with nothing left
+to train, so the exploiter ends without training a step.
+
+`HandoffPBT` closes both in `_exploit`, which Tune runs in the driver's event loop between two
+results, so nothing is deleted while it runs:
+- the donor's checkpoint is copied into a handoff folder, `<donor trial>/pbt-handoff-<exploiter>`,
+  that no retention owns, and the exploiter starts from the copy (with `handoff.json`: donor,
+  epoch, source). A later exploit of the same trial replaces its handoff; `remove_handoffs` clears
+  them when the tune ends;
+- an exploit whose donor checkpoint is at or past the final epoch is skipped: the trial keeps
+  training its own configuration.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from pathlib import Path
+from typing import Any
+
+from ray.tune import Checkpoint
+from ray.tune.schedulers import PopulationBasedTraining
+
+logger = logging.getLogger(__name__)
+
+HANDOFF_PREFIX = "pbt-handoff-"
+HANDOFF_RECORD = "handoff.json"
+
+
+def read_handoff(checkpoint_dir: str | Path | None) -> dict[str, Any] | None:
+    """The handoff record of a checkpoint folder a PBT exploit made (None for any other checkpoint)."""
+    if checkpoint_dir is None:
+        return None
+    path = Path(checkpoint_dir) / HANDOFF_RECORD
+    return json.loads(path.read_text()) if path.is_file() else None
+
+
+def copy_for_exploiter(checkpoint: Checkpoint, donor_dir: Path, exploiter_id: str, donor_id: str, epoch: int) -> Checkpoint:
+    """A copy of the donor's checkpoint that only the exploiter uses, written whole before it is named."""
+    for superseded in donor_dir.parent.glob(f"*/{HANDOFF_PREFIX}{exploiter_id}"):
+        shutil.rmtree(superseded, ignore_errors=True)
+    target = donor_dir / f"{HANDOFF_PREFIX}{exploiter_id}"
+    partial = target.with_name(target.name + ".partial")
+    shutil.rmtree(partial, ignore_errors=True)
+    checkpoint.to_directory(str(partial))
+    record = {"donor": donor_id, "epoch": epoch, "source": checkpoint.path, "exploiter": exploiter_id}
+    (partial / HANDOFF_RECORD).write_text(json.dumps(record))
+    partial.rename(target)
+    return Checkpoint.from_directory(str(target))
+
+
+def remove_handoffs(experiment_dir: Path) -> None:
+    """Every handoff folder of a finished tune (the exploiters have trained on from them)."""
+    for folder in Path(experiment_dir).glob(f"*/{HANDOFF_PREFIX}*"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+class HandoffPBT(PopulationBasedTraining):
+    """PopulationBasedTraining with the exploited checkpoint copied for the exploiter (see module doc)."""
+
+    def __init__(self, *, final_epoch: int, **kwargs: Any):
+        super().__init__(**kwargs)
+        self.final_epoch = final_epoch
+
+    def _exploit(self, tune_controller: Any, trial: Any, trial_to_clone: Any) -> None:
+        donor_epoch = int(self._trial_state[trial_to_clone].last_result.get(self._time_attr, 0))
+        if donor_epoch >= self.final_epoch:
+            logger.info("[pbt] not exploiting %s into %s: its checkpoint is at the final epoch", trial_to_clone, trial)
+            return
+        super()._exploit(tune_controller, trial, trial_to_clone)
+        handed = trial.run_metadata.checkpoint_manager._latest_checkpoint_result
+        donor_dir = Path(trial_to_clone.path)
+        handed.checkpoint = copy_for_exploiter(handed.checkpoint, donor_dir, trial.trial_id, trial_to_clone.trial_id, donor_epoch)
