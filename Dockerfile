@@ -31,7 +31,7 @@ COPY --chown=ray:users tandem ./tandem
 COPY --chown=ray:users examples ./examples
 # The rendered manifests point Ray's HAProxy at tandem-haproxy by this path
 # (serving.settings.IMAGE_FRONT_BINARY): the build fails if pip put it elsewhere.
-RUN pip install --no-cache-dir -c constraints.txt . \
+RUN pip install --no-cache-dir -c constraints.txt ".[tracking]" \
     && python -c "import ray, tandem.cli; assert ray.__version__ == '2.60.0', ray.__version__" \
     && test -x /home/ray/anaconda3/bin/tandem-haproxy
 

@@ -88,6 +88,7 @@ def resource_names(config: TandemConfig) -> dict[str, str]:
         "configmap": f"{name}-config",
         "auth_secret": config.cluster.kubernetes.auth_secret or f"{name}-ray-token",
         "serving_secret": f"{name}-serving-token",
+        "mlflow_secret": f"{name}-mlflow",
     }
 
 
@@ -205,6 +206,10 @@ def head_group_spec(config: TandemConfig, extra_env: list[dict[str, Any]]) -> di
         mounts.append(shared[1])
     resources = container_resources(config.cluster.kubernetes.head_cpus, config.cluster.kubernetes.head_memory)
     container = ray_container(config, "head", resources, auth_env(config) + extra_env, mounts)
+    if config.tracking.mlflow is not None:
+        # Job drivers run on the head and log to MLflow from there (cluster/tracking.py); the
+        # credentials come from an optional Secret, never from the config in the ConfigMap.
+        container["envFrom"] = [{"secretRef": {"name": names["mlflow_secret"], "optional": True}}]
     return {
         # The head runs the GCS, the dashboard, job drivers and Serve's controller; no tasks or
         # replicas on it keeps those responsive (KubeRay's production advice). It is in no node group.

@@ -33,6 +33,7 @@ class RunSummary:
     parity: dict[str, Any]
     url: str
     served_match: float
+    served_version: str
     load: LoadResult
     timings_s: dict[str, float] = field(default_factory=dict)
 
@@ -61,8 +62,9 @@ def _train_or_tune(config: TandemConfig, use_tune: bool) -> tuple[Path, dict[str
     return result.artifact_dir, result.metrics
 
 
-def served_agreement(url: str, artifact_dir: Path, config: TandemConfig, examples: np.ndarray, token: str | None) -> float:
-    """Fraction of examples where the HTTP answer equals the first deployment's engine run here."""
+def served_agreement(url: str, artifact_dir: Path, config: TandemConfig, examples: np.ndarray, token: str | None) -> tuple[float, str]:
+    """Fraction of examples where the HTTP answer equals the first deployment's engine run here,
+    and the model version the server says answered."""
     from serving.client import predict
     from serving.engines import load_engine
 
@@ -71,8 +73,8 @@ def served_agreement(url: str, artifact_dir: Path, config: TandemConfig, example
         artifact_dir, engine=deployment.engine, precision=deployment.precision, quantize=deployment.quantize, threads=1, device="cpu"
     )
     local = engine.predict(examples).argmax(1)
-    served = np.asarray(predict(url, examples.tolist(), token=token)["predictions"])
-    return float((served == local).mean())
+    answer = predict(url, examples.tolist(), token=token)
+    return float((np.asarray(answer["predictions"]) == local).mean()), str(answer.get("model_version"))
 
 
 def summary_table(summary: RunSummary) -> Table:
@@ -91,6 +93,7 @@ def summary_table(summary: RunSummary) -> Table:
             f"accuracy {acc:.4f}, argmax agreement {row.get('argmax_agreement', float('nan')):.4f}" if acc is not None else str(row),
         )
     table.add_row("served == artifact", f"{summary.served_match:.1%} of held-out examples")
+    table.add_row("served version", summary.served_version)
     load = summary.load
     table.add_row("load", f"{load.ok}/{load.requests} ok, {load.refused} refused, {load.failed} failed at concurrency {load.concurrency}")
     table.add_row("latency", f"p50 {load.p50_ms:.1f} ms, p99 {load.p99_ms:.1f} ms, {load.requests_per_s:.0f} req/s")
@@ -124,9 +127,9 @@ def run_lifecycle(
         try:
             with _stage("load", timings):
                 _, val = split(load_dataset(config), config.data.val_fraction, config.data.seed)
-                match = served_agreement(url, artifact_dir, config, val.x[:64], token)
+                match, version = served_agreement(url, artifact_dir, config, val.x[:64], token)
                 load = load_from_process(url, val.x[: min(len(val.x), 256)].tolist(), requests, concurrency, token_env)
-            summary = RunSummary(artifact_dir, metrics, exported.report, url, match, load, timings)
+            summary = RunSummary(artifact_dir, metrics, exported.report, url, match, version, load, timings)
             console.print(summary_table(summary))
             console.print(f"run folder: {artifact_dir.parent}")
             if keep_serving:

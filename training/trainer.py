@@ -21,11 +21,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.artifacts import ArtifactError, atomic_write_text, new_run_dir, save_model_artifact
+from cluster.artifacts import ArtifactError, atomic_write_text, model_version, new_run_dir, save_model_artifact
 from cluster.config import ConfigError, Problem, TandemConfig
 from cluster.console import move_log
 from cluster.errors import TrainingFailedError
 from cluster.runtime import connect, pin_to_group, storage_root
+from cluster.tracking import follow_metrics, track_run
 from training.ds_config import deepspeed_config
 
 CHECKPOINTS = "checkpoints"
@@ -264,8 +265,18 @@ def train(config: TandemConfig, resume: str | None = None, callbacks: list | Non
         print(f"[tandem] run folder {run_dir}", flush=True)
         move_log(run_dir)
         trainer = build_trainer(config, run_dir, use_gpu, resume_from, callbacks)
-        result = fit(trainer, run_dir)
-        return consolidate(config, run_dir, result)
+        continuing = (run_dir / "metrics.jsonl").exists()  # a resumed run folder: its MLflow run goes on
+        tracker = track_run(config, run_dir, continuing)
+        try:
+            with follow_metrics(run_dir / "metrics.jsonl", tracker, skip_existing=continuing):
+                result = consolidate(config, run_dir, fit(trainer, run_dir))
+        except BaseException:
+            tracker.finish("FAILED")
+            raise
+        tracker.set_tags({"tandem.model_version": model_version(result.artifact_dir), "tandem.run_dir": str(run_dir)})
+        tracker.log_files([result.artifact_dir / "manifest.json", run_dir / "deepspeed.json", run_dir / "config.yaml"])
+        tracker.finish()
+        return result
 
 
 def fit(trainer: Any, run_dir: Path) -> Any:

@@ -1,5 +1,6 @@
 """Driver-side Tune callbacks: release what ended trials leave behind, record how many ran at once,
-and print one progress line per finished trial (the terminal's view of a search).
+print one progress line per finished trial (the terminal's view of a search), and track each
+trial in MLflow (a child of the tuning run) and TensorBoard (`TrackTrials`, cluster/tracking.py).
 
 `ReleaseOrphanedPlacementGroups` is the safety net behind tuning/trial.py's graceful stop. A
 Train worker group's placement group belongs to the job, not to the Train controller that created
@@ -142,3 +143,53 @@ class TrialProgress(Callback):
 
     def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
         self._line(trial, "failed")
+
+
+class TrackTrials(Callback):
+    """An MLflow child run per trial under the tuning run's, and TensorBoard event files in each
+    trial's folder: one point per metric per reported epoch, logged here in the driver.
+
+    Tune pickles its callbacks with the experiment state; the open runs are not pickled, and a
+    restored tune opens new ones for the trials it continues.
+    """
+
+    def __init__(self, config: dict[str, Any], space: Any, parent_run_id: str | None, experiment_dir: Path):
+        self.config, self.space, self.parent_run_id, self.experiment_dir = config, space, parent_run_id, Path(experiment_dir)
+        self.trackers: dict[str, Any] = {}
+
+    def __getstate__(self) -> dict[str, Any]:
+        return {**self.__dict__, "trackers": {}}
+
+    def _tracker(self, trial: Any) -> Any:
+        from cluster.config import validate_config
+        from cluster.tracking import Tracker, open_tracker, record_run
+
+        if trial.trial_id not in self.trackers:
+            config = validate_config(self.config)
+            folder = self.experiment_dir / trial.trial_id
+            folder.mkdir(parents=True, exist_ok=True)
+            parent = Tracker(run_id=self.parent_run_id)
+            params = self.space.decode(trial.config)
+            self.trackers[trial.trial_id] = open_tracker(
+                config, folder, trial.trial_id, params=params, parent=parent, tags={"tandem.trial_id": trial.trial_id}
+            )
+            record_run(folder, self.trackers[trial.trial_id], config)
+        return self.trackers[trial.trial_id]
+
+    def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
+        from tuning.schedulers import REPORTED_METRICS, TIME_ATTR
+
+        self._tracker(trial).log_epoch({k: result[k] for k in (TIME_ATTR, "step", *REPORTED_METRICS) if k in result})
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if trial.trial_id in self.trackers:
+            self.trackers.pop(trial.trial_id).finish("FINISHED")
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        if trial.trial_id in self.trackers:
+            self.trackers.pop(trial.trial_id).finish("FAILED")
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        for tracker in self.trackers.values():
+            tracker.finish("KILLED")
+        self.trackers.clear()

@@ -28,6 +28,8 @@ from typing import Any
 from ray.tune import Checkpoint
 from ray.tune.schedulers import PopulationBasedTraining
 
+from cluster.artifacts import atomic_write_json
+
 logger = logging.getLogger(__name__)
 
 HANDOFF_PREFIX = "pbt-handoff-"
@@ -51,7 +53,7 @@ def copy_for_exploiter(checkpoint: Checkpoint, donor_dir: Path, exploiter_id: st
     shutil.rmtree(partial, ignore_errors=True)
     checkpoint.to_directory(str(partial))
     record = {"donor": donor_id, "epoch": epoch, "source": checkpoint.path, "exploiter": exploiter_id}
-    (partial / HANDOFF_RECORD).write_text(json.dumps(record))
+    atomic_write_json(partial / HANDOFF_RECORD, record)
     partial.rename(target)
     return Checkpoint.from_directory(str(target))
 

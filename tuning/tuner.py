@@ -266,8 +266,9 @@ def tune(config: TandemConfig, resume: bool | str | Path = False, callbacks: lis
     """
     import ray
 
+    from cluster.tracking import open_tracker, record_run, reopen_tracker
     from training.trainer import resolve_use_gpu
-    from tuning.housekeeping import ReleaseOrphanedPlacementGroups, TrackConcurrency, TrialProgress, read_peak
+    from tuning.housekeeping import ReleaseOrphanedPlacementGroups, TrackConcurrency, TrackTrials, TrialProgress, read_peak
     from tuning.pbt import remove_handoffs
 
     space = check_tuning(config)
@@ -287,21 +288,47 @@ def tune(config: TandemConfig, resume: bool | str | Path = False, callbacks: lis
             flush=True,
         )
         move_log(run_dir)
-        with _env(TUNE_GLOBAL_CHECKPOINT_S=EXPERIMENT_SNAPSHOT_S):
-            if resume:
-                tuner = restore_tuner(config, space, plan, run_dir)
-            else:
-                housekeeping = [
-                    ReleaseOrphanedPlacementGroups(),
-                    TrackConcurrency(run_dir / PEAK_FILE),
-                    TrialProgress(n_trials, config.tuning.metric),
-                ]
-                tuner = make_tuner(config, space, plan, run_dir, housekeeping + list(callbacks or []))
-            started = time.perf_counter()
-            grid = tuner.fit()
-            wall_s = time.perf_counter() - started
-        remove_handoffs(run_dir / EXPERIMENT)
-        return report(config, space, plan, run_dir, grid, wall_s, read_peak(run_dir / PEAK_FILE))
+        tracker = reopen_tracker(config, run_dir) if resume else open_tracker(config, run_dir, run_dir.name, tensorboard=False)
+        record_run(run_dir, tracker, config)
+        try:
+            with _env(TUNE_GLOBAL_CHECKPOINT_S=EXPERIMENT_SNAPSHOT_S):
+                if resume:
+                    tuner = restore_tuner(config, space, plan, run_dir)
+                else:
+                    housekeeping = [
+                        ReleaseOrphanedPlacementGroups(),
+                        TrackConcurrency(run_dir / PEAK_FILE),
+                        TrialProgress(n_trials, config.tuning.metric),
+                    ]
+                    if tracker.active or config.tracking.tensorboard:
+                        housekeeping.append(TrackTrials(config.to_dict(), space, tracker.run_id, run_dir / EXPERIMENT))
+                    tuner = make_tuner(config, space, plan, run_dir, housekeeping + list(callbacks or []))
+                started = time.perf_counter()
+                grid = tuner.fit()
+                wall_s = time.perf_counter() - started
+            remove_handoffs(run_dir / EXPERIMENT)
+            result = report(config, space, plan, run_dir, grid, wall_s, read_peak(run_dir / PEAK_FILE))
+        except BaseException:
+            tracker.finish("FAILED")
+            raise
+        track_best(config, tracker, result)
+        return result
+
+
+def track_best(config: TandemConfig, tracker: Any, result: TuneResult) -> None:
+    """The tuning run's MLflow record: the best trial (tagged on its own run too), the artifact's
+    version, the best metric, and the result files."""
+    from cluster.tracking import reopen_tracker
+
+    if not tracker.active:
+        return
+    version = model_version(result.artifact_dir)
+    tracker.set_tags({"tandem.best_trial": result.best.trial_id, "tandem.model_version": version, "tandem.run_dir": str(result.run_dir)})
+    tracker.log_epoch({"epoch": result.best.last_epoch, f"best_{config.tuning.metric}": result.best.metric})
+    tracker.log_files([result.run_dir / name for name in (RESULTS_CSV, RESULTS_JSON, RESULTS_PNG, TUNING_MANIFEST, "best_config.yaml")])
+    tracker.log_files([result.artifact_dir / "manifest.json"], "artifacts")
+    tracker.finish()
+    reopen_tracker(config, result.run_dir / EXPERIMENT / result.best.trial_id).set_tags({"tandem.best": "true"})
 
 
 def report(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_dir: Path, grid: Any, wall_s: float, peak: int) -> TuneResult:

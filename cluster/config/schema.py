@@ -321,6 +321,32 @@ class TuningConfig(Strict):
         return space
 
 
+class MlflowConfig(Strict):
+    tracking_uri: str | None = Field(
+        None,
+        description="MLflow tracking URI (default: sqlite:///<cluster.storage>/mlflow.db). Credentials come from the environment "
+        "(MLFLOW_TRACKING_USERNAME/PASSWORD or MLFLOW_TRACKING_TOKEN), never from here.",
+    )
+    experiment: str | None = Field(None, description="MLflow experiment (default: the config's name).")
+
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_credentials(cls, uri: str | None) -> str | None:
+        from urllib.parse import urlsplit
+
+        if uri and (urlsplit(uri).username or urlsplit(uri).password):
+            raise ValueError(
+                "holds credentials, which a config file must not; drop 'user:password@' and set MLFLOW_TRACKING_USERNAME and "
+                "MLFLOW_TRACKING_PASSWORD (or MLFLOW_TRACKING_TOKEN) in the environment"
+            )
+        return uri
+
+
+class TrackingConfig(Strict):
+    mlflow: MlflowConfig | None = Field(None, description="Log runs to MLflow (off when absent; `mlflow: {}` for the defaults).")
+    tensorboard: bool = Field(False, description="Write TensorBoard event files (scalars per epoch) into each run and trial folder.")
+
+
 class TandemConfig(Strict):
     version: Literal[1] = Field(1, description="Config format version.")
     name: str = Field(
@@ -335,6 +361,9 @@ class TandemConfig(Strict):
     tuning: TuningConfig | None = Field(None, description="Hyperparameter search (off when absent).")
     export: ExportConfig = Field(default_factory=ExportConfig, description="Inference optimization.")
     serving: ServingConfig = Field(default_factory=ServingConfig, description="Serving.")
+    tracking: TrackingConfig = Field(
+        default_factory=TrackingConfig, description="Experiment tracking: MLflow and TensorBoard (off by default)."
+    )
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

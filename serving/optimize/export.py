@@ -38,8 +38,17 @@ from typing import Any
 
 import numpy as np
 
-from cluster.artifacts import MODEL_FILE, ArtifactError, atomic_save_torch, load_model, model_version, resolve_artifact, write_manifest
+from cluster.artifacts import (
+    MODEL_FILE,
+    ArtifactError,
+    atomic_save_torch,
+    load_model,
+    model_version,
+    resolve_artifact,
+    write_manifest,
+)
 from cluster.config import TandemConfig
+from cluster.tracking import track_export
 from serving.engines import INT8_FILE, ONNX_FILE, PRUNED_FILE, PRUNED_ONNX_FILE, OnnxEngine, TorchEngine, ort_session, torch_threads
 from serving.optimize.parity import (
     SOURCE,
@@ -484,4 +493,6 @@ def export(
         write_manifest(folder, {"parity": report, "export": info})
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+    # The parity report and the exported models join the MLflow run that made the artifact.
+    track_export(config, folder, report, [folder / name for name in produced])
     return ExportResult(artifact_dir=folder, report=report, info=info, files=produced)

@@ -18,10 +18,16 @@ DEFAULT_EXAMPLE_EPOCHS = 12
 
 @pytest.fixture(scope="session")
 def default_example_run(ray_session, tmp_path_factory) -> tuple[TrainResult, object]:
-    """The packaged example (ZeRO-2, 2 workers, MLP [128, 128], augmentation) for 12 epochs: the
-    accuracy test's run and the distillation test's teacher."""
+    """The packaged example (ZeRO-2, 2 workers, MLP [128, 128], augmentation) for 12 epochs, tracked
+    in MLflow and TensorBoard: the accuracy test's run, the distillation test's teacher and the
+    tracking test's run."""
     config = load_config(
-        None, [f"cluster.storage={tmp_path_factory.mktemp('default-example')}", f"training.epochs={DEFAULT_EXAMPLE_EPOCHS}"]
+        None,
+        [
+            f"cluster.storage={tmp_path_factory.mktemp('default-example')}",
+            f"training.epochs={DEFAULT_EXAMPLE_EPOCHS}",
+            "tracking={mlflow: {}, tensorboard: true}",
+        ],
     )
     return train(config), config
 

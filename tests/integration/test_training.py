@@ -2,16 +2,19 @@
 
 from __future__ import annotations
 
+import logging
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from mlflow import MlflowClient
 
 from cluster.artifacts import load_model, read_manifest, verify_artifact
 from cluster.config import ConfigError, load_config
 from cluster.errors import TrainingFailedError
+from cluster.tracking import mlflow_uri
 from training.data import digits, split
 from training.ds_config import zero_memory_formula
 from training.models import parameter_count
@@ -67,10 +70,15 @@ def test_zero3_partitions_parameters_across_ranks(zero3_run):
     assert read_manifest(result.artifact_dir)["files"]["model.pt"]["bytes"] > n_params * 4
 
 
-def test_resume_after_a_crash_matches_an_uninterrupted_run(ray_session, tmp_path, monkeypatch):
+def test_resume_after_a_crash_matches_an_uninterrupted_run_and_continues_its_mlflow_run(ray_session, tmp_path, monkeypatch, caplog):
     epochs = 6
     overrides = (f"training.epochs={epochs}", "training.checkpoint.every_epochs=1", "training.max_failures=0")
-    reference = train(small(tmp_path / "a", *overrides))
+    # The reference run's tracking server refuses connections: a warning, and the run trains on.
+    refused = "tracking={mlflow: {tracking_uri: 'http://127.0.0.1:9'}}"
+    with caplog.at_level(logging.WARNING, logger="tandem.tracking"):
+        reference = train(small(tmp_path / "a", *overrides, refused))
+    assert any("not reachable" in r.getMessage() and "goes on without MLflow" in r.getMessage() for r in caplog.records), caplog.text
+    verify_artifact(reference.artifact_dir)
     steps_per_epoch = reference.history[0]["step"]
 
     # Crash a worker in the last epoch with no retries left: the run fails after some checkpoints.
@@ -78,7 +86,7 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(ray_session, tmp_path
     # takes a fraction of a second here): the run's metrics.jsonl has one line per registered report.
     monkeypatch.setenv("TANDEM_FAULT_AT_STEP", str((epochs - 1) * steps_per_epoch + steps_per_epoch // 2))
     monkeypatch.setenv("TANDEM_FAULT_MARKER", str(tmp_path / "fault-marker"))
-    interrupted = small(tmp_path / "b", *overrides)
+    interrupted = small(tmp_path / "b", *overrides, "tracking={mlflow: {}}")
     with pytest.raises(TrainingFailedError):
         train(interrupted)
     assert (tmp_path / "fault-marker").exists(), "the fault hook never fired"
@@ -101,6 +109,11 @@ def test_resume_after_a_crash_matches_an_uninterrupted_run(ray_session, tmp_path
     assert resumed.metrics["step"] == reference.metrics["step"] == epochs * steps_per_epoch
     assert resumed.metrics["val_loss"] == pytest.approx(reference.metrics["val_loss"], rel=1e-3)
     assert resumed.metrics["val_accuracy"] == pytest.approx(reference.metrics["val_accuracy"], abs=1e-3)
+    # The resumed run folder logs to the MLflow run it started: every epoch once, then finished.
+    client = MlflowClient(mlflow_uri(interrupted))
+    (run,) = client.search_runs([client.get_experiment_by_name(interrupted.name).experiment_id])
+    assert run.info.status == "FINISHED" and run.info.run_name == run_dir.name
+    assert [p.step for p in client.get_metric_history(run.info.run_id, "val_loss")] == list(range(1, epochs + 1))
 
 
 # A worker's death mid-epoch, retried by Ray Train from the last checkpoint, is proven with a real

@@ -180,6 +180,7 @@ def test_pbt_exploits_load_their_checkpoint_and_every_trial_finishes(ray_session
         "{samples: 1, max_concurrent_trials: 3, scheduler: {name: pbt, perturbation_interval: 1},"
         " space: {training.optimizer.lr: {grid: [1.0e-4, 1.0e-3, 3.0e-2]}}}",
         "training.checkpoint.keep=1",
+        "training.epochs=5",
     )
     result = tune(config)
     final = config.training.epochs

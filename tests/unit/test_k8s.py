@@ -60,6 +60,7 @@ GPU_CPU_GROUPS = [
     "serving.auth.token_env=TANDEM_TOKEN",
     "tuning={metric: val_loss, mode: min, samples: 4, space: {training.optimizer.lr: {loguniform: [0.0001, 0.01]}}}",
     "cluster.runtime_env={env_vars: {OMP_NUM_THREADS: '1'}, pip: [rich]}",
+    "tracking={mlflow: {tracking_uri: 'http://mlflow.ml.svc:5000'}, tensorboard: true}",
 ]
 
 
@@ -194,6 +195,18 @@ def test_token_auth_reaches_every_ray_container_from_one_secret():
             env = {e["name"]: e for e in pod["spec"]["containers"][0]["env"]}
             assert env["RAY_AUTH_MODE"]["value"] == "token"
             assert env["RAY_AUTH_TOKEN"]["valueFrom"]["secretKeyRef"] == {"name": secret, "key": AUTH_TOKEN_KEY}
+
+
+def test_mlflow_credentials_reach_the_head_from_an_optional_secret_and_never_the_config():
+    manifests = render_manifests(gpu_and_cpu())
+    for name in ("raycluster.yaml", "rayjob-train.yaml", "rayjob-tune.yaml"):
+        spec = manifests[name]["spec"]
+        cluster = spec.get("rayClusterSpec") or spec
+        head = cluster["headGroupSpec"]["template"]["spec"]["containers"][0]
+        assert head["envFrom"] == [{"secretRef": {"name": "digits-mlflow", "optional": True}}], name
+    assert "MLFLOW_TRACKING_PASSWORD" not in json.dumps(manifests)
+    # Without tracking, no secret is asked for.
+    assert "digits-mlflow" not in json.dumps(render_manifests(packaged()))
 
 
 def test_auth_disabled_renders_no_secret_reference():
