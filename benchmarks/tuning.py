@@ -27,6 +27,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).with_name("results")
+LOAD_AT_START: list[float] = []
 WITHIN = 0.02
 TARGET_EPOCH_RATIO = 0.3
 TARGET_SAME_BEST = 4 / 5
@@ -37,7 +38,9 @@ def bench_config(storage: Path, seed: int, scheduler: str, args: argparse.Namesp
 
     tuning = (
         f"{{samples: {args.samples}, max_concurrent_trials: {args.concurrency}, search: {{name: random, seed: {seed}}},"
-        f" scheduler: {{name: {scheduler}, grace_period: {args.grace}, reduction_factor: {args.reduction_factor}}},"
+        f" scheduler: {{name: {scheduler}, grace_period: {args.grace}, reduction_factor: {args.reduction_factor}"
+        + (f", rung_min_results: {args.rung_min_results}" if args.rung_min_results and scheduler == "asha" else "")
+        + "},"
         " space: {training.optimizer.lr: {loguniform: [1.0e-4, 1.0e-1]}, model.args.hidden: {choice: [[16], [32], [64]]}}}"
     )
     return load_config(
@@ -84,10 +87,57 @@ def run_arm(seed: int, scheduler: str, args: argparse.Namespace, storage: Path) 
     return tune(config), started_at
 
 
+def fifo_by_reference(asha: Any, seed: int, args: argparse.Namespace, storage: Path) -> tuple[Any, float]:
+    """What a FIFO search over ASHA's sampled configurations trains and finds, without Tune: each
+    configuration trained to the end by the trials' own loop in one process
+    (tests/integration/reference_trials.py). Its epochs are samples x epochs by definition; it has
+    no time to target (no Tune start-ups to compare)."""
+    import subprocess
+    import sys
+    from types import SimpleNamespace
+
+    config = bench_config(storage / "fifo", seed, "fifo", args)
+    folder = storage / f"reference-{seed}"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.yaml").write_text(config.to_yaml())
+    trials = sorted(asha.trials, key=lambda t: t.trial_id)
+    (folder / "updates.json").write_text(json.dumps([t.params for t in trials]))
+    started = time.time()
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.integration.reference_trials",
+            str(folder / "config.yaml"),
+            str(folder / "updates.json"),
+            str(folder / "out.json"),
+        ],
+        cwd=Path(__file__).resolve().parents[1],
+        capture_output=True,
+        text=True,
+    )
+    if done.returncode != 0:
+        raise SystemExit(f"reference trials failed:\n{done.stderr[-3000:]}")
+    metric, mode = config.tuning.metric, config.tuning.mode
+    rows = json.loads((folder / "out.json").read_text())
+    summaries = [
+        SimpleNamespace(
+            trial_id=t.trial_id, params=t.params, status="completed", epochs_trained=args.epochs, metric=row["final"][metric], history=[]
+        )
+        for t, row in zip(trials, rows, strict=True)
+    ]
+    best = (min if mode == "min" else max)(summaries, key=lambda t: t.metric)
+    result = SimpleNamespace(trials=summaries, best=best, total_epochs=args.samples * args.epochs, wall_s=time.time() - started)
+    return result, started
+
+
 def run_seed(seed: int, args: argparse.Namespace, storage: Path) -> dict[str, Any]:
-    fifo, fifo_start = run_arm(seed, "fifo", args, storage)
     asha, asha_start = run_arm(seed, "asha", args, storage)
-    metric, mode = search_settings(fifo)
+    if args.fifo == "reference":
+        fifo, fifo_start = fifo_by_reference(asha, seed, args, storage)
+    else:
+        fifo, fifo_start = run_arm(seed, "fifo", args, storage)
+    metric, mode = search_settings(asha)
     target = fifo.best.metric
     same_samples = {sample_index(t.trial_id): t.params for t in fifo.trials} == {sample_index(t.trial_id): t.params for t in asha.trials}
     arms = {}
@@ -147,7 +197,9 @@ def markdown(seeds: list[dict[str, Any]], summary: dict[str, Any], args: argpars
 
     lines = [
         f"# Tuning: ASHA vs FIFO ({args.samples} samples x {args.epochs} epochs, {args.concurrency} at once, "
-        f"ASHA grace {args.grace}, reduction {args.reduction_factor:g})",
+        f"ASHA grace {args.grace}, reduction {args.reduction_factor:g}, rungs wait for "
+        f"{args.rung_min_results or 'reduction-factor'} results; FIFO arm: "
+        f"{'a real Tune search' if args.fifo == 'tune' else 'every configuration trained to the end in one process'})",
         "",
         "| seed | FIFO epochs | ASHA epochs | ratio | FIFO s to 2% | ASHA s to 2% | ratio | same best | stopped by ASHA |",
         "|---:|---:|---:|---:|---:|---:|---:|:---:|---:|",
@@ -208,6 +260,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--grace", type=int, default=1)
     parser.add_argument("--reduction-factor", type=float, default=3.0)
     parser.add_argument("--cpus", type=float, default=8.0, help="logical CPUs of the local Ray (may exceed the cores)")
+    parser.add_argument(
+        "--fifo",
+        choices=("tune", "reference"),
+        default="tune",
+        help="the FIFO arm: a real Tune search (side by side, with its time to target), or every configuration trained to the end in "
+        "one process (same epochs and best by definition, minutes instead of an hour per seed)",
+    )
+    parser.add_argument("--rung-min-results", type=int, default=None, help="ASHA: results a rung waits for (default: the reduction factor)")
     parser.add_argument("--out", type=Path, default=RESULTS)
     if "--small" in (argv or []):
         # Smaller defaults; flags given explicitly still win (e.g. --small --seeds 2).
@@ -219,8 +279,11 @@ def write_report(seeds: list[dict[str, Any]], args: argparse.Namespace, wall_s: 
     """JSON, markdown and plot of the seeds so far (rewritten after every seed: a long run that is
     cut short still leaves its finished seeds)."""
     summary = summarize(seeds)
+    import os
+
     report = {
         "benchmark": "tuning",
+        "load_average": {"start": LOAD_AT_START, "now": list(os.getloadavg())},
         "args": {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()},
         "wall_s": round(wall_s, 1),
         "summary": summary,
@@ -228,7 +291,10 @@ def write_report(seeds: list[dict[str, Any]], args: argparse.Namespace, wall_s: 
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / "tuning.json").write_text(json.dumps(report, indent=2, default=str) + "\n")
-    (args.out / "tuning.md").write_text(markdown(seeds, summary, args))
+    (args.out / "tuning.md").write_text(
+        markdown(seeds, summary, args)
+        + f"\nLoad average (1, 5, 15 min) at start {LOAD_AT_START}, at the last seed {[round(x, 2) for x in os.getloadavg()]} on 2 cores.\n"
+    )
     plot(args.out / "tuning.png", seeds)
     return report
 
@@ -240,6 +306,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
     from cluster.runtime import connect
 
+    global LOAD_AT_START
+    LOAD_AT_START = list(os.getloadavg())
     args = parse_args(argv)
     storage = Path(tempfile.mkdtemp(prefix="tandem-bench-tuning-"))
     seeds: list[dict[str, Any]] = []

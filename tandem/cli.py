@@ -161,6 +161,22 @@ def tune(
     console.print(f"best trial {result.best.trial_id}: {result.best.params}\nartifact: {result.artifact_dir}\nresults: {result.run_dir}")
 
 
+@app.command("import")
+@friendly_errors
+def import_(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    weights: Annotated[Path, typer.Option("--weights", help="A state_dict saved by torch (torch.save(model.state_dict(), path)).")] = ...,
+) -> None:
+    """Make a model trained elsewhere a Tandem artifact: the config's model.builder with these weights, verified like a run's."""
+    from training.importing import import_weights
+
+    result = import_weights(load(config, set_), weights)
+    m = result.metrics
+    console.print(f"imported {weights} (val_accuracy {m['val_accuracy']:.4f}, val_loss {m['val_loss']:.4f})")
+    console.print(f"artifact: {result.artifact_dir} (version {result.version})")
+
+
 FromOpt = Annotated[str, typer.Option("--from", help="Artifact to use: 'latest', a run folder or an artifacts folder.")]
 
 

@@ -11,6 +11,8 @@ One file per concern; a new piece goes where its kind lives:
     schedulers.py   one builder per scheduler (fifo, asha, median, pbt) and searcher (random,
                     grid, optuna), and the checks of their combination: a new scheduler goes here
     resources.py    the trial resource plan: workers per trial, CPUs per worker, trials at once
+    asha.py         ASHA whose rungs wait for enough results before promoting (no unjudged
+                    promotions of the first trials to arrive)
     pbt.py          PBT whose exploits copy the donor's checkpoint for the exploiter (no
                     retention race) and never land a trial at its last epoch
     trial.py        the trial function (one Train run per start) and the Train -> Tune bridge
@@ -19,7 +21,7 @@ One file per concern; a new piece goes where its kind lives:
     results.py      the table, results.csv/json, the plot and the tuning manifest
     tuner.py        tune(): check, plan, Tuner.fit / Tuner.restore, report, consolidate the best
 
-Ray is imported inside functions (trial.py, pbt.py and housekeeping.py excepted), so importing the
+Ray is imported inside functions (trial.py, asha.py, pbt.py and housekeeping.py excepted), so importing the
 package, as the unit tests do, never touches a cluster.
 
 May import: `cluster` and `training`.

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from typing import Any
 
 from cluster.config import Problem, TandemConfig
-from tuning.space import CONTINUOUS, SearchSpace, tune_domain
+from tuning.space import CONTINUOUS, SearchSpace, count_trials, tune_domain
 
 TIME_ATTR = "epoch"
 # What the training loop (training/loop.py, _epoch_metrics) reports each epoch.
@@ -162,11 +162,18 @@ def _fifo(config: TandemConfig, space: SearchSpace) -> Any:
 
 
 def _asha(config: TandemConfig, space: SearchSpace) -> Any:
-    from ray.tune.schedulers import ASHAScheduler
+    import math
+
+    from tuning.asha import PatientASHA
 
     s = config.tuning.scheduler
-    return ASHAScheduler(
-        time_attr=TIME_ATTR, max_t=s.max_t or config.training.epochs, grace_period=s.grace_period, reduction_factor=s.reduction_factor
+    return PatientASHA(
+        min_results=s.rung_min_results or math.ceil(s.reduction_factor),
+        samples=count_trials(space, config.tuning.samples, config.tuning.search.name),
+        time_attr=TIME_ATTR,
+        max_t=s.max_t or config.training.epochs,
+        grace_period=s.grace_period,
+        reduction_factor=s.reduction_factor,
     )
 
 
@@ -199,10 +206,14 @@ def _pbt(config: TandemConfig, space: SearchSpace) -> Any:
 SCHEDULERS: dict[str, Callable[[TandemConfig, SearchSpace], Any]] = {"fifo": _fifo, "asha": _asha, "median": _median, "pbt": _pbt}
 
 
-def build_trial_scheduler(config: TandemConfig, space: SearchSpace) -> Any:
+def build_trial_scheduler(config: TandemConfig, space: SearchSpace, max_concurrent: int | None = None) -> Any:
     """Ray Tune's trial scheduler for tuning.scheduler (fifo, asha, median, pbt); the learning-rate
     schedule inside a trial is training.ds_config.build_scheduler."""
-    return SCHEDULERS[config.tuning.scheduler.name](config, space)
+    scheduler = SCHEDULERS[config.tuning.scheduler.name](config, space)
+    if max_concurrent is not None and hasattr(scheduler, "max_concurrent"):
+        # How many trials may be live at once (PatientASHA waits only where another can arrive).
+        scheduler.max_concurrent = max_concurrent
+    return scheduler
 
 
 # ---------------------------------------------------------------------------------------------

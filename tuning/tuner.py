@@ -199,7 +199,7 @@ def make_tuner(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_di
         mode=tuning.mode,
         num_samples=1 if tuning.search.name == "grid" else tuning.samples,
         search_alg=build_search(config, plan.max_concurrent),
-        scheduler=build_trial_scheduler(config, space),
+        scheduler=build_trial_scheduler(config, space, plan.max_concurrent),
         # The searchers enforce plan.max_concurrent themselves (BasicVariantGenerator(max_concurrent),
         # ConcurrencyLimiter); Tune ignores max_concurrent_trials for a basic generator, with a warning.
         max_concurrent_trials=None,

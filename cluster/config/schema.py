@@ -290,6 +290,12 @@ class SchedulerConfig(Strict):
     grace_period: PositiveInt = Field(1, description="Epochs before ASHA or median stopping may stop a trial.")
     reduction_factor: float = Field(3.0, gt=1, description="ASHA reduction factor.")
     max_t: int | None = Field(None, gt=0, description="ASHA max epochs (default: training.epochs).")
+    rung_min_results: int | None = Field(
+        None,
+        gt=0,
+        description="ASHA: results a rung waits for before it promotes (trials arriving earlier pause; default: the reduction "
+        "factor, rounded up; 1 is Ray's asynchronous ASHA).",
+    )
     perturbation_interval: PositiveInt = Field(2, description="PBT: epochs between exploit/explore steps.")
 
 

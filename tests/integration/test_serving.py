@@ -19,7 +19,6 @@ import httpx
 import numpy as np
 import pytest
 
-from cluster.artifacts import save_model_artifact
 from cluster.config import TandemConfig, validate_config
 from serving.deploy import free_port
 from serving.protocol import softmax
@@ -39,11 +38,14 @@ os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
 
 
 def make_artifact(storage: Path, name: str, seed: int, run: str) -> Path:
-    """Train a small MLP on the digits for a second, save it, export ONNX fp32 and int8."""
+    """Train a small MLP on the digits for a second in plain torch, outside Tandem, save its
+    state_dict as `<run>-weights.pt`, bring it in with `tandem import`'s function, and export
+    ONNX fp32 and int8."""
     import torch
 
     from serving.optimize.export import export
     from training.data import digits
+    from training.importing import import_weights
     from training.models import mlp
 
     torch.manual_seed(seed)
@@ -55,12 +57,24 @@ def make_artifact(storage: Path, name: str, seed: int, run: str) -> Path:
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
-    accuracy = float((model(x).argmax(1) == y).float().mean())
-    folder = storage / name / run / "artifacts"
-    spec = {"builder": "training.models:mlp", "args": {"hidden": HIDDEN}, "input_shape": [64], "num_classes": 10}
-    save_model_artifact(folder, model.state_dict(), spec, {"metrics": {"val_accuracy": accuracy}})
-    export(serving_config(storage, name, {}), source=folder, latency_budget_s=0.02)
+    weights = storage / f"{name}-{run}-weights.pt"
+    storage.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), weights)
+    config = serving_config(storage, name, {})
+    folder = import_weights(config, weights).artifact_dir
+    export(config, source=folder, latency_budget_s=0.02)
     return folder
+
+
+def original_module(weights: Path):
+    """The module as its trainer had it: built and loaded in plain torch, no Tandem artifact."""
+    import torch
+
+    from training.models import mlp
+
+    model = mlp((64,), 10, hidden=HIDDEN)
+    model.load_state_dict(torch.load(weights, weights_only=True))
+    return model.eval()
 
 
 def serving_config(storage: Path, name: str, serving: dict[str, Any], **sections: Any) -> TandemConfig:
@@ -229,6 +243,18 @@ def test_predictions_over_http_equal_the_engines(url, engine):
     assert body["deployment"] == "cpu" and len(body["model_version"]) == 12
     single = httpx.post(f"{url}/v1/predict", json={"inputs": x[0].tolist()}, timeout=30).json()
     assert single["predictions"] == [int(logits[0].argmax())] and "probabilities" not in single
+
+
+def test_an_imported_model_serves_its_original_modules_predictions(url, storage):
+    import torch
+
+    # The v1 artifact came in through `tandem import` from weights trained outside Tandem.
+    x = digits_inputs(MAX_INPUTS, seed=2)
+    with torch.no_grad():
+        expected = original_module(storage / f"{NAME}-run-1-weights.pt")(torch.from_numpy(x)).argmax(1).tolist()
+    reply = httpx.post(f"{url}/v1/predict", json={"inputs": x.tolist()}, timeout=30)
+    assert reply.status_code == 200, reply.text
+    assert reply.json()["predictions"] == expected
 
 
 def test_models_health_and_openapi(url, artifacts):

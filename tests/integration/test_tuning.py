@@ -122,14 +122,17 @@ def fifo_reference(config, lrs: list[float], tmp_path: Path) -> dict[float, floa
 @pytest.mark.timeout(SLOW_TUNE_TIMEOUT_S)
 def test_asha_stops_poor_trials_early_and_finds_fifos_best(ray_session, tmp_path):
     space = f"space: {{training.optimizer.lr: {{grid: {LR_GRID}}}}}"
-    # One trial at a time: asynchronous ASHA then compares every trial with all the earlier ones at
-    # each rung, so which trials it stops does not depend on which happened to report first (with 3
-    # at once, a run under load stopped only one).
+    # Two at once: each rung waits for 2 results before it promotes (tuning/asha.py), so the first
+    # trial to reach a rung pauses until a second one is there to compare with.
     config = tiny(
         tmp_path / "asha",
-        f"{{scheduler: {{name: asha, grace_period: 1, reduction_factor: 2}}, search: {{name: grid}}, max_concurrent_trials: 1, {space}}}",
+        f"{{scheduler: {{name: asha, grace_period: 1, reduction_factor: 2}}, search: {{name: grid}}, max_concurrent_trials: 2, {space}}}",
     )
     asha = tune(config)
+    # The first two trials to finish epoch 1 were judged together: exactly one went on (Ray's own
+    # ASHA promotes the first arrival unjudged, and the second too if it beats the first).
+    first_two = sorted(asha.trials, key=lambda t: t.history[0]["time"])[:2]
+    assert sorted(t.epochs_trained > 1 for t in first_two) == [False, True], [(t.params, t.epochs_trained) for t in first_two]
     lrs = json.loads(LR_GRID)
     fifo = fifo_reference(config, lrs, tmp_path)
     pick = min if config.tuning.mode == "min" else max
