@@ -161,6 +161,41 @@ def tune(
     console.print(f"best trial {result.best.trial_id}: {result.best.params}\nartifact: {result.artifact_dir}\nresults: {result.run_dir}")
 
 
+@app.command()
+@friendly_errors
+def predict(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    input_: Annotated[str, typer.Option("--input", help="A file, folder or glob of Parquet, CSV, .npy or JSON-lines files.")] = ...,
+    output: Annotated[Path, typer.Option("--output", help="Folder for predictions/, errors/ and summary.json.")] = ...,
+    from_: Annotated[str, typer.Option("--from", help="Artifact to use: 'latest', a run folder or an artifacts folder.")] = "latest",
+) -> None:
+    """Offline batch inference: every row of the input through Ray Data actor pools, written as Parquet."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+    from serving.offline import ERRORS
+    from serving.offline import predict as run_predict
+
+    cfg = load(config, set_)
+    columns = [TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeElapsedColumn()]
+    started = time.perf_counter()
+    with quiet(cfg), Progress(*columns, console=console, transient=False) as bar:
+        task = bar.add_task("rows", total=None, rate="")
+
+        def show(done: int, errors: int, total: int) -> None:
+            rate = (done + errors) / max(time.perf_counter() - started, 1e-9)
+            bar.update(task, completed=done + errors, total=total, rate=f"{rate:,.0f} rows/s, {errors} bad")
+
+        summary = run_predict(cfg, input_, output, source=from_, progress=show)
+    console.print(
+        f"predicted {summary.rows:,} rows ({summary.errors:,} bad, in {output / ERRORS}) in {summary.wall_s:.1f} s: "
+        f"{summary.rows_per_s:,.0f} rows/s with model version {summary.model_version}"
+    )
+    for actor, stats in sorted(summary.per_actor.items()):
+        console.print(f"  {actor}: {stats['rows']:,.0f} rows, {stats['rows_per_s']:,.0f} rows/s while working")
+    console.print(f"output: {summary.output_dir}")
+
+
 @app.command("import")
 @friendly_errors
 def import_(

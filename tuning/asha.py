@@ -6,12 +6,14 @@ on; the second goes on if it beats the first, and so on. With 12 random samples,
 reduction factor of 3, that bought 0.30x and 0.50x FIFO's epochs in two seeds, where synchronous
 successive halving spends about 0.26x: the early arrivals at each rung were promoted unjudged.
 
-`PatientASHA` keeps ASHA's rungs, cutoffs and asynchrony, except that a rung with fewer than
+`PatientASHA` keeps ASHA's rungs and asynchrony with two changes. A rung with fewer than
 `min_results` results (default: the reduction factor) pauses a trial that reaches it instead of
-promoting it. When the rung has its `min_results`, the waiting trials and the one that arrived
-are decided together: those in the top 1/reduction_factor of everything recorded there go on
-(paused ones resume from their checkpoint), the rest stop. Every later arrival is decided at
-once, as in Ray's ASHA. When nothing else can reach the rung (no trial pending or running), the
+promoting it; when the rung has its `min_results`, the waiting trials and the one that arrived
+are decided together (paused ones that go on resume from their checkpoint). And a trial goes on
+only if it ranks among the best floor(n / reduction_factor) of the n results at its rung, as
+successive halving keeps its top n/eta, where Ray's cutoff (an interpolated percentile of the
+earlier results) let 2 of 4 trials pass a reduction factor of 3. Every later arrival is decided
+at once, as in Ray's ASHA. When nothing else can reach the rung (no trial pending or running), the
 waiting ones are decided with what the rung has, so a search never waits for ever.
 
 The price is a restart (a new Train run from the trial's checkpoint) for each promoted waiting
@@ -21,9 +23,9 @@ trial, at most `min_results - 1` per rung. `rung_min_results: 1` is Ray's ASHA u
 from __future__ import annotations
 
 import logging
+import math
 from typing import Any
 
-import numpy as np
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import AsyncHyperBandScheduler, TrialScheduler
 
@@ -76,9 +78,12 @@ class PatientASHA(AsyncHyperBandScheduler):
         return len(trials) < self.samples and (self.max_concurrent is None or live < self.max_concurrent)
 
     def _goes_on(self, trial_id: str, recorded: dict[str, float]) -> bool:
-        """In the top 1/reduction_factor of everything the rung recorded (itself included)."""
-        cutoff = np.nanpercentile(list(recorded.values()), (1 - 1 / self._reduction_factor) * 100)
-        return recorded[trial_id] >= cutoff
+        """Among the best floor(n / reduction_factor) of the n results the rung recorded (itself
+        included; at least the best one goes on). By rank, as successive halving keeps its top
+        n/eta: Ray's interpolated percentile lets 2 of 4 pass a reduction factor of 3."""
+        score = recorded[trial_id]
+        better = sum(1 for other, value in recorded.items() if other != trial_id and value > score)
+        return better < max(1, math.floor(len(recorded) / self._reduction_factor))
 
     def _decide(self, tune_controller: Any, waiting: list[Trial], recorded: dict[str, float]) -> None:
         for trial in waiting:

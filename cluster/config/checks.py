@@ -152,7 +152,30 @@ def _check_tuning_paths(sections: dict[str, Any]) -> list[Problem]:
     return problems
 
 
-CROSS_FIELD_CHECKS = (_check_node_group_refs, _check_gpus_on_groups, _check_fp16_needs_gpu, _check_batches_can_fill, _check_tuning_paths)
+def _check_predict_deployments(sections: dict[str, Any]) -> list[Problem]:
+    predict, serving = sections.get("predict"), sections.get("serving")
+    if predict is None or serving is None or not predict.deployments:
+        return []
+    names = [d.name for d in serving.deployments]
+    return [
+        Problem(
+            path=f"predict.deployments[{i}]",
+            value=name,
+            message=f"no serving deployment has this name; serving.deployments has {names}: pick from those",
+        )
+        for i, name in enumerate(predict.deployments)
+        if name not in names
+    ]
+
+
+CROSS_FIELD_CHECKS = (
+    _check_node_group_refs,
+    _check_gpus_on_groups,
+    _check_fp16_needs_gpu,
+    _check_batches_can_fill,
+    _check_tuning_paths,
+    _check_predict_deployments,
+)
 
 
 def cross_field_problems(sections: dict[str, Any]) -> list[Problem]:

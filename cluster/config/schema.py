@@ -21,6 +21,7 @@ from pydantic import Field, field_validator, model_validator
 from cluster.config.base import Fraction, PositiveInt, Strict
 from cluster.config.serving_schema import (
     ExportConfig,
+    PredictConfig,
     ServingConfig,
 )
 
@@ -367,6 +368,7 @@ class TandemConfig(Strict):
     tuning: TuningConfig | None = Field(None, description="Hyperparameter search (off when absent).")
     export: ExportConfig = Field(default_factory=ExportConfig, description="Inference optimization.")
     serving: ServingConfig = Field(default_factory=ServingConfig, description="Serving.")
+    predict: PredictConfig = Field(default_factory=PredictConfig, description="Offline batch inference (`tandem predict`).")
     tracking: TrackingConfig = Field(
         default_factory=TrackingConfig, description="Experiment tracking: MLflow and TensorBoard (off by default)."
     )

@@ -169,3 +169,20 @@ class ServingConfig(Strict):
         if dupes:
             raise ValueError(f"deployment names must be unique; {dupes} appear more than once")
         return deployments
+
+
+class PredictConfig(Strict):
+    deployments: list[str] | None = Field(
+        None,
+        description="Serving deployments whose engine, node group, threads and GPUs `tandem predict` uses, one actor pool each "
+        "(default: every deployment).",
+    )
+    actors: PositiveInt | None = Field(None, description="Actors per pool (default: the deployment's max_replicas, or 1 when auto).")
+    batch_size: PositiveInt = Field(256, description="Rows per forward pass.")
+    chunk_rows: PositiveInt = Field(8192, description="Rows an actor reads, predicts and writes as one output part file.")
+    features: list[str] | None = Field(
+        None, description="Input columns holding the features, in order (default: every column but id_column and label_column)."
+    )
+    id_column: str | None = Field(None, description="Input key column copied to the output (default: the row's number in the input).")
+    label_column: str | None = Field(None, description="A column to leave out of the features (e.g. the label of a labelled file).")
+    probabilities: bool = Field(False, description="Also write each row's class probabilities.")
