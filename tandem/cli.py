@@ -166,8 +166,13 @@ def tune(
 def predict(
     config: ConfigArg = None,
     set_: SetOpt = None,
-    input_: Annotated[str, typer.Option("--input", help="A file, folder or glob of Parquet, CSV, .npy or JSON-lines files.")] = ...,
-    output: Annotated[Path, typer.Option("--output", help="Folder for predictions/, errors/ and summary.json.")] = ...,
+    input_: Annotated[
+        str | None,
+        typer.Option("--input", help="A file, folder or glob of Parquet, CSV, .npy or JSON-lines files (default: predict.input)."),
+    ] = None,
+    output: Annotated[
+        Path | None, typer.Option("--output", help="Folder for predictions/, errors/ and summary.json (default: predict.output).")
+    ] = None,
     from_: Annotated[str, typer.Option("--from", help="Artifact to use: 'latest', a run folder or an artifacts folder.")] = "latest",
 ) -> None:
     """Offline batch inference: every row of the input through Ray Data actor pools, written as Parquet."""
@@ -177,6 +182,10 @@ def predict(
     from serving.offline import predict as run_predict
 
     cfg = load(config, set_)
+    input_ = input_ or cfg.predict.input
+    output = output or (Path(cfg.predict.output) if cfg.predict.output else None)
+    if not input_ or not output:
+        raise TandemError("tandem predict needs --input and --output (or predict.input and predict.output in the config)")
     columns = [TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeElapsedColumn()]
     started = time.perf_counter()
     with quiet(cfg), Progress(*columns, console=console, transient=False) as bar:

@@ -85,6 +85,7 @@ def resource_names(config: TandemConfig) -> dict[str, str]:
         "train": f"{name}-train",
         "tune": f"{name}-tune",
         "serve": f"{name}-serve",
+        "predict": f"{name}-predict",
         "configmap": f"{name}-config",
         "auth_secret": config.cluster.kubernetes.auth_secret or f"{name}-ray-token",
         "serving_secret": f"{name}-serving-token",
@@ -248,7 +249,7 @@ def worker_group_spec(config: TandemConfig, name: str, group: NodeGroup, extra_e
 
 
 def groups_for(config: TandemConfig, purpose: str) -> dict[str, NodeGroup]:
-    """The node groups a cluster for `purpose` (cluster | train | tune | serve) needs.
+    """The node groups a cluster for `purpose` (cluster | train | tune | serve | predict) needs.
 
     Everything when some work is unpinned (it may land on any group), else only the pinned groups.
     """
@@ -258,6 +259,9 @@ def groups_for(config: TandemConfig, purpose: str) -> dict[str, NodeGroup]:
         wanted = {config.training.node_group}
     elif purpose == "serve" and all(d.node_group for d in config.serving.deployments):
         wanted = {d.node_group for d in config.serving.deployments if d.node_group}
+    elif purpose == "predict":
+        used = [d for d in config.serving.deployments if not config.predict.deployments or d.name in config.predict.deployments]
+        wanted = {d.node_group for d in used} if all(d.node_group for d in used) else None
     return {n: g for n, g in groups.items() if wanted is None or n in wanted}
 
 
@@ -374,6 +378,8 @@ def render_manifests(config: TandemConfig) -> dict[str, dict[str, Any]]:
     }
     if kcfg.tuning is not None:
         manifests["rayjob-tune.yaml"] = ray_job(kcfg, "tune")
+    if kcfg.predict.input and kcfg.predict.output:
+        manifests["rayjob-predict.yaml"] = ray_job(kcfg, "predict")
     manifests["rayservice.yaml"] = ray_service(kcfg)
     manifests["kustomization.yaml"] = kustomization(list(manifests))
     return manifests

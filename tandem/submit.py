@@ -29,7 +29,7 @@ from cluster.runtime import runtime_env
 from cluster.tracking import job_env
 from tandem.checks import format_findings, has_errors, predeploy_checks
 
-STAGES = ("train", "tune", "export", "serve", "run", "validate")
+STAGES = ("train", "tune", "export", "serve", "run", "validate", "predict")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 POLL_S = 1.0
 
@@ -143,6 +143,11 @@ def submit(
     out = out or sys.stdout
     if stage not in STAGES:
         raise SubmitError(f"stage '{stage}' is not one of {', '.join(STAGES)}")
+    if stage == "predict" and not (config.predict.input and config.predict.output):
+        raise SubmitError(
+            "a submitted predict reads predict.input and writes predict.output: set both to paths on the cluster's shared storage "
+            "(--set predict.input=/mnt/data/rows.parquet --set predict.output=/mnt/out)"
+        )
     findings = predeploy_checks(config, "submit")
     if findings:
         print(format_findings(findings), file=sys.stderr, flush=True)

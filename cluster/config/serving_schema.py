@@ -172,6 +172,12 @@ class ServingConfig(Strict):
 
 
 class PredictConfig(Strict):
+    input: str | None = Field(
+        None, description="Input files for `tandem predict` (a file, folder or glob; `--input` wins): on shared storage for a cluster job."
+    )
+    output: str | None = Field(
+        None, description="Output folder for `tandem predict` (`--output` wins): on shared storage for a cluster job."
+    )
     deployments: list[str] | None = Field(
         None,
         description="Serving deployments whose engine, node group, threads and GPUs `tandem predict` uses, one actor pool each "

@@ -61,6 +61,7 @@ GPU_CPU_GROUPS = [
     "tuning={metric: val_loss, mode: min, samples: 4, space: {training.optimizer.lr: {loguniform: [0.0001, 0.01]}}}",
     "cluster.runtime_env={env_vars: {OMP_NUM_THREADS: '1'}, pip: [rich]}",
     "tracking={mlflow: {tracking_uri: 'http://mlflow.ml.svc:5000'}, tensorboard: true}",
+    "predict={input: /mnt/tandem/rows.parquet, output: /mnt/tandem/predictions, deployments: [cpu]}",
 ]
 
 
@@ -118,6 +119,10 @@ def test_every_ray_manifest_validates_against_its_crd(which):
     manifests = render_manifests(CONFIGS[which]())
     ray_kinds = [m for m in manifests.values() if m["apiVersion"] == "ray.io/v1"]
     assert {m["kind"] for m in ray_kinds} == {"RayCluster", "RayJob", "RayService"}
+    if which == "gpu_and_cpu":  # predict.input and output set: a predict RayJob on the cpu group only
+        job = manifests["rayjob-predict.yaml"]["spec"]
+        assert job["entrypoint"] == "tandem predict /config/tandem.yaml"
+        assert [g["groupName"] for g in job["rayClusterSpec"]["workerGroupSpecs"]] == ["cpu-small"]
     for manifest in ray_kinds:
         assert crd_errors(manifest) == [], manifest["kind"]
 
