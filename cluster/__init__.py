@@ -6,6 +6,8 @@ Where things go:
 - runtime.py    connect(config): local single-node, simulated multi-node, or an existing cluster;
                 node group <-> Ray custom resource mapping, and the one runtime_env builder
 - artifacts.py  run folders, manifests, checksums, atomic writes, loading a model artifact, versions
+- tracking.py   experiment tracking (MLflow runs, TensorBoard event files), logged from the driver
+- console.py    the long verbs' terminal: Tandem's lines on screen, everything else in the run's log
 - example.yaml  the packaged example (`tandem run` with no argument)
 
 May import: nothing of Tandem's other packages (tests/unit/test_layering.py checks it). Every other

@@ -1,4 +1,4 @@
-"""Online serving: the Ray Serve application, its wire protocol, batching, admission, routing, failover.
+"""Serving: the Ray Serve application (and offline batch inference with the same engines), its wire protocol, batching, admission, routing, failover.
 
 Where things go:
 - protocol.py    the /v1 wire protocol: schemas, request decoding, error bodies (pure, no Ray)
@@ -20,6 +20,7 @@ Where things go:
 - engines.py     inference engines (torch, ONNX Runtime) behind one Protocol; a new engine goes here
 - cache.py, metrics.py  result cache, Prometheus metrics
 - client.py      a small client; loadgen.py the one closed-loop load generator (LoadResult)
+- offline.py     `tandem predict`: offline batch inference on Ray Data actor pools, one per deployment
 - optimize/      export and optimization of artifacts (ONNX, int8, pruning, parity reports)
 
 May import: `cluster` (the foundation) only; `serving.optimize` may also import `training`.
