@@ -1,4 +1,5 @@
-"""Serving: the Ray Serve application (and offline batch inference with the same engines), its wire protocol, batching, admission, routing, failover.
+"""Serving: the Ray Serve application, its wire protocol, batching, admission, routing, failover,
+and offline batch inference with the same engines.
 
 Where things go:
 - protocol.py    the /v1 wire protocol: schemas, request decoding, error bodies (pure, no Ray)
