@@ -11,6 +11,7 @@ serving/settings.py, and both build the same `serving.app:build_app`.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import random
@@ -67,6 +68,7 @@ def local_haproxy_env() -> dict[str, str]:
 
 
 _ray_context: Any = None
+_started_serve = False  # whether serve() started Serve (shutdown() then stops it; else only the app goes)
 
 
 # Ports handed out below the kernel's ephemeral range (32768-60999 on Linux), above Ray's worker
@@ -183,6 +185,8 @@ def serve(config: TandemConfig, artifact: str = "latest", blocking: bool = False
         # They get the token's digest, never the token (see TOKEN_DIGEST_ENV).
         replica_env[TOKEN_DIGEST_ENV] = token_digest(os.environ[token_env])
     serving = config.serving
+    global _started_serve
+    _started_serve = _started_serve or not serve_running()
     ray_serve.start(
         http_options={"host": serving.host, "port": serving.port, "location": "EveryNode"},
         controller_options={"runtime_env": {"env_vars": controller_env}},
@@ -197,22 +201,55 @@ def serve(config: TandemConfig, artifact: str = "latest", blocking: bool = False
     wait_until_ready(url, version, token=os.environ.get(token_env) if token_env else None)
     logger.info("serving %s (model %s) at %s", config.name, version, url)
     if blocking:
-        print(f"serving {config.name} (model {version}) at {url}; Ctrl-C stops it", flush=True)
-        try:
-            while True:
-                time.sleep(1)
-        except KeyboardInterrupt:
-            shutdown()
+        print(f"serving {config.name} (model {version}) at {url}; Ctrl-C or SIGTERM stops it", flush=True)
+        serve_until_stopped(config)
     return url
 
 
-def shutdown() -> None:
-    """Tear down Serve; shut Ray down too when serve() started it."""
-    global _ray_context
+def serve_until_stopped(config: TandemConfig) -> None:
+    """Block until Ctrl-C or SIGTERM (`tandem jobs stop`, `ray job stop`, a pod's end), then remove
+    this app and only this app: other applications on a shared cluster keep serving."""
+    import signal
+
+    def stop(signum: int, frame: Any) -> None:
+        raise KeyboardInterrupt
+
+    previous = signal.signal(signal.SIGTERM, stop)
+    try:
+        while True:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        print(f"stopping {config.name}", flush=True)
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        shutdown(config)
+
+
+def serve_running() -> bool:
+    """Whether Serve's controller is running on the connected cluster (started by anyone)."""
+    import ray
+    from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+    try:
+        ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return True
+    except ValueError:
+        return False
+
+
+def shutdown(config: TandemConfig | None = None) -> None:
+    """Remove this config's application; stop Serve only if serve() started it, and Ray only if
+    serve() started that (on a shared cluster, other applications and Serve itself stay)."""
+    global _ray_context, _started_serve
     import ray
 
     if ray.is_initialized():
-        ray_serve.shutdown()
+        if config is not None:
+            with contextlib.suppress(Exception):  # already gone is the goal
+                ray_serve.delete(config.name)
+        if _started_serve:
+            ray_serve.shutdown()
+            _started_serve = False
     if _ray_context is not None:
         context, _ray_context = _ray_context, None
         context.__exit__(None, None, None)

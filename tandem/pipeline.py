@@ -140,5 +140,5 @@ def run_lifecycle(
                 except KeyboardInterrupt:
                     pass
         finally:
-            shutdown()
+            shutdown(config)
     return summary

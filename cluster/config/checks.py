@@ -62,6 +62,15 @@ def _check_gpus_on_groups(sections: dict[str, Any]) -> list[Problem]:
             )
     if serving is not None:
         for i, dep in enumerate(serving.deployments):
+            if dep.gpus > 0 and not dep.node_group and cluster.address == "local" and not any(g.gpus for g in cluster.node_groups.values()):
+                problems.append(
+                    Problem(
+                        path=f"serving.deployments[{i}].gpus",
+                        value=dep.gpus,
+                        message="no node group has GPUs, so this replica could never be placed; add gpus to a node group (and set "
+                        "node_group), or use gpus: 0",
+                    )
+                )
             group = cluster.node_groups.get(dep.node_group or "")
             if dep.gpus > 0 and group is not None:
                 if group.gpus == 0:
@@ -152,6 +161,22 @@ def _check_tuning_paths(sections: dict[str, Any]) -> list[Problem]:
     return problems
 
 
+def _check_direct_is_one_replica(sections: dict[str, Any]) -> list[Problem]:
+    serving = sections.get("serving")
+    if serving is None or serving.http_path != "direct":
+        return []
+    return [
+        Problem(
+            path=f"serving.deployments[{i}].autoscaling.max_replicas",
+            value=dep.autoscaling.max_replicas,
+            message="http_path: direct serves on the one replica's own port; set min_replicas and max_replicas to 1, or use "
+            "http_path: haproxy for several replicas behind one URL",
+        )
+        for i, dep in enumerate(serving.deployments)
+        if dep.autoscaling.max_replicas != 1
+    ]
+
+
 def _check_predict_deployments(sections: dict[str, Any]) -> list[Problem]:
     predict, serving = sections.get("predict"), sections.get("serving")
     if predict is None or serving is None or not predict.deployments:
@@ -175,6 +200,7 @@ CROSS_FIELD_CHECKS = (
     _check_batches_can_fill,
     _check_tuning_paths,
     _check_predict_deployments,
+    _check_direct_is_one_replica,
 )
 
 

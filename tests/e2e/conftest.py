@@ -41,6 +41,7 @@ START_ATTEMPTS = 3
 class RayHead:
     address: str  # the dashboard, where jobs are submitted: http://127.0.0.1:PORT
     temp_dir: Path
+    gcs: str  # what a driver joins: RAY_ADDRESS=127.0.0.1:PORT
     env: dict[str, str]  # a user's shell for this cluster: PATH with the venv, RAY_AUTH_MODE, RAY_AUTH_TOKEN
 
     def run(self, args: list[str], timeout: float, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -155,7 +156,7 @@ def start_head(env: dict[str, str], token: str, log: Path) -> tuple[subprocess.P
         process = subprocess.Popen(
             head_command(temp_dir, ports, worker_ports), env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True
         )
-    head = RayHead(address=f"http://127.0.0.1:{ports[1]}", temp_dir=temp_dir, env=env)
+    head = RayHead(address=f"http://127.0.0.1:{ports[1]}", temp_dir=temp_dir, gcs=f"127.0.0.1:{ports[0]}", env=env)
     try:
         wait_until_started(head.address, token, process, log)
     except BaseException:

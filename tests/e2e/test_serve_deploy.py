@@ -9,6 +9,8 @@ and the model answers over HTTP on the config's port with the artifact's version
 from __future__ import annotations
 
 import json
+import signal
+import subprocess
 import time
 import urllib.error
 import urllib.request
@@ -51,7 +53,7 @@ def wait_for_predictions(url: str, inputs: list, deadline_s: float) -> dict:
     raise AssertionError(f"{url} did not serve within {deadline_s} s; last answer: {last}")
 
 
-def test_serve_deploy_of_the_generated_config_serves_the_model(ray_head, tmp_path):
+def test_serve_deploy_of_the_generated_config_serves_the_model_and_tandem_serve_stops_only_its_app(ray_head, tmp_path):
     storage = tmp_path / "runs"
     artifact = copy_artifact(exported_mlp(), storage)  # model.pt + model.onnx (+ int8) with a manifest
     (port,) = free_ports(1)
@@ -77,5 +79,28 @@ def test_serve_deploy_of_the_generated_config_serves_the_model(ray_head, tmp_pat
 
         status = ray_head.run(["serve", "status", "--address", ray_head.address], timeout=CLI_TIMEOUT_S)
         assert status.returncode == 0 and "RUNNING" in status.stdout, status.stdout + status.stderr
+
+        # `tandem serve` of a second app joins the same cluster (address: auto) beside that one;
+        # SIGTERM (what `tandem jobs stop` and a pod's end send) removes its app, and only its app.
+        second = tmp_path / "second.yaml"
+        second.write_text(load_config(config_file, ["name=digits-b", "serving.route_prefix=/b"]).to_yaml())
+        log = open(tmp_path / "tandem-serve.log", "w")  # noqa: SIM115 - closed below
+        serving = subprocess.Popen(
+            ["tandem", "serve", str(second), "--from", str(artifact)],
+            env={**ray_head.env, "RAY_ADDRESS": ray_head.gcs},
+            stdout=log,
+            stderr=subprocess.STDOUT,
+        )
+        try:
+            wait_for_predictions(f"http://127.0.0.1:{port}/b/v1/predict", x[:4].tolist(), READY_TIMEOUT_S)
+            serving.send_signal(signal.SIGTERM)
+            assert serving.wait(timeout=CLI_TIMEOUT_S) == 0, (tmp_path / "tandem-serve.log").read_text()[-3000:]
+        finally:
+            serving.kill()
+            log.close()
+        apps = ray_head.run(["serve", "status", "--address", ray_head.address], timeout=CLI_TIMEOUT_S).stdout
+        assert "digits-b" not in apps, apps
+        status, body = post_json(f"http://127.0.0.1:{port}/v1/predict", {"inputs": x[:4].tolist()})
+        assert status == 200 and body["model_version"] == model_version(artifact), (status, body)
     finally:
         ray_head.run(["serve", "shutdown", "-y", "--address", ray_head.address], timeout=CLI_TIMEOUT_S)

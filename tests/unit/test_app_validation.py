@@ -173,7 +173,12 @@ def test_auto_replicas_fill_the_cores_the_replicas_run_on():
     assert deployment_options(default, hardware=Hardware(cores=1))["cpu"]["num_replicas"] == 1
     threads = validate_config({"serving": {"deployments": [{"name": "cpu", "threads": 2}]}})
     assert deployment_options(threads, hardware=Hardware(cores=5))["cpu"]["num_replicas"] == 2
-    gpu = validate_config({"serving": {"deployments": [{"name": "gpu", "engine": "torch", "gpus": 0.5}]}})
+    gpu = validate_config(
+        {
+            "cluster": {"node_groups": {"gpu": {"cpus": 16, "gpus": 2}}},
+            "serving": {"deployments": [{"name": "gpu", "engine": "torch", "gpus": 0.5}]},
+        }
+    )
     assert deployment_options(gpu, hardware=Hardware(cores=16, gpus=2))["gpu"]["num_replicas"] == 4
     # Pinned: the node group's nodes at their most, whatever the building node has.
     assert deployment_options(two_deployments(), hardware=Hardware(cores=64))["cpu"]["num_replicas"] == 2

@@ -162,3 +162,15 @@ def test_a_duplicate_key_is_refused_with_the_key_and_both_lines(tmp_path):
     from cluster.config import read_yaml
 
     assert read_yaml(merged)["training"] == {"epochs": 4, "workers": 1}
+
+
+def test_direct_http_is_one_replica_and_a_gpu_replica_needs_a_gpu_group():
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["serving.http_path=direct", "serving.deployments[0].autoscaling.max_replicas=2"])
+    (problem,) = info.value.problems
+    assert problem.path == "serving.deployments[0].autoscaling.max_replicas" and "set min_replicas and max_replicas to 1" in problem.message
+    assert load_config(None, ["serving.http_path=direct", "serving.deployments[0].autoscaling={min_replicas: 1, max_replicas: 1}"])
+    with pytest.raises(ConfigError) as info:
+        load_config(None, ["serving.deployments[0].gpus=1"])
+    (problem,) = info.value.problems
+    assert problem.path == "serving.deployments[0].gpus" and "no node group has GPUs" in problem.message
