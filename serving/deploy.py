@@ -130,6 +130,12 @@ def base_url(config: TandemConfig) -> str:
     return f"http://{_client_host(http.host)}:{http.port}{config.serving.route_prefix.rstrip('/')}"
 
 
+def configured_url(config: TandemConfig) -> str:
+    """The app's URL as the config gives it (serving.host, port and route prefix), for a client in
+    another process than the one that deployed it."""
+    return f"http://{_client_host(config.serving.host)}:{config.serving.port}{config.serving.route_prefix.rstrip('/')}"
+
+
 def replica_urls(config: TandemConfig) -> list[str]:
     """The ingress replicas' own direct-ingress URLs (empty when direct ingress is off).
 

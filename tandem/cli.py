@@ -264,17 +264,27 @@ def serve_config(
 def bench(
     config: ConfigArg = None,
     set_: SetOpt = None,
-    url: Annotated[str | None, typer.Option("--url", help="Endpoint (default: the config's serving host and port).")] = None,
+    url: Annotated[str | None, typer.Option("--url", help="Endpoint (default: the config's serving host, port and route prefix).")] = None,
     requests: Annotated[int, typer.Option("--requests")] = 500,
     concurrency: Annotated[list[int] | None, typer.Option("--concurrency", help="Repeatable.")] = None,
 ) -> None:
     """Load-test a running Tandem endpoint on loopback from a separate client process."""
-    from serving.deploy import base_url
+    import httpx
+
+    from serving.deploy import configured_url
     from serving.loadgen import load_from_process
     from training.data import load_dataset
 
     cfg = load(config, set_)
-    target = url or base_url(cfg)
+    target = url or configured_url(cfg)
+    token_env = cfg.serving.auth.token_env
+    headers = {"Authorization": f"Bearer {os.environ[token_env]}"} if token_env and os.environ.get(token_env) else {}
+    try:
+        httpx.get(f"{target}/healthz", timeout=5, headers=headers).raise_for_status()
+    except httpx.HTTPError as exc:
+        raise TandemError(
+            f"nothing answers at {target}/healthz ({type(exc).__name__}: {exc}); start it with `tandem serve` on this config, or pass --url"
+        ) from None
     examples = load_dataset(cfg).x[:256].tolist()
     for c in concurrency or [1, 8, 32]:
         r = load_from_process(target, examples, requests, c, cfg.serving.auth.token_env)

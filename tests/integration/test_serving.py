@@ -257,6 +257,21 @@ def test_an_imported_model_serves_its_original_modules_predictions(url, storage)
     assert reply.json()["predictions"] == expected
 
 
+def test_tandem_bench_without_url_finds_the_endpoint_from_the_config(url, config, tmp_path):
+    import subprocess
+    import sys
+
+    (tmp_path / "serving.yaml").write_text(config.to_yaml())
+    done = subprocess.run(
+        [sys.executable, "-m", "tandem.cli", "bench", str(tmp_path / "serving.yaml"), "--requests", "40", "--concurrency", "4"],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    assert "c=4" in done.stdout and "req/s" in done.stdout and "failed 0" in done.stdout, done.stdout[-2000:]
+
+
 def test_models_health_and_openapi(url, artifacts):
     from cluster.artifacts import model_version
 

@@ -33,6 +33,8 @@ def test_help_lists_every_verb():
         "k8s",
         "check",
         "jobs",
+        "predict",
+        "import",
     ):
         assert verb in out, verb
 
@@ -71,3 +73,13 @@ def test_missing_file_and_broken_yaml_are_clean_errors(tmp_path):
 def test_bad_override_fails_before_any_work():
     result = tandem("train", "--set", "training.epochs=zero")
     assert result.returncode == 2 and "training.epochs: 'zero'" in result.stderr
+
+
+def test_bench_without_url_says_nothing_answers_at_the_configured_endpoint():
+    from serving.deploy import free_port
+
+    port = free_port()
+    done = tandem("bench", "--set", f"serving.port={port}", "--set", "serving.route_prefix=/digits")
+    assert done.returncode == 1, done.stdout + done.stderr
+    assert f"nothing answers at http://127.0.0.1:{port}/digits/healthz" in done.stderr and "Traceback" not in done.stderr
+    assert "tandem serve" in done.stderr
