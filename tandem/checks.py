@@ -23,6 +23,8 @@ from tandem.k8s import (
 )
 
 Level = Literal["error", "warning"]
+# What `tandem k8s --draft` renders anyway (as warnings): manifests to review, not to apply.
+DRAFT_FIELDS = ("cluster.image", "cluster.storage")
 Target = Literal["all", "kubernetes", "submit"]
 
 # Typical cold-start costs, in seconds (low, high). A Serve replica: process start plus model load,
@@ -231,10 +233,11 @@ def image_has_tandem(config: TandemConfig) -> list[Finding]:
         return []
     return [
         Finding(
-            "warning",
+            "error",
             "cluster.image",
             f"{image!r} is Ray's stock image, without Tandem, torch or DeepSpeed: `tandem train` fails in its pods. "
-            "Build the Dockerfile (docker build -t REGISTRY/tandem:TAG .), push it and set cluster.image.",
+            "Build the Dockerfile (docker build -t REGISTRY/tandem:TAG .), push it and set cluster.image "
+            "(`tandem k8s --draft` renders anyway).",
         )
     ]
 
@@ -254,11 +257,12 @@ def storage_outlives_pods(config: TandemConfig) -> list[Finding]:
         return []
     return [
         Finding(
-            "warning",
+            "error",
             "cluster.storage",
             f"{storage!r} is a folder inside each pod: a RayJob's cluster is deleted after the job (shutdownAfterJobFinishes), "
             "taking the checkpoints and the artifact with it, and the RayService cannot find them. "
-            "Set cluster.kubernetes.storage_claim to a ReadWriteMany PersistentVolumeClaim and cluster.storage to its mount path.",
+            "Set cluster.kubernetes.storage_claim to a ReadWriteMany PersistentVolumeClaim and cluster.storage to its mount path "
+            "(`tandem k8s --draft` renders anyway).",
         )
     ]
 

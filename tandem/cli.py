@@ -252,11 +252,23 @@ def serve_config(
     set_: SetOpt = None,
     out: Annotated[Path, typer.Option("--out", help="Where to write the Serve config YAML.")] = Path("serve_config.yaml"),
     from_: FromOpt = "latest",
+    for_: Annotated[
+        str,
+        typer.Option(
+            "--for",
+            help="local: `serve deploy` on this machine (the config's host); cluster: a remote head or pods (every interface, "
+            "address auto), what the RayService embeds.",
+        ),
+    ] = "local",
 ) -> None:
     """Write the Ray Serve config file (for `serve deploy` and the KubeRay RayService)."""
     from serving.serve_config import write_serve_config
+    from tandem.k8s import kubernetes_config
 
-    console.print(f"wrote {write_serve_config(load(config, set_), out, artifact=from_)}")
+    if for_ not in ("local", "cluster"):
+        raise TandemError(f"--for {for_!r}: use local (serve deploy on this machine) or cluster (a remote head, the RayService)")
+    cfg = load(config, set_)
+    console.print(f"wrote {write_serve_config(kubernetes_config(cfg) if for_ == 'cluster' else cfg, out, artifact=from_)}")
 
 
 @app.command()
@@ -357,13 +369,20 @@ def k8s(
     config: ConfigArg = None,
     set_: SetOpt = None,
     out: Annotated[Path, typer.Option("--out", help="Folder for the manifests.")] = Path("k8s"),
+    draft: Annotated[
+        bool, typer.Option("--draft", help="Render even with Ray's stock image or pod-local storage (reported as warnings).")
+    ] = False,
 ) -> None:
-    """Render KubeRay RayCluster / RayJob / RayService manifests and a kustomization.yaml."""
-    from tandem.checks import format_findings, has_errors, predeploy_checks
-    from tandem.k8s import write_manifests
+    """Render KubeRay manifests, one folder per step: train (or tune), then serve (or predict); cluster."""
+    import dataclasses
+
+    from tandem.checks import DRAFT_FIELDS, format_findings, has_errors, predeploy_checks
+    from tandem.k8s_files import write_manifests
 
     cfg = load(config, set_)
     findings = predeploy_checks(cfg, "kubernetes")
+    if draft:
+        findings = [dataclasses.replace(f, level="warning") if f.path in DRAFT_FIELDS else f for f in findings]
     err.print(format_findings(findings), soft_wrap=True)
     if has_errors(findings):
         raise typer.Exit(1)

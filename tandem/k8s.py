@@ -1,15 +1,21 @@
 """KubeRay manifests derived from the Tandem config: RayCluster, RayJobs, RayService, kustomization.
 
-`render_manifests(config)` returns {filename: manifest}; `write_manifests(config, out_dir)` writes
-them as commented YAML. `python -m tandem.k8s [CONFIG] --out k8s` renders this repo's k8s/ (the
-packaged example), which a test keeps equal to a fresh rendering.
+`render_manifests(config)` returns {filename: manifest} and `render_steps(config)` groups them by
+step folder; tandem/k8s_files.py writes them as commented YAML. `tandem k8s --draft --out k8s`
+renders this repo's k8s/ (the packaged example), which a test keeps equal to a fresh rendering.
 
-    configmap.yaml       the resolved config (cluster.address: auto), mounted at /config on heads
-    raycluster.yaml      a long-running cluster, for `tandem submit` / `ray job submit`
-    rayjob-train.yaml    `tandem train /config/tandem.yaml` on its own cluster, deleted afterwards
-    rayjob-tune.yaml     the same for `tandem tune` (only when the config has a tuning section)
-    rayservice.yaml      serveConfigV2 = build_serve_config(...) of serving/serve_config.py
-    kustomization.yaml   the list of the above, the base for overlays (namespace, image, ...)
+One folder per step, each applied with `kubectl apply -k DIR/STEP` in the recipe's order (a
+kustomization of everything at once would start three clusters, and a RayService whose model
+has not been trained yet):
+
+    train/     rayjob-train.yaml: `tandem train /config/tandem.yaml` on its own cluster, deleted afterwards
+    tune/      rayjob-tune.yaml: the same for `tandem tune` (only with a tuning section), instead of train/
+    serve/     rayservice.yaml: serveConfigV2 = build_serve_config(...) of serving/serve_config.py
+    predict/   rayjob-predict.yaml: `tandem predict` (only when predict.input and predict.output are set)
+    cluster/   raycluster.yaml: a long-running cluster, for `tandem submit` / `ray job submit`
+
+Each folder also holds configmap.yaml (the resolved config, cluster.address: auto, mounted at
+/config on heads; the same object in every folder) and its kustomization.yaml.
 
 Choices, and why:
 - Node groups are worker groups, and each worker group's `rayStartParams.resources` is the
@@ -32,17 +38,14 @@ are the config's `cluster.kubernetes` section.
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import re
-from pathlib import Path
 from typing import Any
 
 import yaml
 
-from cluster.artifacts import atomic_write_text
-from cluster.config import NodeGroup, TandemConfig, config_with, load_config
+from cluster.config import NodeGroup, TandemConfig, config_with
 from cluster.runtime import node_group_resources, runtime_env
 from serving.serve_config import build_serve_config, dump_serve_config
 from serving.settings import IMAGE_FRONT_BINARY
@@ -368,8 +371,18 @@ def kustomization(filenames: list[str]) -> dict[str, Any]:
     return {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization", "resources": filenames}
 
 
+# The folder of each manifest, in the recipe's order: train (or tune), then serve or predict.
+STEP_FOLDERS = {
+    "rayjob-train.yaml": "train",
+    "rayjob-tune.yaml": "tune",
+    "rayservice.yaml": "serve",
+    "rayjob-predict.yaml": "predict",
+    "raycluster.yaml": "cluster",
+}
+
+
 def render_manifests(config: TandemConfig) -> dict[str, dict[str, Any]]:
-    """Every manifest for `config`, by file name (kustomization.yaml last)."""
+    """Every manifest for `config`, by file name (the configmap first)."""
     kcfg = kubernetes_config(config)
     manifests: dict[str, dict[str, Any]] = {
         "configmap.yaml": config_map(kcfg),
@@ -381,13 +394,18 @@ def render_manifests(config: TandemConfig) -> dict[str, dict[str, Any]]:
     if kcfg.predict.input and kcfg.predict.output:
         manifests["rayjob-predict.yaml"] = ray_job(kcfg, "predict")
     manifests["rayservice.yaml"] = ray_service(kcfg)
-    manifests["kustomization.yaml"] = kustomization(list(manifests))
     return manifests
 
 
-# ---------------------------------------------------------------------------------------------
-# YAML files
-# ---------------------------------------------------------------------------------------------
+def render_steps(config: TandemConfig) -> dict[str, dict[str, dict[str, Any]]]:
+    """{step folder: {file name: manifest}}: each step's manifest, the configmap and a kustomization."""
+    manifests = render_manifests(config)
+    steps: dict[str, dict[str, dict[str, Any]]] = {}
+    for name, folder in STEP_FOLDERS.items():
+        if name in manifests:
+            files = {"configmap.yaml": manifests["configmap.yaml"], name: manifests[name]}
+            steps[folder] = {**files, "kustomization.yaml": kustomization(list(files))}
+    return steps
 
 
 class _BlockStrings(yaml.SafeDumper):
@@ -404,91 +422,3 @@ _BlockStrings.add_representer(str, _represent_str)
 
 def dump_yaml(value: Any) -> str:
     return yaml.dump(value, Dumper=_BlockStrings, sort_keys=False, width=10**9)
-
-
-def file_notes(config: TandemConfig) -> dict[str, list[str]]:
-    """What each file is for and how to use it, written above its YAML."""
-    names = resource_names(config)
-    token = (
-        [
-            f"Token auth: create the Secret once, e.g. `kubectl create secret generic {names['auth_secret']}",
-            f"--from-literal={AUTH_TOKEN_KEY}=$(openssl rand -hex 32)`; pods read it as RAY_AUTH_TOKEN.",
-        ]
-        if config.cluster.auth == "token"
-        else []
-    )
-    return {
-        "configmap.yaml": [f"The resolved config; RayJob entrypoints read it at {CONFIG_MOUNT}/{CONFIG_FILE} on the head."],
-        "raycluster.yaml": [
-            "A long-running cluster for `tandem submit CONFIG train --address http://HEAD:8265`",
-            f"(e.g. after `kubectl port-forward svc/{names['cluster']}-head-svc 8265`).",
-        ]
-        + token,
-        "rayjob-train.yaml": ["Training on its own cluster, deleted after the job: `kubectl apply -f configmap.yaml -f rayjob-train.yaml`."]
-        + token,
-        "rayjob-tune.yaml": ["Hyperparameter search on its own cluster, deleted after the job."] + token,
-        "rayservice.yaml": [
-            "The Serve application; serveConfigV2 is what `tandem serve-config` writes for this config.",
-            f"It serves serving.artifact ({config.serving.artifact}) from cluster.storage: train first, into storage every pod shares.",
-        ]
-        + token
-        + (
-            [f"The endpoint's bearer token comes from Secret {names['serving_secret']} (key {SERVING_TOKEN_KEY})."]
-            if config.serving.auth.token_env
-            else []
-        ),
-        "kustomization.yaml": [
-            "`kubectl apply -k DIR` creates everything at once; usually apply what you need, e.g. the",
-            "configmap and a RayJob. Use this file as the base of overlays (namespace, image, ...).",
-        ]
-        + token
-        + (
-            [
-                f"Clients outside the cluster: export RAY_AUTH_TOKEN=$(kubectl get secret {names['auth_secret']} -o "
-                f"jsonpath='{{.data.{AUTH_TOKEN_KEY}}}' | base64 -d)",
-            ]
-            if token
-            else []
-        ),
-    }
-
-
-def header(config: TandemConfig, filename: str) -> str:
-    first = f"{HEADER_MARK} from the Tandem config '{config.name}' (config hash {config.config_hash()}).\n"
-    lines = ["Do not edit: change the config and render again (`tandem k8s CONFIG --out DIR`)."] + file_notes(config).get(filename, [])
-    return first + "".join(f"# {line}\n" for line in lines)
-
-
-def render_files(config: TandemConfig) -> dict[str, str]:
-    """The text of every file `write_manifests` writes, by file name."""
-    return {name: header(config, name) + dump_yaml(manifest) for name, manifest in render_manifests(config).items()}
-
-
-def write_manifests(config: TandemConfig, out_dir: str | Path) -> list[Path]:
-    """Write every manifest into out_dir; remove files an earlier rendering wrote that are gone now."""
-    out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    files = render_files(config)
-    for stale in out.glob("*.yaml"):
-        if stale.name not in files and stale.read_text().startswith(HEADER_MARK):
-            stale.unlink()
-    written = []
-    for name, text in files.items():
-        path = out / name
-        atomic_write_text(path, text)  # `kubectl apply -k` never sees half a manifest
-        written.append(path)
-    return written
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m tandem.k8s", description="Render KubeRay manifests from a Tandem config.")
-    parser.add_argument("config", nargs="?", help="Tandem YAML config (default: the packaged example).")
-    parser.add_argument("--out", default="k8s", help="Folder to write into (default: k8s).")
-    parser.add_argument("--set", dest="overrides", action="append", default=[], help="Override a config value (repeatable).")
-    args = parser.parse_args(argv)
-    for path in write_manifests(load_config(args.config, args.overrides), args.out):
-        print(path)
-
-
-if __name__ == "__main__":
-    main()

@@ -63,7 +63,8 @@ def test_serve_deploy_of_the_generated_config_serves_the_model_and_tandem_serve_
     serve_file = tmp_path / "serve_config.yaml"
 
     written = ray_head.run(
-        ["tandem", "serve-config", str(config_file), "--out", str(serve_file), "--from", str(artifact)], timeout=CLI_TIMEOUT_S
+        ["tandem", "serve-config", str(config_file), "--for", "cluster", "--out", str(serve_file), "--from", str(artifact)],
+        timeout=CLI_TIMEOUT_S,
     )
     assert written.returncode == 0, (written.stdout + written.stderr)[-4000:]
 
@@ -71,7 +72,9 @@ def test_serve_deploy_of_the_generated_config_serves_the_model_and_tandem_serve_
     assert deployed.returncode == 0, (deployed.stdout + deployed.stderr)[-4000:]
     try:
         x, y = digits_val()
-        body = wait_for_predictions(f"http://127.0.0.1:{port}/v1/predict", x[:64].tolist(), READY_TIMEOUT_S)
+        # --for cluster: Serve listens on every interface, so the head answers on its LAN address too.
+        lan = next(a for a in subprocess.run(["hostname", "-I"], capture_output=True, text=True).stdout.split() if not a.startswith("127."))
+        body = wait_for_predictions(f"http://{lan}:{port}/v1/predict", x[:64].tolist(), READY_TIMEOUT_S)
         assert body["model_version"] == model_version(artifact)
         assert body["deployment"] == config.serving.deployments[0].name
         accuracy = float(np.mean(np.asarray(body["predictions"]) == y[:64]))
@@ -92,7 +95,13 @@ def test_serve_deploy_of_the_generated_config_serves_the_model_and_tandem_serve_
             stderr=subprocess.STDOUT,
         )
         try:
-            wait_for_predictions(f"http://127.0.0.1:{port}/b/v1/predict", x[:4].tolist(), READY_TIMEOUT_S)
+            # Ready when it says so (a request to /b could be answered by the "/" app before /b exists).
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while "serving digits-b" not in (tmp_path / "tandem-serve.log").read_text() and time.monotonic() < deadline:
+                assert serving.poll() is None, (tmp_path / "tandem-serve.log").read_text()[-3000:]
+                time.sleep(1)
+            answer = post_json(f"http://127.0.0.1:{port}/b/v1/predict", {"inputs": x[:4].tolist()})
+            assert answer[0] == 200, answer
             serving.send_signal(signal.SIGTERM)
             assert serving.wait(timeout=CLI_TIMEOUT_S) == 0, (tmp_path / "tandem-serve.log").read_text()[-3000:]
         finally:

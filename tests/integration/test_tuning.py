@@ -32,7 +32,7 @@ SLOW_TUNE_TIMEOUT_S = 3600
 
 # Shuffled, as a random search would meet them; a constant schedule keeps the ranking by lr the
 # same at every epoch, so the best configuration is not a coin toss between close values.
-LR_GRID = "[1.0e-3, 1.0e-4, 3.0e-2, 3.0e-4, 1.0e-2, 3.0e-3]"
+LR_GRID = "[1.0e-3, 1.0e-4, 3.0e-2, 3.0e-3]"
 
 
 def tiny(tmp_path: Path, tuning: str, *overrides: str):
@@ -139,7 +139,7 @@ def test_asha_stops_poor_trials_early_and_finds_fifos_best(ray_session, tmp_path
     fifo_best = pick(fifo, key=fifo.get)
     fifo_epochs = len(lrs) * config.training.epochs  # FIFO trains every configuration to the end
 
-    assert len(asha.trials) == 6
+    assert len(asha.trials) == 4
     stopped = [t for t in asha.trials if t.status == "stopped"]
     assert len(stopped) >= 2, [(t.params, t.status, t.epochs_trained) for t in asha.trials]
     assert asha.total_epochs <= 0.75 * fifo_epochs, (asha.total_epochs, fifo_epochs)
@@ -153,9 +153,9 @@ def test_asha_stops_poor_trials_early_and_finds_fifos_best(ray_session, tmp_path
     # Results on disk: table rows, CSV, JSON, plot, and a manifest linking the artifact.
     run = asha.run_dir
     rows = (run / RESULTS_CSV).read_text().splitlines()
-    assert len(rows) == 7 and rows[0].startswith("trial_id,status,epochs_trained")
+    assert len(rows) == 5 and rows[0].startswith("trial_id,status,epochs_trained")
     table = json.loads((run / RESULTS_JSON).read_text())
-    assert table["best_trial"] == asha.best.trial_id and len(table["trials"]) == 6
+    assert table["best_trial"] == asha.best.trial_id and len(table["trials"]) == 4
     assert (run / RESULTS_PNG).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     manifest = json.loads((run / TUNING_MANIFEST).read_text())
     assert manifest["artifact"]["path"] == "artifacts" and manifest["best"]["trial_id"] == asha.best.trial_id

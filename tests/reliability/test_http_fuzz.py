@@ -539,7 +539,7 @@ def search(place: str, folder: Path, token: str) -> dict[str, Any]:
 
 def test_the_token_never_appears_in_the_run_folder_manifests_or_answers(url, config, token, storage, tmp_path):
     from serving.serve_config import write_serve_config
-    from tandem.k8s import write_manifests
+    from tandem.k8s_files import write_manifests
 
     assert predicts(url, token)
     wrong = httpx.post(f"{url}/v1/predict", json={"inputs": [0.5] * SHAPE}, headers={"Authorization": f"Bearer {token}x"}, timeout=30)
@@ -558,7 +558,7 @@ def test_the_token_never_appears_in_the_run_folder_manifests_or_answers(url, con
     write_manifests(config, manifests / "k8s")
     rendered = search("manifests", manifests, token)
     # The manifests carry the token by reference (a Secret the pods read into TOKEN_ENV), never by value.
-    assert "serving-token" in (manifests / "k8s" / "rayservice.yaml").read_text()
+    assert "serving-token" in (manifests / "k8s" / "serve" / "rayservice.yaml").read_text()
     assert run["files"] >= 2 and rendered["files"] >= 2
     assert LEAKS["http answers"]["found"] == run["found"] == rendered["found"] == 0, (run["where"], rendered["where"])
 

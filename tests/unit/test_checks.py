@@ -105,14 +105,15 @@ def test_image_without_a_ray_version_in_its_tag_warns():
     assert "cannot be read from the tag" in finding.message and "cluster.kubernetes.ray_version" in finding.message
 
 
-def test_stock_ray_image_warns_that_tandem_is_missing():
+def test_stock_ray_image_is_an_error_that_names_the_dockerfile_and_the_draft_flag():
     (finding,) = findings_at([], "cluster.image")  # the packaged default: rayproject/ray:2.60.0-py311-cpu
-    assert "stock image" in finding.message and "Dockerfile" in finding.message
+    assert finding.level == "error" and "stock image" in finding.message and "Dockerfile" in finding.message
+    assert "tandem k8s --draft" in finding.message
 
 
-def test_pod_local_storage_warns_for_kubernetes_and_relative_storage_for_submit():
+def test_pod_local_storage_is_an_error_for_kubernetes_and_relative_storage_a_warning_for_submit():
     (k8s,) = findings_at([], "cluster.storage", target="kubernetes")
-    assert "'./runs'" in k8s.message and "storage_claim" in k8s.message
+    assert k8s.level == "error" and "'./runs'" in k8s.message and "storage_claim" in k8s.message
     (submit,) = findings_at([], "cluster.storage", target="submit")
     assert "relative" in submit.message
     assert findings_at(["cluster.storage=/shared/runs"], "cluster.storage", target="submit") == []
@@ -142,5 +143,5 @@ def test_targets_select_their_checks_and_errors_come_first():
     submit_paths = {f.path for f in predeploy_checks(cfg, "submit")}
     assert "cluster.image" not in submit_paths and "serving.deployments[0].gpus" in submit_paths
     text = format_findings(every)
-    assert text.startswith("pre-deploy checks: 1 error(s)") and "error: serving.deployments[0].gpus:" in text
+    assert text.startswith("pre-deploy checks: 3 error(s)") and "error: serving.deployments[0].gpus:" in text
     assert format_findings([]) == "pre-deploy checks: nothing to report"

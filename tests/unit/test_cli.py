@@ -83,3 +83,24 @@ def test_bench_without_url_says_nothing_answers_at_the_configured_endpoint():
     assert done.returncode == 1, done.stdout + done.stderr
     assert f"nothing answers at http://127.0.0.1:{port}/digits/healthz" in done.stderr and "Traceback" not in done.stderr
     assert "tandem serve" in done.stderr
+
+
+def test_k8s_refuses_the_stock_image_and_pod_local_storage_and_renders_the_recipe_when_set(tmp_path):
+    refused = tandem("k8s", "--out", str(tmp_path / "refused"))
+    assert refused.returncode == 1 and not (tmp_path / "refused").exists()
+    assert "error: cluster.image:" in refused.stderr and "error: cluster.storage:" in refused.stderr
+    ready = [
+        "--set",
+        "cluster.image=registry.example.com/tandem:0.1.0-ray2.60.0",
+        "--set",
+        "cluster.storage=/mnt/tandem",
+        "--set",
+        "cluster.kubernetes.storage_claim=tandem-runs",
+        "--set",
+        "cluster.kubernetes.ray_version=2.60.0",
+    ]
+    done = tandem("k8s", "--out", str(tmp_path / "k8s"), *ready)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(p.name for p in (tmp_path / "k8s").iterdir()) == ["cluster", "serve", "train"]
+    draft = tandem("k8s", "--out", str(tmp_path / "draft"), "--draft")
+    assert draft.returncode == 0 and "warning: cluster.image:" in draft.stderr, draft.stdout + draft.stderr

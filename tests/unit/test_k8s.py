@@ -28,11 +28,11 @@ from tandem.k8s import (
     image_ray_version,
     kubernetes_config,
     ray_start_resources,
-    render_files,
     render_manifests,
+    render_steps,
     serve_config_yaml,
-    write_manifests,
 )
+from tandem.k8s_files import render_files, write_manifests
 
 ROOT = Path(__file__).resolve().parents[2]
 CRDS = ROOT.parent / "shared" / "kuberay-crds"
@@ -276,9 +276,15 @@ def test_image_comes_from_the_config():
     assert images and set(images) == {"registry.example.com/tandem:0.1.0"}
 
 
-def test_kustomization_lists_every_other_file():
-    manifests = render_manifests(gpu_and_cpu())
-    assert manifests["kustomization.yaml"]["resources"] == [n for n in manifests if n != "kustomization.yaml"]
+def test_each_step_folder_applies_its_own_manifest_and_the_config_in_the_recipes_order():
+    steps = render_steps(gpu_and_cpu())
+    assert list(steps) == ["train", "tune", "serve", "predict", "cluster"]
+    expected = {"train": "rayjob-train.yaml", "tune": "rayjob-tune.yaml", "serve": "rayservice.yaml", "predict": "rayjob-predict.yaml"}
+    for step, files in steps.items():
+        kinds = [m["kind"] for name, m in files.items() if name != "kustomization.yaml"]
+        assert files["kustomization.yaml"]["resources"] == [n for n in files if n != "kustomization.yaml"]
+        assert kinds[0] == "ConfigMap" and len(kinds) == 2, (step, kinds)  # one Ray object per step, never three clusters
+        assert expected.get(step, "raycluster.yaml") in files
 
 
 def test_image_ray_version_reads_only_ray_images():
@@ -294,20 +300,21 @@ def test_image_ray_version_reads_only_ray_images():
 
 def test_committed_k8s_folder_equals_a_fresh_rendering():
     fresh = render_files(packaged())
-    committed = {p.name: p.read_text() for p in sorted((ROOT / "k8s").glob("*.yaml"))}
-    assert sorted(committed) == sorted(fresh), "k8s/ has other files than the renderer writes; run `python -m tandem.k8s --out k8s`"
+    committed = {str(p.relative_to(ROOT / "k8s")): p.read_text() for p in sorted((ROOT / "k8s").rglob("*.yaml"))}
+    assert sorted(committed) == sorted(fresh), "k8s/ has other files than the renderer writes; run `tandem k8s --draft --out k8s`"
     for name, text in fresh.items():
-        assert committed[name] == text, f"k8s/{name} is stale; run `python -m tandem.k8s --out k8s`"
+        assert committed[name] == text, f"k8s/{name} is stale; run `tandem k8s --draft --out k8s`"
 
 
 def test_write_manifests_removes_files_of_an_earlier_rendering(tmp_path):
     write_manifests(gpu_and_cpu(), tmp_path)
-    assert (tmp_path / "rayjob-tune.yaml").exists()
+    assert (tmp_path / "tune" / "rayjob-tune.yaml").exists()
     (tmp_path / "notes.yaml").write_text("mine: true\n")
+    (tmp_path / "rayservice.yaml").write_text("# Rendered by `tandem k8s` before steps had folders\n")
     written = write_manifests(packaged(), tmp_path)
-    assert not (tmp_path / "rayjob-tune.yaml").exists()
+    assert not (tmp_path / "tune").exists() and not (tmp_path / "rayservice.yaml").exists()
     assert (tmp_path / "notes.yaml").exists()  # not ours: left alone
-    assert sorted(p.name for p in written) == sorted(render_files(packaged()))
+    assert sorted(str(p.relative_to(tmp_path)) for p in written) == sorted(render_files(packaged()))
 
 
 def test_dockerfile_builds_on_the_pinned_ray():

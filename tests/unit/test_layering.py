@@ -159,10 +159,14 @@ main(sys.argv[1:])
 
 
 def test_k8s_and_serve_config_render_without_ray_serve_or_fastapi(tmp_path):
-    for args in (["k8s", "--out", str(tmp_path / "k8s")], ["serve-config", "--out", str(tmp_path / "serve.yaml")]):
+    for args in (
+        ["k8s", "--draft", "--out", str(tmp_path / "k8s")],
+        ["serve-config", "--for", "cluster", "--out", str(tmp_path / "serve.yaml")],
+    ):
         done = subprocess.run([sys.executable, "-c", BLOCKED_SERVER_STACK, *args], capture_output=True, text=True, cwd=ROOT, timeout=120)
         assert done.returncode == 0, done.stderr[-3000:]
-    assert (tmp_path / "k8s" / "rayservice.yaml").exists() and "import_path: serving.app:build_app" in (tmp_path / "serve.yaml").read_text()
+    assert (tmp_path / "k8s" / "serve" / "rayservice.yaml").exists()
+    assert "import_path: serving.app:build_app" in (tmp_path / "serve.yaml").read_text()
 
 
 def test_no_product_module_is_over_500_lines():
