@@ -54,3 +54,15 @@ def ray_session(tmp_path_factory):
                 raise
     yield ray
     ray.shutdown()
+
+
+@pytest.fixture(scope="session")
+def shared_artifact(tmp_path_factory):
+    """(storage, artifacts folder) of a small MLP trained outside Tandem, brought in with `tandem
+    import` and exported (ONNX fp32 and int8): the model of the serving tests that only need "a
+    model" (two deployments, autoscaling, tandem predict, faults, overload). test_serving.py keeps its own two, whose
+    versions a rollout tells apart."""
+    from tests.integration.test_serving import make_artifact
+
+    storage = tmp_path_factory.mktemp("shared-artifact")
+    return storage, make_artifact(storage, "digits-shared", seed=3, run="run-1")

@@ -13,7 +13,7 @@ import pytest
 from serving.engines import load_engine
 from serving.offline import ERRORS, PREDICTIONS, SUMMARY, PredictError, predict
 from serving.protocol import softmax
-from tests.integration.test_serving import digits_inputs, make_artifact, serving_config
+from tests.integration.test_serving import digits_inputs, serving_config
 
 pytestmark = pytest.mark.integration
 NAME = "digits-predict"
@@ -25,9 +25,8 @@ POOLS = {
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    storage = tmp_path_factory.mktemp("predict")
-    return storage, make_artifact(storage, NAME, seed=5, run="run-1")
+def artifact(shared_artifact):
+    return shared_artifact
 
 
 def config_for(storage, **predict):

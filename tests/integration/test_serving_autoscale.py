@@ -9,7 +9,7 @@ import httpx
 import pytest
 
 from serving.deploy import status
-from tests.integration.test_serving import BackgroundLoad, make_artifact, serving_config
+from tests.integration.test_serving import BackgroundLoad, serving_config
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -29,7 +29,7 @@ def wait_for(predicate, timeout_s: float) -> bool:
     return False
 
 
-def test_sustained_load_scales_up_to_two_replicas_and_back_down(ray_session, tmp_path, monkeypatch):
+def test_sustained_load_scales_up_to_two_replicas_and_back_down(ray_session, shared_artifact, tmp_path, monkeypatch):
     from ray import serve
 
     from serving.deploy import serve as deploy
@@ -38,7 +38,7 @@ def test_sustained_load_scales_up_to_two_replicas_and_back_down(ray_session, tmp
     # report their load every second instead of every 10, so the short look-back sees it.
     monkeypatch.setenv("RAY_SERVE_REPLICA_AUTOSCALING_METRIC_PUSH_INTERVAL_S", "1")
 
-    artifact = make_artifact(tmp_path, NAME, seed=4, run="run-1")
+    _, artifact = shared_artifact
     config = serving_config(
         tmp_path,
         NAME,

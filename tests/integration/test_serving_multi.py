@@ -14,7 +14,7 @@ import httpx
 import numpy as np
 import pytest
 
-from tests.integration.test_serving import digits_inputs, load, make_artifact, replica_stats, serving_config
+from tests.integration.test_serving import digits_inputs, load, replica_stats, serving_config
 
 pytestmark = pytest.mark.integration
 
@@ -25,9 +25,8 @@ AUTH = {"Authorization": f"Bearer {TOKEN}"}
 
 
 @pytest.fixture(scope="module")
-def artifact(tmp_path_factory):
-    storage = tmp_path_factory.mktemp("serving-two")
-    return storage, make_artifact(storage, NAME, seed=3, run="run-1")
+def artifact(shared_artifact):
+    return shared_artifact
 
 
 @pytest.fixture(scope="module")

@@ -175,19 +175,20 @@ def test_asha_stops_poor_trials_early_and_finds_fifos_best(ray_session, tmp_path
 @pytest.mark.slow
 @pytest.mark.timeout(SLOW_TUNE_TIMEOUT_S)
 def test_pbt_exploits_load_their_checkpoint_and_every_trial_finishes(ray_session, tmp_path):
-    # Three trials far apart, perturbing every epoch, Train keeping one checkpoint and Tune its
+    # Two trials far apart, perturbing every epoch, Train keeping one checkpoint and Tune its
     # fewest: the settings under which an exploiter used to lose the donor's checkpoint to the
-    # donor's retention, or be handed the donor's last epoch with nothing left to train.
+    # donor's retention, or be handed the donor's last epoch with nothing left to train. Once the
+    # slow one has exploited the fast one they are close, and each can exploit the other.
     config = tiny(
         tmp_path,
-        "{samples: 1, max_concurrent_trials: 3, scheduler: {name: pbt, perturbation_interval: 1},"
-        " space: {training.optimizer.lr: {grid: [1.0e-4, 1.0e-3, 3.0e-2]}}}",
+        "{samples: 1, max_concurrent_trials: 2, scheduler: {name: pbt, perturbation_interval: 1},"
+        " space: {training.optimizer.lr: {grid: [1.0e-4, 3.0e-2]}}}",
         "training.checkpoint.keep=1",
         "training.epochs=5",
     )
     result = tune(config)
     final = config.training.epochs
-    assert len(result.trials) == 3
+    assert len(result.trials) == 2
     assert all(t.status == "completed" and t.last_epoch == final for t in result.trials), [
         (t.trial_id, t.status, t.last_epoch, t.error) for t in result.trials
     ]

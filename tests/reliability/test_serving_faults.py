@@ -30,7 +30,7 @@ import pytest
 
 from serving.deploy import status
 from serving.settings import HAPROXY_RETRY_ON
-from tests.integration.test_serving import BackgroundLoad, make_artifact, serving_config
+from tests.integration.test_serving import BackgroundLoad, serving_config
 from tests.reliability import figures
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.reliability]
@@ -76,13 +76,13 @@ def kill(pid: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def router_app(ray_session, tmp_path_factory):
+def router_app(ray_session, shared_artifact, tmp_path_factory):
     from ray import serve
 
     from serving.deploy import serve as deploy
 
     storage = tmp_path_factory.mktemp("faults-router")
-    artifact = make_artifact(storage, ROUTER_APP, seed=5, run="run-1")
+    _, artifact = shared_artifact
     config = serving_config(
         storage,
         ROUTER_APP,
@@ -217,12 +217,12 @@ def test_the_whole_app_killed_comes_back_with_the_same_model_version(router_app)
 # ---------------------------------------------------------------------------------------------
 
 
-def test_default_replicas_fill_the_cores_and_a_replica_kill_is_measured(ray_session, tmp_path):
+def test_default_replicas_fill_the_cores_and_a_replica_kill_is_measured(ray_session, shared_artifact, tmp_path):
     from ray import serve
 
     from serving.deploy import serve as deploy
 
-    artifact = make_artifact(tmp_path, SINGLE_APP, seed=6, run="run-1")
+    _, artifact = shared_artifact
     config = serving_config(
         tmp_path,
         SINGLE_APP,

@@ -34,7 +34,7 @@ import pytest
 
 from serving.loadgen import TIMED_OUT, RawConnection, load_from_process, open_loop_from_process
 from serving.settings import batcher_queue_limit
-from tests.integration.test_serving import digits_inputs, make_artifact, serving_config
+from tests.integration.test_serving import digits_inputs, serving_config
 from tests.reliability import figures
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.reliability]
@@ -161,7 +161,7 @@ def overload_config(storage, name: str, admission: str, route_prefix: str = "/")
 
 
 @pytest.fixture(scope="module")
-def apps(ray_session, tmp_path_factory):
+def apps(ray_session, shared_artifact, tmp_path_factory):
     """Two copies of the same model side by side: the default (HAProxy's shedding in front, the
     admission gate inside) and queue limits only, reached on its replica's own port past HAProxy,
     so the overload test compares them under the same load on the same machine."""
@@ -171,7 +171,7 @@ def apps(ray_session, tmp_path_factory):
     from serving.deploy import serve as deploy
 
     storage = tmp_path_factory.mktemp("overload")
-    artifact = make_artifact(storage, NAME, seed=8, run="run-1")
+    _, artifact = shared_artifact
     gated = overload_config(storage, NAME, "latency")
     queued = overload_config(storage, NAME + "-queue", "queue", route_prefix="/queue")
     urls = {"front": deploy(gated, artifact=str(artifact))}
