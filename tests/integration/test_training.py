@@ -71,7 +71,7 @@ def test_zero3_partitions_parameters_across_ranks(zero3_run):
 
 
 def test_resume_after_a_crash_matches_an_uninterrupted_run_and_continues_its_mlflow_run(ray_session, tmp_path, monkeypatch, caplog):
-    epochs = 6
+    epochs = 4
     overrides = (f"training.epochs={epochs}", "training.checkpoint.every_epochs=1", "training.max_failures=0")
     # The reference run's tracking server refuses connections: a warning, and the run trains on.
     refused = "tracking={mlflow: {tracking_uri: 'http://127.0.0.1:9'}}"

