@@ -21,6 +21,7 @@ May import: `cluster.config`, `cluster.artifacts`; mlflow and tensorboardX are i
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -56,7 +57,7 @@ def job_env(config: TandemConfig) -> dict[str, str]:
 
 def scalar_metrics(metrics: dict[str, Any]) -> dict[str, float]:
     """The scalar metrics of a report (per-rank lists and node ids are left out)."""
-    return {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
@@ -71,6 +72,7 @@ def flatten(values: dict[str, Any], prefix: str = "") -> dict[str, str]:
     return flat
 
 
+@functools.cache  # one `git` per process, not one per trial's run
 def git_commit(cwd: Path | None = None) -> str | None:
     """The commit of the working directory's git checkout, when there is one."""
     with contextlib.suppress(OSError, subprocess.SubprocessError):
@@ -127,7 +129,7 @@ class Tracker:
                 from mlflow.entities import Metric
 
                 now = int(time.time() * 1000)
-                batch = [Metric(key=k, value=v, timestamp=now, step=step) for k, v in scalars.items()]
+                batch = [Metric(key=k, value=float(v), timestamp=now, step=step) for k, v in scalars.items()]
                 self._mlflow("metrics", lambda c: c.log_batch(self.run_id, metrics=batch))
             if self.writer is not None:
                 try:
@@ -160,6 +162,26 @@ class Tracker:
                 self.writer = None
 
 
+def _mlflow_client_of(uri: str) -> Any:
+    """MLflow's client for `uri`, with Tandem's HTTP defaults where the user set none."""
+    for name, value in MLFLOW_HTTP_DEFAULTS.items():
+        os.environ.setdefault(name, value)
+    from mlflow import MlflowClient
+
+    return MlflowClient(tracking_uri=uri)
+
+
+def _tensorboard_writer(folder: Path, where: str) -> Any:
+    """A TensorBoard writer for `folder`/tensorboard, or None with a warning."""
+    try:
+        from tensorboardX import SummaryWriter
+
+        return SummaryWriter(logdir=str(Path(folder) / TENSORBOARD_DIR))
+    except Exception as exc:  # noqa: BLE001
+        logger.warning("TensorBoard event files cannot be written in %s (%s): %s", folder, where, _short(exc))
+        return None
+
+
 def _short(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return (text[0] if text else type(exc).__name__)[:300]
@@ -167,15 +189,11 @@ def _short(exc: BaseException) -> str:
 
 def _mlflow_client(config: TandemConfig, where: str) -> tuple[Any, str | None]:
     """A client and the experiment id, or (None, None) with a warning when MLflow cannot be reached."""
-    for name, value in MLFLOW_HTTP_DEFAULTS.items():
-        os.environ.setdefault(name, value)
     uri = mlflow_uri(config)
     try:
-        from mlflow import MlflowClient
-
         if uri.startswith("sqlite:///"):
             Path(uri[len("sqlite:///") :]).parent.mkdir(parents=True, exist_ok=True)
-        client = MlflowClient(tracking_uri=uri)
+        client = _mlflow_client_of(uri)
         name = config.tracking.mlflow.experiment or config.name
         experiment = client.get_experiment_by_name(name)
         if experiment is not None:
@@ -212,12 +230,7 @@ def open_tracker(
     settings = config.tracking
     tracker = Tracker(where=f"run {run_name}")
     if settings.tensorboard and tensorboard:
-        try:
-            from tensorboardX import SummaryWriter
-
-            tracker.writer = SummaryWriter(logdir=str(Path(folder) / TENSORBOARD_DIR))
-        except Exception as exc:  # noqa: BLE001
-            logger.warning("TensorBoard event files cannot be written in %s: %s", folder, _short(exc))
+        tracker.writer = _tensorboard_writer(folder, tracker.where)
     if settings.mlflow is None:
         return tracker
     if client is None:
@@ -259,12 +272,8 @@ def reopen_tracker(config: TandemConfig, folder: Path) -> Tracker:
     if config.tracking.mlflow is None or not path.is_file():
         return Tracker()
     record = json.loads(path.read_text())
-    for name, value in MLFLOW_HTTP_DEFAULTS.items():
-        os.environ.setdefault(name, value)
     try:
-        from mlflow import MlflowClient
-
-        return Tracker(MlflowClient(tracking_uri=record["tracking_uri"]), record["mlflow_run_id"], where=f"run {Path(folder).name}")
+        return Tracker(_mlflow_client_of(record["tracking_uri"]), record["mlflow_run_id"], where=f"run {Path(folder).name}")
     except Exception as exc:  # noqa: BLE001
         logger.warning("MLflow run of %s cannot be reopened: %s", folder, _short(exc))
         return Tracker()
@@ -278,17 +287,16 @@ def follow_metrics(path: Path, tracker: Tracker, skip_existing: bool = False) ->
         yield
         return
     done = threading.Event()
-    seen = [len(_complete_lines(path)) if skip_existing else 0]
+    # Byte offset of the first line not yet logged: each poll reads only what was appended.
+    offset = [Path(path).stat().st_size if skip_existing and Path(path).exists() else 0]
 
     def drain() -> None:
-        lines = _complete_lines(path)
-        for line in lines[seen[0] :]:
+        for line in _new_lines(path, offset):
             tracker.log_epoch(json.loads(line))
-        seen[0] = len(lines)
 
     def loop() -> None:
         while not done.wait(FOLLOW_POLL_S):
-            with contextlib.suppress(Exception):  # a half-written file is read again next time
+            with contextlib.suppress(Exception):  # a half-written line is read again next time
                 drain()
 
     thread = threading.Thread(target=loop, name="tandem-tracking", daemon=True)
@@ -302,11 +310,17 @@ def follow_metrics(path: Path, tracker: Tracker, skip_existing: bool = False) ->
             drain()
 
 
-def _complete_lines(path: Path) -> list[str]:
+def _new_lines(path: Path, offset: list[int]) -> list[str]:
+    """The complete lines appended to `path` since `offset[0]`, which moves past them (a line
+    still being written stays for the next call)."""
     if not Path(path).exists():
         return []
-    text = Path(path).read_text()
-    return [line for line in text.split("\n")[:-1] if line.strip()]  # the last piece may be half written
+    with open(path, "rb") as handle:
+        handle.seek(offset[0])
+        data = handle.read()
+    complete = data[: data.rfind(b"\n") + 1]
+    offset[0] += len(complete)
+    return [line for line in complete.decode().split("\n") if line.strip()]
 
 
 def track_run(config: TandemConfig, folder: Path, continuing: bool) -> Tracker:
@@ -319,10 +333,7 @@ def track_run(config: TandemConfig, folder: Path, continuing: bool) -> Tracker:
     tracker = reopen_tracker(config, folder)
     tracker._mlflow("reopening the run", lambda c: c.update_run(tracker.run_id, "RUNNING"))
     if config.tracking.tensorboard:
-        with contextlib.suppress(Exception):
-            from tensorboardX import SummaryWriter
-
-            tracker.writer = SummaryWriter(logdir=str(Path(folder) / TENSORBOARD_DIR))
+        tracker.writer = _tensorboard_writer(folder, tracker.where)
     return tracker
 
 

@@ -161,6 +161,9 @@ def tune(
     console.print(f"best trial {result.best.trial_id}: {result.best.params}\nartifact: {result.artifact_dir}\nresults: {result.run_dir}")
 
 
+FromOpt = Annotated[str, typer.Option("--from", help="Artifact to use: 'latest', a run folder or an artifacts folder.")]
+
+
 @app.command()
 @friendly_errors
 def predict(
@@ -173,7 +176,7 @@ def predict(
     output: Annotated[
         Path | None, typer.Option("--output", help="Folder for predictions/, errors/ and summary.json (default: predict.output).")
     ] = None,
-    from_: Annotated[str, typer.Option("--from", help="Artifact to use: 'latest', a run folder or an artifacts folder.")] = "latest",
+    from_: FromOpt = "latest",
 ) -> None:
     """Offline batch inference: every row of the input through Ray Data actor pools, written as Parquet."""
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
@@ -219,9 +222,6 @@ def import_(
     m = result.metrics
     console.print(f"imported {weights} (val_accuracy {m['val_accuracy']:.4f}, val_loss {m['val_loss']:.4f})")
     console.print(f"artifact: {result.artifact_dir} (version {result.version})")
-
-
-FromOpt = Annotated[str, typer.Option("--from", help="Artifact to use: 'latest', a run folder or an artifacts folder.")]
 
 
 @app.command()
@@ -281,21 +281,18 @@ def bench(
     concurrency: Annotated[list[int] | None, typer.Option("--concurrency", help="Repeatable.")] = None,
 ) -> None:
     """Load-test a running Tandem endpoint on loopback from a separate client process."""
-    import httpx
-
-    from serving.deploy import configured_url
+    from serving.deploy import configured_url, wait_until_ready
     from serving.loadgen import load_from_process
     from training.data import load_dataset
 
     cfg = load(config, set_)
     target = url or configured_url(cfg)
     token_env = cfg.serving.auth.token_env
-    headers = {"Authorization": f"Bearer {os.environ[token_env]}"} if token_env and os.environ.get(token_env) else {}
     try:
-        httpx.get(f"{target}/healthz", timeout=5, headers=headers).raise_for_status()
-    except httpx.HTTPError as exc:
+        wait_until_ready(target, token=os.environ.get(token_env) if token_env else None, timeout_s=2)
+    except TimeoutError as exc:
         raise TandemError(
-            f"nothing answers at {target}/healthz ({type(exc).__name__}: {exc}); start it with `tandem serve` on this config, or pass --url"
+            f"nothing answers at {target}/healthz ({exc}); start it with `tandem serve` on this config, or pass --url"
         ) from None
     examples = load_dataset(cfg).x[:256].tolist()
     for c in concurrency or [1, 8, 32]:

@@ -51,6 +51,7 @@ from ray.train import UserCallback
 from ray.train.v2._internal.execution.callback import ControllerCallback, TrainContextCallback
 
 from cluster.config import validate_config
+from cluster.tracking import scalar_metrics
 from tuning.pbt import read_handoff
 from tuning.segments import donor_trial, log_segment
 from tuning.space import SearchSpace, trial_config
@@ -96,11 +97,6 @@ class TrialChannel:
             await self.changed.wait_for(lambda: self.permitted >= reports)
 
 
-def numeric_metrics(metrics: dict[str, Any]) -> dict[str, float]:
-    """The scalar metrics of a report (per-rank lists and node ids stay in metrics.jsonl)."""
-    return {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
-
-
 class ForwardReports(UserCallback):
     """Controller side: sends rank 0's metrics and the registered checkpoint folder of every report."""
 
@@ -111,7 +107,7 @@ class ForwardReports(UserCallback):
     def after_report(self, run_context, metrics, checkpoint):
         self.reports += 1
         # Fire and forget: the controller's event loop must never wait on the trial.
-        self.channel.put.remote(("report", self.reports, numeric_metrics(metrics[0]), checkpoint.path if checkpoint is not None else None))
+        self.channel.put.remote(("report", self.reports, scalar_metrics(metrics[0]), checkpoint.path if checkpoint is not None else None))
 
 
 class AnnounceController(ControllerCallback):
