@@ -7,8 +7,10 @@ boundary, and the first step is when a worker's test-only progress file (TANDEM_
 written after every step) first appears. Repeats (default 3) give the median per phase.
 
 Arms, alternated run by run so that load hits both alike:
-- tandem: the defaults (Ray Train's controller polling every 0.5 s, see training/trainer.py);
-- ray_train_defaults: the same with Ray Train's own 2 s poll and its preemption watcher.
+- tandem: the defaults (what training/startup.py changes in Ray Train's start-up);
+- ray_train_defaults: the same command with TANDEM_RAY_TRAIN_DEFAULTS=1: Ray Train's own 2 s
+  poll, its preemption watcher, its default callbacks and its own coordinator start.
+Both arms import DeepSpeed the trimmed way (training/ds_config.py, `import_deepspeed`).
 
 Writes benchmarks/results/startup.{json,md,png}. Run: `python -m benchmarks startup [REPEATS]`.
 """
@@ -39,8 +41,8 @@ FIRST_STEP = "worker: data, model, DeepSpeed init -> first step"
 EPOCH = "first epoch done"
 EXIT = "artifact written, Ray shut down, exit"
 TARGET_FIRST_STEP_S = 15.0
-# Ray Train's own defaults for what training.trainer.train_controller_env changes.
-RAY_DEFAULTS = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "2.0", "RAY_TRAIN_ENABLE_PREEMPTION_WATCHER": "1"}
+# Ray Train as it comes: training/startup.py's switch for all of its changes.
+RAY_DEFAULTS = {"TANDEM_RAY_TRAIN_DEFAULTS": "1"}
 ARMS = {"tandem": {}, "ray_train_defaults": RAY_DEFAULTS}
 
 

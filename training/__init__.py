@@ -7,6 +7,7 @@ Where things go:
 - ds_config.py  the DeepSpeed JSON derived from the Tandem config (overrides merge last)
 - loop.py       the per-worker train loop (a plain function)
 - trainer.py    train(config) -> TrainResult: builds the TorchTrainer, consolidates the artifact
+- startup.py    what Tandem changes in Ray Train's start-up on a small local Ray, and why
 - importing.py  `tandem import`: a state_dict trained elsewhere -> a verified artifact
 
 May import: `cluster` (the foundation) only.

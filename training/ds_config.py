@@ -11,14 +11,21 @@ to `deepspeed.initialize`, which then steps both and saves both in its checkpoin
 DeepSpeed's JSON `optimizer`/`scheduler` sections: on CPU the JSON optimizer compiles a fused Adam
 op on first use (~40 s on a fresh machine), and DeepSpeed's schedulers have no step decay.
 `zero_force_ds_cpu_optimizer: false` lets a torch optimizer run with optimizer offload too.
+
+`import_deepspeed()` is how a worker imports DeepSpeed: without the seconds of start-up its
+optional imports cost (mlflow, Muon's torch.compile wrappers).
 """
 
 from __future__ import annotations
 
+import contextlib
+import functools
 import logging
 import math
 import os
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -237,3 +244,65 @@ def clear_stale_extension_locks(max_age_s: float = STALE_EXTENSION_LOCK_S, now: 
     for lock in removed:
         logger.warning("removed a stale torch extension build lock %s (its builder died; it would hang DeepSpeed)", lock)
     return removed
+
+
+def import_deepspeed() -> Any:
+    """`import deepspeed`, without two start-up costs of things Tandem never runs.
+
+    Each is seconds of every worker's start on a 2-core machine (benchmarks/startup.py):
+    - DeepSpeed's autotuner imports mlflow when it is installed (Tandem's tracking extra): 1.2 s.
+      It is hidden during the import only; Tandem tracks from the driver, and a user's model code
+      can still import mlflow.
+    - With ZeRO on, DeepSpeed imports its Muon optimizer (to list it as supported and for
+      isinstance checks every step), whose kernels are decorated with torch.compile: building
+      those wrappers imports Inductor, 1.1 s. Importing it here with torch.compile deferred to a
+      kernel's first call keeps Muon intact and costs nothing for the torch optimizers Tandem builds.
+    """
+    if "deepspeed" in sys.modules:
+        return sys.modules["deepspeed"]
+    with _without_module("mlflow"):
+        import deepspeed
+    with _torch_compile_on_first_call():
+        try:
+            import deepspeed.runtime.zero.muon.muon_optimizer  # noqa: F401
+        except ImportError:  # a DeepSpeed without Muon
+            pass
+    return deepspeed
+
+
+@contextlib.contextmanager
+def _without_module(name: str) -> Iterator[None]:
+    """Inside the block `import name` raises ImportError (unless already imported)."""
+    hidden = name not in sys.modules
+    if hidden:
+        sys.modules[name] = None  # type: ignore[assignment]  # Python's marker for "this import fails"
+    try:
+        yield
+    finally:
+        if hidden and sys.modules.get(name, "imported") is None:
+            del sys.modules[name]
+
+
+@contextlib.contextmanager
+def _torch_compile_on_first_call() -> Iterator[None]:
+    """Inside the block torch.compile(fn, ...) returns fn wrapped to compile on its first call."""
+    real_compile = torch.compile
+
+    def deferred(model: Any = None, **options: Any) -> Any:
+        if model is None:  # the decorator form, @torch.compile(...)
+            return lambda fn: deferred(fn, **options)
+        compiled: list[Any] = []
+
+        @functools.wraps(model)
+        def call(*args: Any, **kwargs: Any) -> Any:
+            if not compiled:
+                compiled.append(real_compile(model, **options))
+            return compiled[0](*args, **kwargs)
+
+        return call
+
+    torch.compile = deferred  # type: ignore[assignment]
+    try:
+        yield
+    finally:
+        torch.compile = real_compile

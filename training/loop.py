@@ -37,7 +37,7 @@ from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 from cluster.config import TandemConfig, validate_config
 from training.augment import build_augmentation
 from training.data import ArrayDataset, load_dataset, split
-from training.ds_config import build_optimizer, build_scheduler, clear_stale_extension_locks, deepspeed_config
+from training.ds_config import build_optimizer, build_scheduler, clear_stale_extension_locks, deepspeed_config, import_deepspeed
 from training.models import build_model, model_spec
 
 CONSOLIDATED = "model_fp32.pt"
@@ -110,7 +110,7 @@ def train_loop_per_worker(loop_config: dict[str, Any]) -> None:
 
 def run_worker(loop_config: dict[str, Any], session: WorkerSession) -> Any:
     """The loop itself; returns the DeepSpeed engine (for checks that inspect it, e.g. its loss scaler)."""
-    import deepspeed
+    deepspeed = import_deepspeed()
 
     config = validate_config(loop_config["config"])
     rank, world = session.rank, session.world_size

@@ -28,6 +28,7 @@ from cluster.errors import TrainingFailedError
 from cluster.runtime import connect, pin_to_group, storage_root
 from cluster.tracking import follow_metrics, track_run
 from training.ds_config import deepspeed_config
+from training.startup import controller_env, prestart_train_coordinator, trainer_class
 
 CHECKPOINTS = "checkpoints"
 PLACEMENT = {"pack": "PACK", "spread": "SPREAD", "strict_pack": "STRICT_PACK", "strict_spread": "STRICT_SPREAD"}
@@ -139,21 +140,6 @@ def teacher_dir(config: TandemConfig) -> str | None:
     return str(folder.resolve())
 
 
-def train_controller_env(config: TandemConfig) -> dict[str, str]:
-    """Ray Train settings Tandem changes; Ray Train hands the driver's values to its controller.
-
-    - The controller advances one state (placement, worker start, running) per poll of the
-      workers, every 2 s by default: seconds of a small job's start-up. A poll is one small RPC
-      per worker, so 0.5 s costs nothing measurable.
-    - On a local Ray (one machine, nothing to drain) the preemption watcher is one more actor
-      process to start per run, and its constructor logs an error where the node has no drain state.
-    """
-    env = {"RAY_TRAIN_HEALTH_CHECK_INTERVAL_S": "0.5"}
-    if config.cluster.address == "local" and not os.environ.get("RAY_ADDRESS"):
-        env["RAY_TRAIN_ENABLE_PREEMPTION_WATCHER"] = "0"
-    return env
-
-
 def build_trainer(
     config: TandemConfig,
     run_dir: Path,
@@ -162,16 +148,17 @@ def build_trainer(
     callbacks: list | None = None,
     hparams_from_config: bool = False,
     echo_epochs: bool = True,
+    lean: bool = False,
 ):
     """echo_epochs: print a line per epoch (off inside tuning trials, whose progress is per trial).
     hparams_from_config: after loading `resume_from`, take lr and weight decay from `config`
-    rather than from the checkpoint (PBT: an exploiting trial keeps its own mutated values)."""
+    rather than from the checkpoint (PBT: an exploiting trial keeps its own mutated values).
+    lean: a local Ray started for this run (training/startup.py, `trainer_class`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchTrainer
 
     from training.loop import train_loop_per_worker
 
-    for name, value in train_controller_env(config).items():
+    for name, value in controller_env(config).items():
         os.environ.setdefault(name, value)  # the user's own value wins
     t = config.training
     resources: dict[str, float] = {"CPU": t.cpus_per_worker, **pin_to_group(t.node_group)}
@@ -197,7 +184,7 @@ def build_trainer(
         "teacher_dir": teacher_dir(config),
         "hparams_from_config": hparams_from_config,
     }
-    return TorchTrainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run)
+    return trainer_class(lean)(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run)
 
 
 def _metrics_log_class():
@@ -254,7 +241,11 @@ def find_run_and_checkpoint(config: TandemConfig, resume: str) -> tuple[Path, st
 def train(config: TandemConfig, resume: str | None = None, callbacks: list | None = None) -> TrainResult:
     """Train the configured model; returns the run folder, the artifact folder and final metrics."""
     checks = preflight(config)
-    with connect(config):
+    with connect(config) as ray_handle:
+        # A local Ray started here for this run: see training/startup.py.
+        lean = ray_handle.started and ray_handle.address == "local"
+        if lean:
+            prestart_train_coordinator()
         use_gpu = resolve_use_gpu(config)
         if resume:
             run_dir, resume_from = find_run_and_checkpoint(config, resume)
@@ -264,7 +255,7 @@ def train(config: TandemConfig, resume: str | None = None, callbacks: list | Non
         atomic_write_text(run_dir / "deepspeed.json", json.dumps(checks["deepspeed"], indent=2))
         print(f"[tandem] run folder {run_dir}", flush=True)
         move_log(run_dir)
-        trainer = build_trainer(config, run_dir, use_gpu, resume_from, callbacks)
+        trainer = build_trainer(config, run_dir, use_gpu, resume_from, callbacks, lean=lean)
         continuing = (run_dir / "metrics.jsonl").exists()  # a resumed run folder: its MLflow run goes on
         tracker = track_run(config, run_dir, continuing)
         try:
