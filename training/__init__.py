@@ -2,7 +2,10 @@
 
 Where things go:
 - models.py     built-in model builders (mlp, cnn, transformer): builder(input_shape, num_classes, **args)
-- data.py       built-in data sources (digits, synthetic) returning ArrayDataset, and the split
+- arrays.py     ArrayDataset and the train/validation split (a seeded coin flip per row)
+- data.py       built-in data sources (digits, synthetic) returning ArrayDataset
+- file_source.py  files as a data source: checked on the driver, streamed to the workers by Ray Data
+- worker_data.py  what one worker trains and evaluates on (its in-memory or streamed shard)
 - augment.py    training-time augmentations (noise, shift, user hooks)
 - ds_config.py  the DeepSpeed JSON derived from the Tandem config (overrides merge last)
 - loop.py       the per-worker train loop (a plain function)

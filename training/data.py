@@ -9,30 +9,18 @@ Both built-ins need no download: the digits ship inside this package (`digits.np
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+# ArrayDataset and split live in training.arrays (file sources use them too); data sources and
+# their users know them as training.data.ArrayDataset and training.data.split.
+from training.arrays import ArrayDataset, split, validation_rows  # noqa: F401
+
 # The digits as arrays, not through scikit-learn: importing sklearn.datasets costs about a second
 # (scipy, pandas' parser) in every process that loads them, every Train worker and trial included.
 DIGITS_FILE = Path(__file__).with_name("digits.npz")
-
-
-@dataclass(frozen=True)
-class ArrayDataset:
-    """Features `x` (float32, N x ...) and integer labels `y` (N,)."""
-
-    x: np.ndarray
-    y: np.ndarray
-
-    @property
-    def input_shape(self) -> tuple[int, ...]:
-        return tuple(int(s) for s in self.x.shape[1:])
-
-    @property
-    def num_classes(self) -> int:
-        return int(self.y.max()) + 1
+IN_MEMORY_ROWS = 200_000  # rows of a file source that load_dataset reads (see there)
 
 
 def digits(image: bool = False) -> ArrayDataset:
@@ -57,17 +45,19 @@ def synthetic(samples: int = 4096, features: int = 64, classes: int = 10, seed: 
     return ArrayDataset(x=x.astype(np.float32), y=y.astype(np.int64))
 
 
-def split(dataset: ArrayDataset, val_fraction: float, seed: int) -> tuple[ArrayDataset, ArrayDataset]:
-    """A seeded, stratification-free train/validation split."""
-    order = np.random.default_rng(seed).permutation(len(dataset.y))
-    n_val = max(1, int(round(len(order) * val_fraction)))
-    val, train = order[:n_val], order[n_val:]
-    return ArrayDataset(dataset.x[train], dataset.y[train]), ArrayDataset(dataset.x[val], dataset.y[val])
-
-
 def load_dataset(config) -> ArrayDataset:
-    """Call the configured data source and check what it returns; errors name `data.source`."""
-    from cluster.config import ConfigError, Problem, resolve_import_path
+    """Call the configured data source and check what it returns; errors name `data.source`.
+
+    A file source is read into memory here, its first IN_MEMORY_ROWS rows: for what needs arrays
+    on one machine (export parity, int8 calibration, `tandem import`'s check, the profile).
+    Training streams the files instead (training/file_source.py).
+    """
+    from cluster.config import ConfigError, Problem, looks_like_files, resolve_import_path
+
+    if looks_like_files(config.data.source):
+        from training.file_source import read_into_memory
+
+        return read_into_memory(config, IN_MEMORY_ROWS)
 
     source = resolve_import_path(config.data.source)
     try:

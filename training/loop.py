@@ -9,16 +9,15 @@ consolidated fp32 state_dict, all reported to Ray Train as one checkpoint.
 Whatever runs the loop provides a `WorkerSession` (rank, checkpoint to resume, reports): Ray Train
 in `tandem train`, a plain process in the GPU check (tests/gpu/gpu_check.py), which has no Ray.
 
-Sharding: DistributedSampler over in-memory arrays. The built-in data sets fit in memory on every
-worker, so Ray Data's streaming would add a per-epoch pipeline for nothing; the sampler gives each
-rank a disjoint, seeded shard and the same order again after a resume (set_epoch).
+Sharding (training/worker_data.py): a DistributedSampler over in-memory arrays for a
+'module:function' source (small data sets, which every worker loads; the same order again after a
+resume), or the worker's Ray Data shard for files, streamed batch by batch.
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
-import math
 import os
 import resource
 import sys
@@ -29,16 +28,14 @@ from contextlib import AbstractContextManager
 from pathlib import Path
 from typing import Any, Protocol
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from torch.utils.data import DataLoader, DistributedSampler, TensorDataset
 
 from cluster.config import TandemConfig, validate_config
 from training.augment import build_augmentation
-from training.data import ArrayDataset, load_dataset, split
 from training.ds_config import build_optimizer, build_scheduler, clear_stale_extension_locks, deepspeed_config, import_deepspeed
 from training.models import build_model, model_spec
+from training.worker_data import worker_data
 
 CONSOLIDATED = "model_fp32.pt"
 TAG_FILE = "latest"
@@ -122,13 +119,10 @@ def run_worker(loop_config: dict[str, Any], session: WorkerSession) -> Any:
     # Same initial weights on every rank; data order and augmentation differ per rank below.
     torch.manual_seed(config.training.seed)
 
-    dataset = load_dataset(config)
-    train_set, val_set = split(dataset, config.data.val_fraction, config.data.seed)
-    model = build_model(config, dataset.input_shape, dataset.num_classes)
-    spec = model_spec(config, dataset.input_shape, dataset.num_classes)
-
-    loader, sampler = _train_loader(config, train_set, rank, world)
-    steps_per_epoch = _steps_per_epoch(config, len(loader))
+    data = worker_data(config, loop_config.get("file_source"), rank, world)
+    model = build_model(config, data.input_shape, data.num_classes)
+    spec = model_spec(config, data.input_shape, data.num_classes)
+    steps_per_epoch = _steps_per_epoch(config, data.micro_batches)
     total_steps = steps_per_epoch * config.training.epochs
     optimizer = build_optimizer(config, model.parameters())
     scheduler = build_scheduler(config, optimizer, total_steps)
@@ -144,37 +138,40 @@ def run_worker(loop_config: dict[str, Any], session: WorkerSession) -> Any:
     augment = build_augmentation(config.data.augment)
     dtype = _compute_dtype(config)
     loss_fn = _loss_function(config, loop_config.get("teacher_dir"), device)
+    # This worker's own memory before any batch, and its peak while training: what the data
+    # (streamed or in memory) adds to it is the difference.
+    private_memory = PrivateMemoryPeak()
 
     for epoch in range(start_epoch, config.training.epochs):
-        sampler.set_epoch(epoch)
         generator = torch.Generator().manual_seed(config.training.seed * 100_003 + rank * 1009 + epoch)
         started = time.perf_counter()
         train_loss, samples = _train_epoch(
-            engine, loader, augment, generator, device, dtype, config, rank, steps_per_epoch, loss_fn, parent_pid
+            engine,
+            data.train_batches(epoch),
+            augment,
+            generator,
+            device,
+            dtype,
+            config,
+            rank,
+            steps_per_epoch,
+            loss_fn,
+            parent_pid,
+            private_memory,
         )
         elapsed = time.perf_counter() - started
-        val_loss, val_accuracy = _evaluate(engine, val_set, config, rank, world, device, dtype)
+        val_loss, val_accuracy = _evaluate(engine, data.val_batches(), device, dtype)
         metrics = _epoch_metrics(
             engine, epoch, train_loss, samples, elapsed, val_loss, val_accuracy, steps_per_epoch, world, device, session
         )
+        metrics["private_memory_before_training_mb"] = private_memory.start
+        metrics["peak_private_memory_mb"] = private_memory.peak
         last = epoch + 1 == config.training.epochs
         if (epoch + 1) % config.training.checkpoint.every_epochs == 0 or last:
             _report_with_checkpoint(engine, metrics, epoch, rank, spec, config, session)
         else:
             session.report(metrics)
     return engine
-
-
-def _train_loader(config: TandemConfig, train_set: ArrayDataset, rank: int, world: int) -> tuple[DataLoader, DistributedSampler]:
-    tensors = TensorDataset(torch.from_numpy(train_set.x), torch.from_numpy(train_set.y))
-    sampler = DistributedSampler(tensors, num_replicas=world, rank=rank, shuffle=True, seed=config.training.seed, drop_last=True)
-    loader = DataLoader(tensors, batch_size=config.data.batch_size, sampler=sampler, drop_last=True)
-    if len(loader) == 0:
-        raise ValueError(
-            f"rank {rank} has fewer than data.batch_size={config.data.batch_size} training examples; "
-            "lower data.batch_size or training.workers"
-        )
-    return loader, sampler
 
 
 def _loss_function(config: TandemConfig, teacher_dir: str | None, device):
@@ -282,7 +279,7 @@ def _exit_if_orphaned(parent_pid: int, rank: int) -> None:
 
 
 def _train_epoch(
-    engine, loader, augment, generator, device, dtype, config, rank, steps_per_epoch, loss_fn, parent_pid
+    engine, loader, augment, generator, device, dtype, config, rank, steps_per_epoch, loss_fn, parent_pid, private_memory
 ) -> tuple[float, int]:
     engine.train()
     total_loss, batches, samples = 0.0, 0, 0
@@ -302,37 +299,27 @@ def _train_epoch(
         _maybe_inject_fault(engine, rank)
         _exit_if_orphaned(parent_pid, rank)
         _write_progress(engine, rank)
+        private_memory.sample()
     return total_loss / max(1, batches), samples
 
 
 @torch.no_grad()
-def _evaluate(engine, val_set: ArrayDataset, config: TandemConfig, rank: int, world: int, device, dtype) -> tuple[float, float]:
-    """Loss and accuracy over the whole validation split, each rank evaluating its slice.
-
-    ZeRO-3 gathers parameters inside forward, a collective: every rank runs the same number of
-    forward passes, so a rank whose slice is short runs a padding batch that is not counted. The
-    sums are reduced on the worker's device (NCCL reduces CUDA tensors only; see _epoch_metrics).
-    """
+def _evaluate(engine, batches, device, dtype) -> tuple[float, float]:
+    """Loss and accuracy over the whole validation split, each rank evaluating its shard
+    (training/worker_data.py: every rank runs the same number of forward passes, as ZeRO-3 needs;
+    a padding batch is not counted). The sums are reduced on the worker's device (NCCL reduces
+    CUDA tensors only; see _epoch_metrics)."""
     import torch.distributed as dist
 
     engine.eval()
-    shards = np.array_split(np.arange(len(val_set.y)), world)
-    mine = shards[rank]
-    batch = config.data.batch_size
-    n_batches = math.ceil(max(len(s) for s in shards) / batch)
     loss_sum, correct, count = 0.0, 0, 0
-    for b in range(n_batches):
-        idx = mine[b * batch : (b + 1) * batch]
-        counted = len(idx) > 0
-        if not counted:
-            idx = shards[0][:1]
-        x = torch.from_numpy(val_set.x[idx]).to(device=device, dtype=dtype)
-        y = torch.from_numpy(val_set.y[idx]).to(device)
+    for x, y, counted in batches:
+        x, y = x.to(device=device, dtype=dtype), y.to(device)
         logits = engine(x).float()
         if counted:
             loss_sum += F.cross_entropy(logits, y, reduction="sum").item()
             correct += int((logits.argmax(1) == y).sum().item())
-            count += len(idx)
+            count += len(y)
     totals = torch.tensor([loss_sum, correct, count], dtype=torch.float64, device=device)
     dist.all_reduce(totals)
     engine.train()
@@ -368,6 +355,30 @@ def _gather_per_rank(values: dict[str, float], world: int, device) -> dict[str, 
     return {f"{k}_per_rank": [float(g[i]) for g in gathered] for i, k in enumerate(sorted(values))}
 
 
+class PrivateMemoryPeak:
+    """This process's private resident memory (RssAnon, Linux) at creation and at its highest
+    sample: what the worker allocated itself. ru_maxrss (peak_memory_mb) also counts the pages of
+    Ray's shared object store that reading streamed blocks maps in, which grow with the input up
+    to the object store's size though no block stays in the worker."""
+
+    def __init__(self) -> None:
+        self.start = self.peak = self._read()
+
+    @staticmethod
+    def _read() -> float:
+        try:
+            with open("/proc/self/status") as status:
+                for line in status:
+                    if line.startswith("RssAnon:"):
+                        return int(line.split()[1]) / 1024
+        except OSError:
+            pass
+        return 0.0
+
+    def sample(self) -> None:
+        self.peak = max(self.peak, self._read())
+
+
 def _peak_memory_mb(device) -> float:
     if device.type == "cuda":
         return torch.cuda.max_memory_allocated(device) / 2**20
@@ -395,7 +406,8 @@ def _epoch_metrics(
         "lr": float(engine.get_lr()[0]),
         "world_size": world,
     }
-    metrics.update(_gather_per_rank(_rank_state_bytes(engine), world, device))
+    # samples_per_rank: the rows each rank trained on this epoch (its shard, streamed or sampled).
+    metrics.update(_gather_per_rank({**_rank_state_bytes(engine), "samples": float(samples)}, world, device))
     metrics["node_ids"] = _gather_node_ids(session.node_id(), world)
     return metrics
 

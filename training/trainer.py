@@ -56,11 +56,14 @@ def preflight(config: TandemConfig) -> dict[str, Any]:
     import torch
 
     from training.data import load_dataset
+    from training.file_source import inspect_file_source, is_file_source
     from training.models import build_model
 
-    dataset = load_dataset(config)
+    file_source = inspect_file_source(config) if is_file_source(config.data.source) else None
+    dataset = file_source.sample if file_source else load_dataset(config)
+    num_classes = file_source.num_classes if file_source else dataset.num_classes
     try:
-        model = build_model(config, dataset.input_shape, dataset.num_classes)
+        model = build_model(config, dataset.input_shape, num_classes)
     except (TypeError, ValueError, RuntimeError) as exc:  # RuntimeError: torch refusing a size (hidden: [-3])
         message = str(exc).splitlines()[0] if str(exc) else type(exc).__name__
         raise ConfigError(
@@ -86,21 +89,21 @@ def preflight(config: TandemConfig) -> dict[str, Any]:
                 )
             ]
         ) from None
-    expected = config.model.args.get("num_classes", dataset.num_classes)
-    if tuple(logits.shape) != (2, expected) or dataset.num_classes > expected:
+    expected = config.model.args.get("num_classes", num_classes)
+    if tuple(logits.shape) != (2, expected) or num_classes > expected:
         raise ConfigError(
             [
                 Problem(
                     path="model.args.num_classes",
                     value=expected,
-                    message=f"the model outputs {tuple(logits.shape[1:])} per example but the data has {dataset.num_classes} classes; fix "
+                    message=f"the model outputs {tuple(logits.shape[1:])} per example but the data has {num_classes} classes; fix "
                     "model.args.num_classes",
                 )
             ]
         )
     ds = deepspeed_config(config, config.training.workers)  # raises on override conflicts
     teacher_dir(config)  # a missing or altered teacher artifact is refused here, not in the workers
-    return {"input_shape": dataset.input_shape, "num_classes": dataset.num_classes, "deepspeed": ds}
+    return {"input_shape": dataset.input_shape, "num_classes": num_classes, "deepspeed": ds, "file_source": file_source}
 
 
 def resolve_use_gpu(config: TandemConfig) -> bool:
@@ -149,13 +152,16 @@ def build_trainer(
     hparams_from_config: bool = False,
     echo_epochs: bool = True,
     lean: bool = False,
+    file_source: Any = None,
 ):
     """echo_epochs: print a line per epoch (off inside tuning trials, whose progress is per trial).
     hparams_from_config: after loading `resume_from`, take lr and weight decay from `config`
     rather than from the checkpoint (PBT: an exploiting trial keeps its own mutated values).
-    lean: a local Ray started for this run (training/startup.py, `trainer_class`)."""
+    lean: a local Ray started for this run (training/startup.py, `trainer_class`).
+    file_source: what preflight learned about a file `data.source` (found again when not given)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
+    from training.file_source import inspect_file_source, is_file_source, ray_datasets
     from training.loop import train_loop_per_worker
 
     for name, value in controller_env(config).items():
@@ -184,7 +190,18 @@ def build_trainer(
         "teacher_dir": teacher_dir(config),
         "hparams_from_config": hparams_from_config,
     }
-    return trainer_class(lean)(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run)
+    if file_source is None and is_file_source(config.data.source):
+        file_source = inspect_file_source(config)
+    if file_source is None:
+        return trainer_class(lean)(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run)
+    loop_config["file_source"] = file_source
+    return trainer_class(lean=False)(  # the datasets callback hands out the shards
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        scaling_config=scaling,
+        run_config=run,
+        datasets=ray_datasets(file_source, config),
+    )
 
 
 def _metrics_log_class():
@@ -255,7 +272,7 @@ def train(config: TandemConfig, resume: str | None = None, callbacks: list | Non
         atomic_write_text(run_dir / "deepspeed.json", json.dumps(checks["deepspeed"], indent=2))
         print(f"[tandem] run folder {run_dir}", flush=True)
         move_log(run_dir)
-        trainer = build_trainer(config, run_dir, use_gpu, resume_from, callbacks, lean=lean)
+        trainer = build_trainer(config, run_dir, use_gpu, resume_from, callbacks, lean=lean, file_source=checks["file_source"])
         continuing = (run_dir / "metrics.jsonl").exists()  # a resumed run folder: its MLflow run goes on
         tracker = track_run(config, run_dir, continuing)
         try:

@@ -31,6 +31,7 @@ from cluster.config.schema import (
     TandemConfig,
     TrainingConfig,
     TuningConfig,
+    looks_like_files,
     resolve_import_path,
 )
 from cluster.config.serving_schema import (
@@ -81,6 +82,7 @@ __all__ = [
     "load_config",
     "parse_override",
     "read_yaml",
+    "looks_like_files",
     "resolve_import_path",
     "set_path",
     "validate_config",

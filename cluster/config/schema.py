@@ -11,6 +11,7 @@ import hashlib
 import importlib
 import json
 import os
+import re
 import sys
 from pathlib import Path
 from typing import Any, Literal
@@ -47,6 +48,12 @@ def resolve_import_path(path: str) -> Any:
         hint = f"; did you mean '{module_name}:{close[0]}'?" if close else ""
         raise ValueError(f"module '{module_name}' has no attribute '{attr}'{hint}")
     return getattr(module, attr)
+
+
+def looks_like_files(spec: str) -> bool:
+    """True when a data source names files (a path, a glob, a folder or a URI), False for a
+    'module:function' import path."""
+    return re.fullmatch(r"[A-Za-z_][\w.]*:[A-Za-z_]\w*", spec) is None
 
 
 def _import_path_validator(value: str) -> str:
@@ -179,8 +186,16 @@ class Augment(Strict):
 
 
 class DataConfig(Strict):
-    source: str = Field("training.data:digits", description="'module:function' returning a training.data.ArrayDataset.")
-    args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for the data source.")
+    source: str = Field(
+        "training.data:digits",
+        description="'module:function' returning a training.data.ArrayDataset, or files streamed by Ray Data: a path, folder or glob "
+        "of Parquet, CSV, .npy (label in the last column) or JSON-lines files.",
+    )
+    args: dict[str, Any] = Field(default_factory=dict, description="Keyword arguments for a 'module:function' data source.")
+    features: list[str] | None = Field(
+        None, description="Files: the columns holding the features, in order (a column may hold a list); default every other column."
+    )
+    label_column: str = Field("label", description="Files: the column holding the integer class label.")
     batch_size: PositiveInt = Field(64, description="Micro-batch size per worker.")
     val_fraction: float = Field(0.2, gt=0, lt=1, description="Fraction of the data held out for validation.")
     augment: list[Augment] = Field(default_factory=list, description="Training-time augmentations, applied in order.")
@@ -189,7 +204,8 @@ class DataConfig(Strict):
     @field_validator("source")
     @classmethod
     def _source_imports(cls, value: str) -> str:
-        return _import_path_validator(value)
+        # Files are checked where they are read, before Ray starts (training/file_source.py).
+        return value if looks_like_files(value) else _import_path_validator(value)
 
     @field_validator("augment", mode="before")
     @classmethod

@@ -179,11 +179,17 @@ def test_pbt_exploits_load_their_checkpoint_and_every_trial_finishes(ray_session
     # fewest: the settings under which an exploiter used to lose the donor's checkpoint to the
     # donor's retention, or be handed the donor's last epoch with nothing left to train. Once the
     # slow one has exploited the fast one they are close, and either may exploit the other.
+    # The good trial is first in the grid, so it starts first: when the poor one reports its
+    # first epoch the good one has a score to be exploited. Trials start a few seconds apart
+    # (two Train start-ups on two cores) and an epoch here is half a second, so 8 epochs keep
+    # the good one training when the poor one catches up (an exploit of a finished donor's last
+    # epoch is skipped, by design).
     config = tiny(
         tmp_path,
         "{samples: 1, max_concurrent_trials: 2, scheduler: {name: pbt, perturbation_interval: 1},"
-        " space: {training.optimizer.lr: {grid: [1.0e-4, 3.0e-2]}}}",
+        " space: {training.optimizer.lr: {grid: [3.0e-2, 1.0e-4]}}}",
         "training.checkpoint.keep=1",
+        "training.epochs=8",
     )
     result = tune(config)
     final = config.training.epochs
