@@ -174,8 +174,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     from benchmarks.serving import make_artifact, start_ray
 
     parser = argparse.ArgumentParser(prog="python -m benchmarks predict", description=__doc__.splitlines()[0])
-    parser.add_argument("--wide-rows", type=int, default=40_000)
-    parser.add_argument("--digits-rows", type=int, default=200_000)
+    parser.add_argument("--wide-rows", type=int, default=120_000)
+    parser.add_argument("--digits-rows", type=int, default=500_000)
     args = parser.parse_args(argv)
     load_start = os.getloadavg()[0]
     print(f"load average at start: {load_start:.2f}", flush=True)

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import os
 import time
 from dataclasses import dataclass
@@ -38,6 +39,8 @@ from cluster.errors import TandemError
 from cluster.tabular import check_columns, input_files, plan_chunks, read_chunk
 
 PREDICTIONS, ERRORS, SUMMARY = "predictions", "errors", "summary.json"
+CHUNKS_PER_CALL = 8
+BLOCKS_PER_ACTOR = 4
 
 
 class PredictError(TandemError):
@@ -158,10 +161,15 @@ def _pool_dataset(
 
     from cluster.runtime import pin_to_group
 
-    dataset = ray.data.from_items(chunks, override_num_blocks=max(1, len(chunks)))
+    # A block of chunk descriptors is one call to an actor, which runs its chunks one after the
+    # other (memory: one chunk). A call costs tens of ms of Ray Data's scheduling on a small
+    # machine, so small chunks go CHUNKS_PER_CALL to a call; at least BLOCKS_PER_ACTOR calls per
+    # actor keep the pool balanced and the progress moving.
+    blocks = max(1, min(len(chunks), max(actors * BLOCKS_PER_ACTOR, math.ceil(len(chunks) / CHUNKS_PER_CALL))))
+    dataset = ray.data.from_items(chunks, override_num_blocks=blocks)
     return dataset.map_batches(
         PredictChunks,
-        batch_size=1,
+        batch_size=None,
         concurrency=actors,
         num_cpus=deployment.cpus,
         num_gpus=deployment.gpus or None,

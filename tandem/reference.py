@@ -1,7 +1,11 @@
-"""The config reference in the README, generated from the pydantic models' field descriptions.
+"""What the README shows that is generated: the config reference (from the pydantic models' field
+descriptions) and every benchmark's table (from `benchmarks/results/NAME.md`).
 
-`python -m tandem.reference` rewrites the block between the README's reference markers; a unit
-test keeps the README equal to the models, so the reference never drifts from the code.
+`python -m tandem.reference` rewrites the block between the README's reference markers and each
+`<!-- results:NAME -->` ... `<!-- /results:NAME -->` block; unit tests keep the README equal to
+the models and to the results files, so neither drifts from what the code and the benchmarks
+last wrote. A results file's first heading is left out (the README section has its own) and its
+other headings go one level down.
 """
 
 from __future__ import annotations
@@ -17,6 +21,7 @@ from cluster.config.problems import _inner_model
 
 BEGIN, END = "<!-- config-reference:begin -->", "<!-- config-reference:end -->"
 README = Path(__file__).resolve().parents[1] / "README.md"
+RESULTS = README.parent / "benchmarks" / "results"
 
 
 def _default(field: Any) -> str:
@@ -50,10 +55,35 @@ def config_reference_markdown() -> str:
     return "\n".join(["| field | default | meaning |", "|---|---|---|", *_rows(TandemConfig, "")])
 
 
+def results_markers(name: str) -> tuple[str, str]:
+    return f"<!-- results:{name} -->", f"<!-- /results:{name} -->"
+
+
+def results_names() -> list[str]:
+    """Every benchmark that wrote a markdown table."""
+    return sorted(p.stem for p in RESULTS.glob("*.md"))
+
+
+def results_markdown(name: str) -> str:
+    """benchmarks/results/NAME.md as the README shows it."""
+    lines = (RESULTS / f"{name}.md").read_text().strip().splitlines()
+    if lines and lines[0].startswith("#"):
+        lines = lines[1:]
+    return "\n".join("#" + line if line.startswith("#") else line for line in lines).strip()
+
+
+def _replace_block(text: str, begin: str, end: str, body: str) -> str:
+    start, stop = text.index(begin) + len(begin), text.index(end)
+    return text[:start] + "\n" + body + "\n" + text[stop:]
+
+
 def update_readme(path: Path = README) -> bool:
     text = path.read_text()
-    start, end = text.index(BEGIN) + len(BEGIN), text.index(END)
-    new = text[:start] + "\n" + config_reference_markdown() + "\n" + text[end:]
+    new = _replace_block(text, BEGIN, END, config_reference_markdown())
+    for name in results_names():
+        begin, end = results_markers(name)
+        if begin in new:
+            new = _replace_block(new, begin, end, results_markdown(name))
     if new != text:
         path.write_text(new)
     return new != text
@@ -61,5 +91,5 @@ def update_readme(path: Path = README) -> bool:
 
 if __name__ == "__main__":
     changed = update_readme()
-    print("README config reference updated" if changed else "README config reference already current")
+    print("README reference and benchmark tables updated" if changed else "README reference and benchmark tables already current")
     sys.exit(0)
