@@ -1,4 +1,5 @@
-"""`python -m benchmarks [NAME [ARGS...]]`: run benchmarks/NAME.py's main(ARGS), or every benchmark."""
+"""`python -m benchmarks [NAME [ARGS...]]`: run benchmarks/NAME.py's main(ARGS), or every benchmark
+but `reliability` (which `make reliability` runs)."""
 
 from __future__ import annotations
 
@@ -30,7 +31,8 @@ def main(argv: list[str]) -> None:
     if argv:
         run(argv[0], argv[1:])
         return
-    for name in available():
+    # The reliability suite is `make reliability`'s (README): a test run, not a benchmark.
+    for name in [n for n in available() if n != "reliability"]:
         print(f"== benchmarks.{name}", flush=True)
         run(name, [])
 

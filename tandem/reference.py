@@ -24,6 +24,17 @@ README = Path(__file__).resolve().parents[1] / "README.md"
 RESULTS = README.parent / "benchmarks" / "results"
 
 
+def _entry(name: str, model: BaseModel) -> str:
+    """A default entry of a list or dict of models, with the values it sets that differ from the
+    per-field defaults listed under it (e.g. the implicit `cpu` node group's 2 CPUs)."""
+    changed = [
+        f"{key}: {getattr(model, key)!r}"
+        for key, field in type(model).model_fields.items()
+        if key != "name" and not field.is_required() and getattr(model, key) != field.get_default(call_default_factory=True)
+    ]
+    return f"`{name}`" + (f" ({', '.join(changed)})" if changed else "")
+
+
 def _default(field: Any) -> str:
     if field.is_required():
         return "required"
@@ -31,9 +42,9 @@ def _default(field: Any) -> str:
     if isinstance(value, BaseModel):
         return ""
     if isinstance(value, list) and value and isinstance(value[0], BaseModel):
-        return f"{len(value)} entr{'y' if len(value) == 1 else 'ies'}"
+        return "; ".join(_entry(getattr(v, "name", str(i)), v) for i, v in enumerate(value))
     if isinstance(value, dict) and value and isinstance(next(iter(value.values())), BaseModel):
-        return ", ".join(value)
+        return "; ".join(_entry(name, v) for name, v in value.items())
     return f"`{value!r}`" if value not in (None, {}, []) else f"`{value}`"
 
 

@@ -94,7 +94,9 @@ class Deployment(Strict):
     gpus: float = Field(0.0, ge=0, description="GPUs per replica.")
     threads: PositiveInt = Field(1, description="Intra-op threads of the engine.")
     autoscaling: Autoscaling = Field(default_factory=Autoscaling, description="Ray Serve autoscaling.")
-    max_ongoing_requests: int | None = Field(None, gt=0, description="Per replica (default: derived from batching, see README).")
+    max_ongoing_requests: int | None = Field(
+        None, gt=0, description="Requests Serve lets into one replica at once (default: max(4 x serving.batching.max_batch_size, 64))."
+    )
     max_queued_requests: int | None = Field(None, gt=0, description="Per deployment handle (default: serving.limits.max_queued_requests).")
 
 
