@@ -313,6 +313,19 @@ def feature_width(chunk: dict[str, Any], settings: dict[str, Any]) -> int:
     return 0
 
 
+def chunk_labels(chunk: dict[str, Any], width: int, settings: dict[str, Any]) -> tuple[np.ndarray, dict[int, str]]:
+    """The chunk's labels and the rows whose label is bad, reading as little as the format allows:
+    Parquet's label column and a `.npy` file's last column only; text formats whole (a row's
+    fields must be parsed to find its label)."""
+    if chunk["format"] == "parquet":
+        return _parquet_labels(chunk, settings["label_column"])
+    if chunk["format"] == "npy":
+        array = np.load(chunk["path"], mmap_mode="r")[chunk["start"] : chunk["stop"]]
+        return _labels_of(np.asarray(array.reshape(len(array), -1)[:, -1], dtype=np.float64))
+    rows = read_chunk(chunk, width, settings)
+    return rows.y, rows.bad
+
+
 def read_chunk(chunk: dict[str, Any], width: int, settings: dict[str, Any]) -> Rows:
     """The chunk's ids, feature matrix and bad rows (with reasons)."""
     first_id, count = chunk["first_id"], chunk["stop"] - chunk["start"]

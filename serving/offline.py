@@ -83,11 +83,12 @@ class PredictChunks:
         self.name = f"{deployment['name']}@{os.uname().nodename}:{os.getpid()}"
         import ray
 
-        # What Ray gave this actor (its node group's resource among them), for the summary.
+        # What Ray gave this actor (its node group's resource among them) and where, for the summary.
         self.resources = json.dumps(ray.get_runtime_context().get_assigned_resources(), sort_keys=True)
+        self.node = ray.get_runtime_context().get_node_id()
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
-        out: dict[str, list[Any]] = {"rows": [], "errors": [], "seconds": [], "actor": [], "resources": []}
+        out: dict[str, list[Any]] = {"rows": [], "errors": [], "seconds": [], "actor": [], "resources": [], "node": []}
         for i in range(len(batch["path"])):
             chunk = {k: (v[i].tolist() if isinstance(v[i], np.ndarray) else v[i]) for k, v in batch.items()}
             started = time.perf_counter()
@@ -97,6 +98,7 @@ class PredictChunks:
             out["seconds"].append(time.perf_counter() - started)
             out["actor"].append(self.name)
             out["resources"].append(self.resources)
+            out["node"].append(self.node)
         return {k: np.asarray(v) for k, v in out.items()}
 
     def run_chunk(self, chunk: dict[str, Any]) -> tuple[int, int]:
@@ -223,7 +225,9 @@ def predict(config: TandemConfig, input_spec: str, output_dir: Path, source: str
         for result in job.iter_rows():
             done += int(result["rows"])
             errors += int(result["errors"])
-            actor = per_actor.setdefault(str(result["actor"]), {"rows": 0, "seconds": 0.0, "resources": json.loads(result["resources"])})
+            actor = per_actor.setdefault(
+                str(result["actor"]), {"rows": 0, "seconds": 0.0, "resources": json.loads(result["resources"]), "node": str(result["node"])}
+            )
             actor["rows"] += int(result["rows"]) + int(result["errors"])
             actor["seconds"] += float(result["seconds"])
             if progress:

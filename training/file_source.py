@@ -34,6 +34,7 @@ from cluster.tabular import (
     SAMPLE_ROWS,
     InputFilesError,
     check_columns,
+    chunk_labels,
     feature_width,
     input_files,
     plan_chunks,
@@ -132,14 +133,16 @@ def chunk_rows(width: int) -> int:
 
 
 def _scan_labels(chunks: list[dict[str, Any]], width: int, settings: dict[str, Any]) -> tuple[int, int]:
-    """The largest label and the number of bad rows, one chunk at a time."""
+    """The largest label and the number of rows whose label (or, in text formats, any value) is
+    bad, one chunk at a time. Parquet and `.npy` are scanned by their label column alone, so a
+    bad feature value there is found by the read task, which leaves that row out."""
     largest, bad = -1, 0
     for chunk in chunks:
-        rows = read_chunk(chunk, width, settings)
-        good = rows.good()
-        bad += len(rows.bad)
+        labels, bad_rows = chunk_labels(chunk, width, settings)
+        bad += len(bad_rows)
+        good = np.setdiff1d(np.arange(len(labels)), list(bad_rows))
         if len(good):
-            largest = max(largest, int(rows.y[good].max()))
+            largest = max(largest, int(labels[good].max()))
     return largest, bad
 
 

@@ -1,6 +1,7 @@
 """Job submission against a real `ray start --head` with token auth (the ray_head fixture).
 
-`tandem submit CONFIG train` trains and leaves a verified artifact in the configured storage; the
+`tandem submit CONFIG train` trains and leaves a verified artifact in the configured storage, and
+`tandem submit CONFIG predict` scores a file with it; the
 plain `ray job submit --working-dir DIR -- tandem train CONFIG` does too; a job broken by an
 override exits non-zero and says why; `tandem jobs` sees the jobs; a client without the token is
 refused. Storage is an absolute tmp path: the cluster shares this machine's disk.
@@ -8,15 +9,19 @@ refused. Storage is an absolute tmp path: the cluster shares this machine's disk
 
 from __future__ import annotations
 
+import json
 import re
 import sys
 import textwrap
 
+import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import yaml
 
 from cluster.artifacts import verify_artifact
 from cluster.config import load_config
+from training.data import digits
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(2400)]
 
@@ -62,7 +67,7 @@ def broken_submission(ray_head):
     return tandem_submit(ray_head, TINY + [BROKEN])
 
 
-def test_tandem_submit_train_writes_the_artifact_and_exits_0(ray_head, tmp_path):
+def test_tandem_submit_train_writes_the_artifact_then_predict_scores_a_file_with_it(ray_head, tmp_path):
     storage = tmp_path / "runs"
     result = tandem_submit(ray_head, TINY + [f"cluster.storage={storage}"])
     output = result.stdout + result.stderr
@@ -70,6 +75,23 @@ def test_tandem_submit_train_writes_the_artifact_and_exits_0(ray_head, tmp_path)
     assert "tandem train cluster/example.yaml --set cluster.address=auto" in output
     assert re.search(r"job \S+ SUCCEEDED", output)
     the_artifact(storage)
+
+    # The same storage, as a batch job: the trained model (torch engine: nothing exported) scores
+    # a file on the shared disk and writes its predictions beside it.
+    rows = digits().x[:300]
+    np.save(tmp_path / "rows.npy", rows)
+    predict_sets = [
+        f"cluster.storage={storage}",
+        "serving.deployments=[{name: model, engine: torch, cpus: 0.5}]",
+        f"predict.input={tmp_path / 'rows.npy'}",
+        f"predict.output={tmp_path / 'scored'}",
+    ]
+    result = tandem_submit(ray_head, TINY + predict_sets, stage="predict")
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    summary = json.loads((tmp_path / "scored" / "summary.json").read_text())
+    assert summary["rows"] == 300 and summary["errors"] == 0
+    table = pq.read_table(tmp_path / "scored" / "predictions").sort_by("id").to_pydict()
+    assert table["id"] == list(range(300)) and set(table["deployment"]) == {"model"}
 
 
 def test_plain_ray_job_submit_runs_tandem_train(ray_head, tmp_path):

@@ -1,4 +1,5 @@
-"""Connecting to Ray: a simulated multi-node cluster really has one node per group with its resource."""
+"""Connecting to Ray: a simulated multi-node cluster really has one node per group with its
+resource, and `tandem predict`'s pools land on their group's nodes there."""
 
 from __future__ import annotations
 
@@ -16,13 +17,23 @@ ROOT = Path(__file__).resolve().parents[2]
 # Runs in a fresh process: simulated nodes need a Ray of their own, not the test session's.
 SCRIPT = textwrap.dedent(
     """
-    import json, ray
+    import json, sys
+    from pathlib import Path
+    import numpy as np, ray
     from cluster.config import load_config
     from cluster.runtime import NODE_GROUP_CAPACITY, connect, node_group_resource
+    from serving.offline import predict
 
+    storage, artifact, scratch = sys.argv[1:4]
+    pool = "cpus: 0.5, autoscaling: {min_replicas: 1, max_replicas: 1}"
     cfg = load_config(None, [
+        f"cluster.storage={storage}",
         "cluster.local.simulate_nodes=true",
         "cluster.node_groups={gpu: {cpus: 1, replicas: 1, min_replicas: 0, max_replicas: 2}, cpu: {cpus: 1, replicas: 2, max_replicas: 2}}",
+        # The gpu group's pool runs torch, the cpu group's ONNX int8 (simulated nodes have no GPU).
+        f"serving.deployments=[{{name: gpu, engine: torch, node_group: gpu, {pool}}},"
+        f" {{name: cpu, engine: onnxruntime, quantize: int8, node_group: cpu, {pool}}}]",
+        "predict.chunk_rows=100",
     ])
     with connect(cfg) as handle:
         alive = [n for n in ray.nodes() if n["Alive"]]
@@ -30,17 +41,28 @@ SCRIPT = textwrap.dedent(
         members = {g: [n["NodeID"] for n in alive if n["Resources"].get(name) == NODE_GROUP_CAPACITY] for g, name in pinned.items()}
         groups = {g: sorted(ids) for g, ids in members.items()}
         print(json.dumps({"alive": len(alive), "groups": groups, "handle": {g: sorted(v) for g, v in handle.nodes.items()}}))
+        np.save(Path(scratch) / "rows.npy", np.random.default_rng(5).random((400, 64), dtype=np.float32))
+        summary = predict(cfg, str(Path(scratch) / "rows.npy"), Path(scratch) / "out", source=artifact)
+        print(json.dumps({"rows": summary.rows, "actors": {a: s["node"] for a, s in summary.per_actor.items()}}))
     print(json.dumps({"still_initialized": ray.is_initialized()}))
     """
 )
 
 
-def test_simulate_nodes_gives_one_ray_node_per_group_replica():
-    done = subprocess.run([sys.executable, "-c", SCRIPT], cwd=ROOT, capture_output=True, text=True, timeout=300)
+def test_simulate_nodes_gives_one_ray_node_per_group_replica_where_predict_pools_land_on_their_group(shared_artifact, tmp_path):
+    storage, artifact = shared_artifact
+    cmd = [sys.executable, "-c", SCRIPT, str(storage), str(artifact), str(tmp_path)]
+    done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    nodes, after = lines[0], lines[1]
+    nodes, predicted, after = lines
     assert nodes["alive"] == 1 + 3  # head + gpu x1 + cpu x2
     assert len(nodes["groups"]["gpu"]) == 1 and len(nodes["groups"]["cpu"]) == 2
     assert nodes["groups"] == nodes["handle"]
+    # Every actor of each pool ran on a node of its own group (its name is "pool@host:pid").
+    assert predicted["rows"] == 400
+    pools = {actor.split("@")[0] for actor in predicted["actors"]}
+    assert pools == {"gpu", "cpu"}, predicted
+    for actor, node in predicted["actors"].items():
+        assert node in nodes["groups"][actor.split("@")[0]], (actor, node, nodes["groups"])
     assert after["still_initialized"] is False
