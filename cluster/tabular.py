@@ -269,6 +269,9 @@ def _numeric_parquet_rows(chunk: dict[str, Any], width: int, settings: dict[str,
     id_column = settings.get("id_column")
     ids = table.column(id_column).to_pylist() if id_column else list(range(chunk["first_id"], chunk["first_id"] + table.num_rows))
     rows = Rows(ids=ids, x=np.zeros((table.num_rows, width), np.float32))
+    label_bad: dict[int, str] = {}
+    if settings.get("labels"):  # from the table already read, not a second read of the row groups
+        rows.y, label_bad = _column_labels(table.column(settings["label_column"]))
     if x.shape[1] != width:
         rows.bad = {i: f"{x.shape[1]} values, the model takes {width}" for i in range(table.num_rows)}
         return rows
@@ -276,15 +279,22 @@ def _numeric_parquet_rows(chunk: dict[str, Any], width: int, settings: dict[str,
     rows.x = x
     rows.bad = {int(i): "an empty value" for i in np.flatnonzero(null)}
     rows.bad.update({int(i): f"value {x[i][~np.isfinite(x[i])][0]} among the features" for i in np.flatnonzero(~finite & ~null)})
+    rows.bad = label_bad | rows.bad
     return rows
 
 
 def _parquet_labels(chunk: dict[str, Any], column: str) -> tuple[np.ndarray, dict[int, str]]:
-    import pyarrow as pa
-    import pyarrow.compute as pc
+    """The label column alone (the driver's scan of a Parquet input)."""
     import pyarrow.parquet as pq
 
-    values = pq.ParquetFile(chunk["path"]).read_row_groups(chunk["groups"], columns=[column]).column(column)
+    return _column_labels(pq.ParquetFile(chunk["path"]).read_row_groups(chunk["groups"], columns=[column]).column(column))
+
+
+def _column_labels(values: Any) -> tuple[np.ndarray, dict[int, str]]:
+    """Class numbers from an Arrow column, and the rows whose label is not one."""
+    import pyarrow as pa
+    import pyarrow.compute as pc
+
     try:
         numbers = pc.cast(values, "float64").to_numpy(zero_copy_only=False)
     except (pa.ArrowInvalid, pa.ArrowNotImplementedError):  # strings: judge each one
@@ -346,9 +356,6 @@ def read_chunk(chunk: dict[str, Any], width: int, settings: dict[str, Any]) -> R
     if chunk["format"] == "parquet":
         fast = _numeric_parquet_rows(chunk, width, settings)
         if fast is not None:
-            if settings.get("labels"):
-                fast.y, bad = _parquet_labels(chunk, settings["label_column"])
-                fast.bad = bad | fast.bad
             return fast
     names, records = _records(chunk)
     columns = _columns_of(names, settings)

@@ -15,7 +15,7 @@ import numpy as np
 
 # ArrayDataset and split live in training.arrays (file sources use them too); data sources and
 # their users know them as training.data.ArrayDataset and training.data.split.
-from training.arrays import ArrayDataset, split, validation_rows  # noqa: F401
+from training.arrays import ArrayDataset, split  # noqa: F401
 
 # The digits as arrays, not through scikit-learn: importing sklearn.datasets costs about a second
 # (scipy, pandas' parser) in every process that loads them, every Train worker and trial included.

@@ -12,7 +12,7 @@ a read task turns a chunk into rows and keeps those on its side of the split. Ra
 both datasets across the workers (`get_dataset_shard`, equal row counts per worker), so a worker
 holds a few blocks at a time, never the data set.
 
-The split is `training.data.validation_rows`: a seeded coin flip per row of the whole input, so a
+The split is `training.arrays.validation_rows`: a seeded coin flip per row of the whole input, so a
 row is on the same side however the files are chunked, read or sharded, and the same rows in
 memory split the same way. Bad rows (a value that is not a number, a missing label) are left
 out by the read tasks; validation reports them before training starts.
@@ -140,9 +140,10 @@ def _scan_labels(chunks: list[dict[str, Any]], width: int, settings: dict[str, A
     for chunk in chunks:
         labels, bad_rows = chunk_labels(chunk, width, settings)
         bad += len(bad_rows)
-        good = np.setdiff1d(np.arange(len(labels)), list(bad_rows))
-        if len(good):
-            largest = max(largest, int(labels[good].max()))
+        keep = np.ones(len(labels), bool)
+        keep[list(bad_rows)] = False
+        if keep.any():
+            largest = max(largest, int(labels[keep].max()))
     return largest, bad
 
 
