@@ -21,7 +21,6 @@ May import: `cluster`, `serving.engines`; Ray and pyarrow inside functions.
 
 from __future__ import annotations
 
-import io
 import json
 import math
 import os
@@ -32,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from cluster.artifacts import atomic_write_bytes, atomic_write_json, model_version, read_manifest, resolve_artifact
+from cluster.artifacts import atomic_write_json, model_version, read_manifest, resolve_artifact
 from cluster.config import TandemConfig
 from cluster.console import move_log
 from cluster.errors import TandemError
@@ -40,7 +39,7 @@ from cluster.tabular import check_columns, input_files, plan_chunks, read_chunk
 
 PREDICTIONS, ERRORS, SUMMARY = "predictions", "errors", "summary.json"
 CHUNKS_PER_CALL = 8
-BLOCKS_PER_ACTOR = 4
+BLOCKS_PER_ACTOR = 8
 
 
 class PredictError(TandemError):
@@ -52,13 +51,21 @@ class PredictError(TandemError):
 # ---------------------------------------------------------------------------------------------
 
 
-def _parquet_bytes(columns: dict[str, Any]) -> bytes:
+def _write_part(path: Path, columns: dict[str, Any]) -> None:
+    """Write one part file whole or not at all: to a hidden temporary name, then renamed, so a
+    reader never sees half a part and a crash leaves no part that looks done. Not fsynced: a
+    part is output to be read next, not state a restart depends on, and syncing each of
+    thousands of small parts costs more than writing them."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    buffer = io.BytesIO()
-    pq.write_table(pa.table(columns), buffer)
-    return buffer.getvalue()
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        pq.write_table(pa.table(columns), temporary)
+        os.replace(temporary, path)
+    except BaseException:
+        temporary.unlink(missing_ok=True)
+        raise
 
 
 class PredictChunks:
@@ -103,24 +110,37 @@ class PredictChunks:
 
     def run_chunk(self, chunk: dict[str, Any]) -> tuple[int, int]:
         rows = read_chunk(chunk, self.width, self.settings)
-        keep = [i for i in range(len(rows.ids)) if i not in rows.bad]
+        keep = rows.good()
         part = f"part-{chunk['first_id']:012d}.parquet"
         if rows.bad:
-            reasons = {"id": [rows.ids[i] for i in sorted(rows.bad)], "reason": [rows.bad[i] for i in sorted(rows.bad)]}
-            atomic_write_bytes(self.output / ERRORS / part, _parquet_bytes(reasons))
-        if keep:
-            x = rows.x[keep].reshape(len(keep), *self.input_shape)
+            bad = sorted(rows.bad)
+            reasons = {"id": _take(rows.ids, bad), "reason": [rows.bad[i] for i in bad]}
+            _write_part(self.output / ERRORS / part, reasons)
+        if len(keep):
+            x = (rows.x if len(keep) == len(rows.x) else rows.x[keep]).reshape(len(keep), *self.input_shape)
             step = int(self.settings["batch_size"])
             logits = np.concatenate([self.engine.predict(x[s : s + step]) for s in range(0, len(x), step)])
-            columns: dict[str, Any] = {"id": [rows.ids[i] for i in keep], "prediction": logits.argmax(1).astype(np.int64)}
+            columns: dict[str, Any] = {"id": _take(rows.ids, keep), "prediction": logits.argmax(1).astype(np.int64)}
             if self.settings.get("probabilities"):
                 from serving.protocol import softmax
 
                 columns["probabilities"] = list(softmax(logits).astype(np.float32))
-            columns["model_version"] = [self.version] * len(keep)
-            columns["deployment"] = [self.deployment] * len(keep)
-            atomic_write_bytes(self.output / PREDICTIONS / part, _parquet_bytes(columns))
+            columns["model_version"] = _repeated(self.version, len(keep))
+            columns["deployment"] = _repeated(self.deployment, len(keep))
+            _write_part(self.output / PREDICTIONS / part, columns)
         return len(keep), len(rows.bad)
+
+
+def _take(ids: Any, indices: Any) -> Any:
+    """ids[indices] for an array of row numbers or a list of key-column values."""
+    return ids[indices] if isinstance(ids, np.ndarray) else [ids[i] for i in indices]
+
+
+def _repeated(value: str, count: int) -> Any:
+    """A string column of one value, dictionary-encoded (no list of `count` strings to convert)."""
+    import pyarrow as pa
+
+    return pa.DictionaryArray.from_arrays(np.zeros(count, np.int32), pa.array([value]))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -166,7 +186,9 @@ def _pool_dataset(
     # A block of chunk descriptors is one call to an actor, which runs its chunks one after the
     # other (memory: one chunk). A call costs tens of ms of Ray Data's scheduling on a small
     # machine, so small chunks go CHUNKS_PER_CALL to a call; at least BLOCKS_PER_ACTOR calls per
-    # actor keep the pool balanced and the progress moving.
+    # actor keep the pool balanced and the progress moving. An actor pulls its next call when
+    # one finishes (two in flight), so with few chunks (a wide model's 15 on 2 actors) one
+    # chunk per call lets the actors end within a chunk of each other instead of two.
     blocks = max(1, min(len(chunks), max(actors * BLOCKS_PER_ACTOR, math.ceil(len(chunks) / CHUNKS_PER_CALL))))
     dataset = ray.data.from_items(chunks, override_num_blocks=blocks)
     return dataset.map_batches(

@@ -10,8 +10,9 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 SHARED = ROOT.parent / "shared"
 
-# DeepSpeed compiles its ops on first use into torch's extension cache (TORCH_EXTENSIONS_DIR, else
-# ~/.cache/torch_extensions): the same cache `tandem` uses when run by hand, so either pays once.
+# DeepSpeed compiles its ops on first use into the environment's extension cache
+# (TORCH_EXTENSIONS_DIR, else <venv>/var/torch_extensions, training/ds_config.py): the same cache
+# `tandem` uses when run by hand, so either pays once.
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
 os.environ.setdefault("DS_ACCELERATOR", "cpu")
 

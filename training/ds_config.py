@@ -223,6 +223,27 @@ def extension_dirs() -> list[Path]:
     return [Path(configured)] if configured else [Path.home() / ".cache" / "torch_extensions"]
 
 
+def use_environment_extension_dir() -> None:
+    """Build DeepSpeed's ops inside this Python environment unless TORCH_EXTENSIONS_DIR says where.
+
+    A build records the environment's absolute paths (headers, torch's libraries), so two
+    checkouts or virtual environments sharing torch's default folder (~/.cache/torch_extensions)
+    rebuild each other's op on their next run: a minute before the first step here. One folder
+    per environment (sys.prefix) is built once; the same folder for `make`, the CLI and every
+    worker of the machine. Where the environment is not writable (a system Python), torch's
+    default stays.
+    """
+    if os.environ.get("TORCH_EXTENSIONS_DIR"):
+        return
+    folder = Path(sys.prefix) / "var" / "torch_extensions"
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError:
+        return
+    if os.access(folder, os.W_OK):
+        os.environ["TORCH_EXTENSIONS_DIR"] = str(folder)
+
+
 def clear_stale_extension_locks(max_age_s: float = STALE_EXTENSION_LOCK_S, now: float | None = None) -> list[Path]:
     """Remove build locks left by a process killed while DeepSpeed compiled its ops; returns them.
 

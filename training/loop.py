@@ -33,7 +33,14 @@ import torch.nn.functional as F
 
 from cluster.config import TandemConfig, validate_config
 from training.augment import build_augmentation
-from training.ds_config import build_optimizer, build_scheduler, clear_stale_extension_locks, deepspeed_config, import_deepspeed
+from training.ds_config import (
+    build_optimizer,
+    build_scheduler,
+    clear_stale_extension_locks,
+    deepspeed_config,
+    import_deepspeed,
+    use_environment_extension_dir,
+)
 from training.models import build_model, model_spec
 from training.worker_data import worker_data
 
@@ -127,6 +134,7 @@ def run_worker(loop_config: dict[str, Any], session: WorkerSession) -> Any:
     optimizer = build_optimizer(config, model.parameters())
     scheduler = build_scheduler(config, optimizer, total_steps)
 
+    use_environment_extension_dir()
     # A build lock left by a worker killed mid-compile would hang DeepSpeed's op loading forever.
     clear_stale_extension_locks()
     # gloo on CPU, nccl on GPU; the group Ray Train made is reused, not re-created.

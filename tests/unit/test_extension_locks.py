@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 import os
+import sys
 
-from training.ds_config import STALE_EXTENSION_LOCK_S, clear_stale_extension_locks
+from training.ds_config import STALE_EXTENSION_LOCK_S, clear_stale_extension_locks, extension_dirs, use_environment_extension_dir
 
 
 def test_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch):
@@ -22,3 +23,17 @@ def test_stale_build_lock_is_removed_and_a_fresh_one_kept(tmp_path, monkeypatch)
     assert clear_stale_extension_locks(now=now) == [stale]
     assert not stale.exists() and fresh.exists() and built.exists()
     assert clear_stale_extension_locks(now=now) == []
+
+
+def test_ops_build_inside_the_python_environment_unless_configured(tmp_path, monkeypatch):
+    # A build records its environment's paths: a shared home folder made two checkouts rebuild
+    # each other's op. The environment's own folder is the default; TORCH_EXTENSIONS_DIR wins.
+    monkeypatch.delenv("TORCH_EXTENSIONS_DIR", raising=False)
+    monkeypatch.setattr(sys, "prefix", str(tmp_path / "venv"))
+    use_environment_extension_dir()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "venv" / "var" / "torch_extensions")
+    assert extension_dirs() == [tmp_path / "venv" / "var" / "torch_extensions"]
+
+    monkeypatch.setenv("TORCH_EXTENSIONS_DIR", str(tmp_path / "mine"))
+    use_environment_extension_dir()
+    assert os.environ["TORCH_EXTENSIONS_DIR"] == str(tmp_path / "mine")
