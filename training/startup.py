@@ -12,12 +12,14 @@ DeepSpeed, checkpoints and resume as they are; `TANDEM_RAY_TRAIN_DEFAULTS=1` tur
   the controller, whose runtime_env no idle worker process matches, it is a new process on the
   critical path (1.4 s here); created by the driver right after a local Ray starts, it takes one
   of the worker processes Ray starts ahead of time, while the controller is still starting.
-- `trainer_class(lean=True)`: on a local Ray that Tandem started for this run, and without Ray
-  Data inputs, two of Ray Train's default callbacks start an actor process each for nothing:
-  the placement-group cleaner (it removes the workers' placement group when the controller dies
-  while the cluster lives on; this cluster ends with the run) and the datasets callback's
-  DatasetManager (it hands out Ray Data shards; there are none). On 2 cores, two fewer processes
-  importing Ray while the workers import torch is about 2 s to the first step.
+- `trainer_class(skipped_callbacks(...))`: two of Ray Train's default callbacks start an actor
+  process each, for nothing in two common cases. The datasets callback's DatasetManager hands out
+  Ray Data shards: without Ray Data inputs there are none (every in-memory run, every tuning
+  trial). The placement-group cleaner removes the workers' placement group when the controller
+  dies while the cluster lives on: on a local Ray that Tandem started for this run, the cluster
+  ends with the run. (In a tuning trial it stays: Tune stops trials by killing them.) On 2 cores,
+  a process importing Ray while the workers import torch is about 1 s to the first step, and
+  about 1.4 s of CPU for each of a search's trials.
 
 What the workers import is trimmed in training/ds_config.py (`import_deepspeed`).
 """
@@ -33,8 +35,8 @@ from cluster.config import TandemConfig
 logger = logging.getLogger("tandem.training")
 
 RAY_TRAIN_DEFAULTS_ENV = "TANDEM_RAY_TRAIN_DEFAULTS"
-# Ray Train's default callbacks that a lean run leaves out (class names in ray.train.v2).
-LEAN_RUN_SKIPPED_CALLBACKS = ("PlacementGroupCleanerCallback", "DatasetsCallback")
+# Ray Train's default callbacks that Tandem may leave out (class names in ray.train.v2).
+DATASETS_CALLBACK, PLACEMENT_GROUP_CLEANER = "DatasetsCallback", "PlacementGroupCleanerCallback"
 
 
 def ray_train_defaults() -> bool:
@@ -73,20 +75,27 @@ def prestart_train_coordinator() -> None:
     get_or_create_autoscaling_coordinator()
 
 
-def trainer_class(lean: bool) -> Any:
-    """TorchTrainer, or (lean) TorchTrainer without LEAN_RUN_SKIPPED_CALLBACKS.
+def skipped_callbacks(local_run: bool, datasets: bool) -> tuple[str, ...]:
+    """Ray Train's default callbacks this run does without (see the module docstring).
 
-    lean: a local Ray started for this run and no Ray Data inputs (the caller knows both).
+    local_run: a local Ray started by Tandem for this run alone; datasets: Ray Data inputs.
     """
+    if ray_train_defaults():
+        return ()
+    return tuple(name for name, skip in ((DATASETS_CALLBACK, not datasets), (PLACEMENT_GROUP_CLEANER, local_run)) if skip)
+
+
+def trainer_class(skipped: tuple[str, ...]) -> Any:
+    """TorchTrainer, or a TorchTrainer without the default callbacks named in `skipped`."""
     from ray.train.torch import TorchTrainer
 
-    if not lean or ray_train_defaults():
+    if not skipped:
         return TorchTrainer
 
     class LeanTorchTrainer(TorchTrainer):
         # The one hook Ray Train has for its default callbacks; kept to filtering what it returns.
         def _create_default_callbacks(self) -> list:
             callbacks = super()._create_default_callbacks()
-            return [cb for cb in callbacks if type(cb).__name__ not in LEAN_RUN_SKIPPED_CALLBACKS]
+            return [cb for cb in callbacks if type(cb).__name__ not in skipped]
 
     return LeanTorchTrainer

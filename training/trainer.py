@@ -28,7 +28,7 @@ from cluster.errors import TrainingFailedError
 from cluster.runtime import connect, pin_to_group, storage_root
 from cluster.tracking import follow_metrics, track_run
 from training.ds_config import deepspeed_config
-from training.startup import controller_env, prestart_train_coordinator, trainer_class
+from training.startup import controller_env, prestart_train_coordinator, skipped_callbacks, trainer_class
 
 CHECKPOINTS = "checkpoints"
 PLACEMENT = {"pack": "PACK", "spread": "SPREAD", "strict_pack": "STRICT_PACK", "strict_spread": "STRICT_SPREAD"}
@@ -157,7 +157,7 @@ def build_trainer(
     """echo_epochs: print a line per epoch (off inside tuning trials, whose progress is per trial).
     hparams_from_config: after loading `resume_from`, take lr and weight decay from `config`
     rather than from the checkpoint (PBT: an exploiting trial keeps its own mutated values).
-    lean: a local Ray started for this run (training/startup.py, `trainer_class`).
+    lean: a local Ray started for this run (training/startup.py, `skipped_callbacks`).
     file_source: what preflight learned about a file `data.source` (found again when not given)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
@@ -193,9 +193,10 @@ def build_trainer(
     if file_source is None and is_file_source(config.data.source):
         file_source = inspect_file_source(config)
     if file_source is None:
-        return trainer_class(lean)(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run)
+        trainer = trainer_class(skipped_callbacks(local_run=lean, datasets=False))
+        return trainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run)
     loop_config["file_source"] = file_source
-    return trainer_class(lean=False)(  # the datasets callback hands out the shards
+    return trainer_class(skipped_callbacks(local_run=lean, datasets=True))(
         train_loop_per_worker,
         train_loop_config=loop_config,
         scaling_config=scaling,
