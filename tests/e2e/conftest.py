@@ -188,3 +188,15 @@ def ray_head(tmp_path_factory) -> RayHead:
         yield head
     finally:
         stop_head(process, head.temp_dir)
+
+
+@pytest.fixture(scope="package", autouse=True)
+def _session_ray_ended():
+    """The e2e tests run last (pyproject's testpaths) and start Ray in their own processes; the
+    session's local Ray (tests/conftest.py `ray_session`) and any Serve instance in it would idle on
+    for their minutes at about 9% of a core (measured here), so it ends before them."""
+    import ray
+
+    if ray.is_initialized():
+        ray.shutdown()
+    yield

@@ -1,10 +1,9 @@
 """Job submission against a real `ray start --head` with token auth (the ray_head fixture).
 
-`tandem submit CONFIG train` trains and leaves a verified artifact in the configured storage, and
-`tandem submit CONFIG predict` scores a file with it; the
-plain `ray job submit --working-dir DIR -- tandem train CONFIG` does too; a job broken by an
-override exits non-zero and says why; `tandem jobs` sees the jobs; a client without the token is
-refused. Storage is an absolute tmp path: the cluster shares this machine's disk.
+The plain `ray job submit --working-dir DIR -- tandem train CONFIG` trains and leaves a verified
+artifact in the configured storage, and `tandem submit CONFIG predict` scores a file with it; a
+`tandem submit CONFIG train` broken by an override exits non-zero and says why; `tandem jobs`
+sees the jobs; a client without the token is refused. Storage is an absolute tmp path: the cluster shares this machine's disk.
 """
 
 from __future__ import annotations
@@ -67,13 +66,20 @@ def broken_submission(ray_head):
     return tandem_submit(ray_head, TINY + [BROKEN])
 
 
-def test_tandem_submit_train_writes_the_artifact_then_predict_scores_a_file_with_it(ray_head, tmp_path):
+def test_plain_ray_job_submit_trains_then_tandem_submit_predict_scores_a_file_with_its_artifact(ray_head, tmp_path):
+    # One training job for both forms of submission: Ray's own CLI runs `tandem train` (the
+    # config joins the job's cluster), then `tandem submit CONFIG predict` uses its artifact.
+    # `tandem submit CONFIG train` builds its entrypoint the same way; the broken job's tests
+    # check that entrypoint and the failure path.
     storage = tmp_path / "runs"
-    result = tandem_submit(ray_head, TINY + [f"cluster.storage={storage}"])
-    output = result.stdout + result.stderr
-    assert result.returncode == 0, output[-6000:]
-    assert "tandem train cluster/example.yaml --set cluster.address=auto" in output
-    assert re.search(r"job \S+ SUCCEEDED", output)
+    job_dir = tmp_path / "job"
+    job_dir.mkdir()
+    config = load_config(None, TINY + ["cluster.address=auto", f"cluster.storage={storage}"])
+    (job_dir / "tandem.yaml").write_text(config.to_yaml())
+    command = ["ray", "job", "submit", "--address", ray_head.address, "--working-dir", str(job_dir), "--", "tandem", "train", "tandem.yaml"]
+    result = ray_head.run(command, timeout=JOB_TIMEOUT_S)
+    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    assert "succeeded" in (result.stdout + result.stderr).lower()
     the_artifact(storage)
 
     # The same storage, as a batch job: the trained model (torch engine: nothing exported) scores
@@ -87,29 +93,20 @@ def test_tandem_submit_train_writes_the_artifact_then_predict_scores_a_file_with
         f"predict.output={tmp_path / 'scored'}",
     ]
     result = tandem_submit(ray_head, TINY + predict_sets, stage="predict")
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
+    output = result.stdout + result.stderr
+    assert result.returncode == 0, output[-6000:]
+    assert "tandem predict cluster/example.yaml --set cluster.address=auto" in output
+    assert re.search(r"job \S+ SUCCEEDED", output)
     summary = json.loads((tmp_path / "scored" / "summary.json").read_text())
     assert summary["rows"] == 300 and summary["errors"] == 0
     table = pq.read_table(tmp_path / "scored" / "predictions").sort_by("id").to_pydict()
     assert table["id"] == list(range(300)) and set(table["deployment"]) == {"model"}
 
 
-def test_plain_ray_job_submit_runs_tandem_train(ray_head, tmp_path):
-    storage = tmp_path / "runs"
-    job_dir = tmp_path / "job"
-    job_dir.mkdir()
-    config = load_config(None, TINY + ["cluster.address=auto", f"cluster.storage={storage}"])
-    (job_dir / "tandem.yaml").write_text(config.to_yaml())
-    command = ["ray", "job", "submit", "--address", ray_head.address, "--working-dir", str(job_dir), "--", "tandem", "train", "tandem.yaml"]
-    result = ray_head.run(command, timeout=JOB_TIMEOUT_S)
-    assert result.returncode == 0, (result.stdout + result.stderr)[-6000:]
-    assert "succeeded" in (result.stdout + result.stderr).lower()
-    the_artifact(storage)
-
-
 def test_a_job_broken_by_an_override_exits_non_zero_with_its_error(broken_submission):
     output = broken_submission.stdout + broken_submission.stderr
     assert broken_submission.returncode == 1, output[-6000:]
+    assert "tandem train cluster/example.yaml --set cluster.address=auto" in output  # the entrypoint submitted
     assert "bogus" in output  # the job's own error, streamed from the cluster
     assert re.search(r"job \S+ FAILED", broken_submission.stderr)
     assert "Traceback" not in broken_submission.stderr  # the client's own output stays clean

@@ -1,5 +1,6 @@
 """Connecting to Ray: a simulated multi-node cluster really has one node per group with its
-resource, and `tandem predict`'s pools land on their group's nodes there."""
+resource, `tandem predict`'s pools land on their group's nodes there, and training workers
+placed `strict_spread` on a group land on different nodes of it (one simulated cluster for all)."""
 
 from __future__ import annotations
 
@@ -20,7 +21,7 @@ SCRIPT = textwrap.dedent(
     import json, sys
     from pathlib import Path
     import numpy as np, ray
-    from cluster.config import load_config
+    from cluster.config import config_with, load_config
     from cluster.runtime import NODE_GROUP_CAPACITY, connect, node_group_resource
     from serving.offline import predict
 
@@ -44,18 +45,24 @@ SCRIPT = textwrap.dedent(
         np.save(Path(scratch) / "rows.npy", np.random.default_rng(5).random((400, 64), dtype=np.float32))
         summary = predict(cfg, str(Path(scratch) / "rows.npy"), Path(scratch) / "out", source=artifact)
         print(json.dumps({"rows": summary.rows, "actors": {a: s["node"] for a, s in summary.per_actor.items()}}))
+        from training.trainer import train
+        spread = config_with(cfg, {"training.epochs": 1, "model.args.hidden": [32], "training.workers": 2,
+                                   "training.placement": "strict_spread", "training.node_group": "cpu",
+                                   "cluster.storage": str(Path(scratch) / "runs")})  # not the shared artifact's
+        trained = train(spread)
+        print(json.dumps({"train_nodes": trained.history[-1]["node_ids"]}))
     print(json.dumps({"still_initialized": ray.is_initialized()}))
     """
 )
 
 
-def test_simulate_nodes_gives_one_ray_node_per_group_replica_where_predict_pools_land_on_their_group(shared_artifact, tmp_path):
+def test_simulated_nodes_one_per_group_replica_where_predict_pools_and_spread_workers_land_on_their_group(shared_artifact, tmp_path):
     storage, artifact = shared_artifact
     cmd = [sys.executable, "-c", SCRIPT, str(storage), str(artifact), str(tmp_path)]
     done = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-3000:]
     lines = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
-    nodes, predicted, after = lines
+    nodes, predicted, trained, after = lines
     assert nodes["alive"] == 1 + 3  # head + gpu x1 + cpu x2
     assert len(nodes["groups"]["gpu"]) == 1 and len(nodes["groups"]["cpu"]) == 2
     assert nodes["groups"] == nodes["handle"]
@@ -65,4 +72,6 @@ def test_simulate_nodes_gives_one_ray_node_per_group_replica_where_predict_pools
     assert pools == {"gpu", "cpu"}, predicted
     for actor, node in predicted["actors"].items():
         assert node in nodes["groups"][actor.split("@")[0]], (actor, node, nodes["groups"])
+    # The two training workers, strict_spread on the cpu group: one on each of its nodes.
+    assert sorted(trained["train_nodes"]) == nodes["groups"]["cpu"], (trained, nodes["groups"])
     assert after["still_initialized"] is False
