@@ -175,21 +175,23 @@ def test_asha_stops_poor_trials_early_and_finds_fifos_best(ray_session, tmp_path
 @pytest.mark.slow
 @pytest.mark.timeout(SLOW_TUNE_TIMEOUT_S)
 def test_pbt_exploits_load_their_checkpoint_and_every_trial_finishes(ray_session, tmp_path):
-    # Two trials far apart, perturbing every epoch, Train keeping one checkpoint and Tune its
-    # fewest: the settings under which an exploiter used to lose the donor's checkpoint to the
-    # donor's retention, or be handed the donor's last epoch with nothing left to train. Once the
-    # slow one has exploited the fast one they are close, and either may exploit the other.
-    # The good trial is first in the grid, so it starts first: when the poor one reports its
-    # first epoch the good one has a score to be exploited. Trials start a few seconds apart
-    # (two Train start-ups on two cores) and an epoch here is half a second, so 8 epochs keep
-    # the good one training when the poor one catches up (an exploit of a finished donor's last
-    # epoch is skipped, by design).
+    # Two trials far apart, perturbing every other epoch while Train checkpoints every epoch and
+    # keeps one (Tune its fewest): the settings under which an exploiter used to lose the donor's
+    # checkpoint to the donor's retention, or be handed the donor's last epoch with nothing left
+    # to train. With two trials the worse one exploits the better at every perturbation, and each
+    # exploit is a Train restart: perturbing every epoch made 4-10 restarts (58-110 s here).
+    # The good trial is first in the grid, so it starts first: when the poor one reaches its first
+    # perturbation the good one has a score to be exploited. Trials start a few seconds apart (two
+    # Train start-ups on two cores) and an epoch here is about a second, so 8 epochs keep the good
+    # one training when the poor one gets there (an exploit of a finished donor's last epoch is
+    # skipped, by design).
     config = tiny(
         tmp_path,
-        "{samples: 1, max_concurrent_trials: 2, scheduler: {name: pbt, perturbation_interval: 1},"
+        "{samples: 1, max_concurrent_trials: 2, scheduler: {name: pbt, perturbation_interval: 2},"
         " space: {training.optimizer.lr: {grid: [3.0e-2, 1.0e-4]}}}",
         "training.checkpoint.keep=1",
         "training.epochs=8",
+        "training.max_steps_per_epoch=10",
     )
     result = tune(config)
     final = config.training.epochs
