@@ -326,7 +326,6 @@ def _feature_matrix(parts: list[np.ndarray], rows: int) -> np.ndarray:
 
 def _parquet_labels(chunk: dict[str, Any], column: str) -> tuple[np.ndarray, dict[int, str]]:
     """The label column alone (the driver's scan of a Parquet input)."""
-
     return _column_labels(_parquet_file(chunk["path"]).read_row_groups(chunk["groups"], columns=[column]).column(column))
 
 
@@ -388,7 +387,7 @@ def read_chunk(chunk: dict[str, Any], width: int, settings: dict[str, Any]) -> R
         if block.shape[1] != width:  # every row of a .npy slice has the same width
             rows.bad = {i: f"{block.shape[1]} values, the model takes {width}" for i in range(count)}
             return rows
-        rows.x = np.ascontiguousarray(block)  # a copy: the slice may still be a view of the mapped file
+        rows.x = np.array(block, dtype=np.float32)  # a copy, never a view that keeps the file mapped
         for i in np.flatnonzero(~np.isfinite(block).all(axis=1)):
             row = block[i]
             rows.bad[int(i)] = f"value {row[~np.isfinite(row)][0]} at position {int(np.argmax(~np.isfinite(row)))}"
