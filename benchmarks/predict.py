@@ -31,21 +31,12 @@ from typing import Any
 
 import numpy as np
 
+from training.loop import process_status_mb
+
 RESULTS = Path(__file__).with_name("results")
 MODELS = {"wide": [2048, 2048, 2048], "digits": [128, 128]}
 BATCH = 256
 ROW_GROUP = 8192
-
-
-def rss_mb(pid: int) -> float:
-    try:
-        with open(f"/proc/{pid}/status") as handle:
-            for line in handle:
-                if line.startswith("VmRSS:"):
-                    return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return 0.0
 
 
 def actor_pids() -> list[int]:
@@ -72,8 +63,8 @@ class PeakMemory:
 
     def _sample(self) -> None:
         while not self._stop.is_set():
-            self.driver = max(self.driver, rss_mb(os.getpid()))
-            self.actor = max([self.actor] + [rss_mb(p) for p in actor_pids()])
+            self.driver = max(self.driver, process_status_mb("VmRSS", os.getpid()))
+            self.actor = max([self.actor] + [process_status_mb("VmRSS", p) for p in actor_pids()])
             time.sleep(0.1)
 
     def __exit__(self, *exc: Any) -> None:

@@ -159,9 +159,14 @@ class Rows:
 
     def good(self) -> np.ndarray:
         """Indices of the rows that are not bad."""
-        keep = np.ones(len(self.x), bool)
-        keep[list(self.bad)] = False
-        return np.flatnonzero(keep)
+        return good_rows(len(self.x), self.bad)
+
+
+def good_rows(count: int, bad: dict[int, str]) -> np.ndarray:
+    """Indices 0..count-1 that are not keys of `bad` (a chunk's rows, or its labels)."""
+    keep = np.ones(count, bool)
+    keep[list(bad)] = False
+    return np.flatnonzero(keep)
 
 
 def _label(value: Any) -> tuple[int, str | None]:
@@ -349,9 +354,7 @@ def feature_width(chunk: dict[str, Any], settings: dict[str, Any]) -> int:
         array = np.load(chunk["path"], mmap_mode="r")
         return int(np.prod(array.shape[1:])) - (1 if settings.get("labels") else 0)
     if chunk["format"] == "parquet":
-        import pyarrow.parquet as pq
-
-        batch = next(pq.ParquetFile(chunk["path"]).iter_batches(batch_size=SAMPLE_ROWS), None)
+        batch = next(_parquet_file(chunk["path"]).iter_batches(batch_size=SAMPLE_ROWS), None)
         names, records = (batch.schema.names, batch.to_pylist()) if batch is not None else ([], [])
     else:
         names, records = _records(dict(chunk, stop=min(chunk["stop"], chunk["start"] + SAMPLE_ROWS)))

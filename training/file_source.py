@@ -28,7 +28,7 @@ from typing import Any
 
 import numpy as np
 
-from cluster.config import ConfigError, Problem, TandemConfig, looks_like_files
+from cluster.config import ConfigError, Problem, TandemConfig
 from cluster.tabular import (
     FORMATS,
     SAMPLE_ROWS,
@@ -36,6 +36,7 @@ from cluster.tabular import (
     check_columns,
     chunk_labels,
     feature_width,
+    good_rows,
     input_files,
     plan_chunks,
     read_chunk,
@@ -44,11 +45,6 @@ from training.arrays import ArrayDataset, validation_rows
 
 CHUNK_BYTES = 4 << 20  # features per read task (a Ray Data block): a few MB, whatever the input's size
 ROW_COUNT_BLOCK = 1 << 20  # row ids per step when counting the split's sides (bounded memory)
-
-
-def is_file_source(source: str) -> bool:
-    """True when `data.source` names files rather than a 'module:function' data source."""
-    return looks_like_files(source)
 
 
 @dataclass(frozen=True)
@@ -140,9 +136,8 @@ def _scan_labels(chunks: list[dict[str, Any]], width: int, settings: dict[str, A
     for chunk in chunks:
         labels, bad_rows = chunk_labels(chunk, width, settings)
         bad += len(bad_rows)
-        keep = np.ones(len(labels), bool)
-        keep[list(bad_rows)] = False
-        if keep.any():
+        keep = good_rows(len(labels), bad_rows)
+        if len(keep):
             largest = max(largest, int(labels[keep].max()))
     return largest, bad
 
@@ -163,7 +158,7 @@ def read_split_rows(
         chunk = json.loads(encoded)
         rows = read_chunk(chunk, source.width, source.settings)
         good = rows.good()
-        ids = np.arange(chunk["first_id"], chunk["first_id"] + len(rows.x))
+        ids = np.asarray(rows.ids)  # input-wide row numbers (no id column in training)
         keep = good[validation_rows(ids[good], seed, fraction) == validation]
         xs.append(rows.x[keep])
         ys.append(rows.y[keep])

@@ -370,21 +370,22 @@ class PrivateMemoryPeak:
     to the object store's size though no block stays in the worker."""
 
     def __init__(self) -> None:
-        self.start = self.peak = self._read()
-
-    @staticmethod
-    def _read() -> float:
-        try:
-            with open("/proc/self/status") as status:
-                for line in status:
-                    if line.startswith("RssAnon:"):
-                        return int(line.split()[1]) / 1024
-        except OSError:
-            pass
-        return 0.0
+        self.start = self.peak = process_status_mb("RssAnon")
 
     def sample(self) -> None:
-        self.peak = max(self.peak, self._read())
+        self.peak = max(self.peak, process_status_mb("RssAnon"))
+
+
+def process_status_mb(field: str, pid: int | str = "self") -> float:
+    """A memory field of /proc/PID/status (VmRSS, RssAnon, ...) in MB; 0 where there is none."""
+    try:
+        with open(f"/proc/{pid}/status") as status:
+            for line in status:
+                if line.startswith(f"{field}:"):
+                    return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
 
 
 def _peak_memory_mb(device) -> float:

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.artifacts import ArtifactError, atomic_write_text, model_version, new_run_dir, save_model_artifact
-from cluster.config import ConfigError, Problem, TandemConfig
+from cluster.config import ConfigError, Problem, TandemConfig, looks_like_files
 from cluster.console import move_log
 from cluster.errors import TrainingFailedError
 from cluster.runtime import connect, pin_to_group, storage_root
@@ -56,10 +56,10 @@ def preflight(config: TandemConfig) -> dict[str, Any]:
     import torch
 
     from training.data import load_dataset
-    from training.file_source import inspect_file_source, is_file_source
+    from training.file_source import inspect_file_source
     from training.models import build_model
 
-    file_source = inspect_file_source(config) if is_file_source(config.data.source) else None
+    file_source = inspect_file_source(config) if looks_like_files(config.data.source) else None
     dataset = file_source.sample if file_source else load_dataset(config)
     num_classes = file_source.num_classes if file_source else dataset.num_classes
     try:
@@ -161,7 +161,7 @@ def build_trainer(
     file_source: what preflight learned about a file `data.source` (found again when not given)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
-    from training.file_source import inspect_file_source, is_file_source, ray_datasets
+    from training.file_source import inspect_file_source, ray_datasets
     from training.loop import train_loop_per_worker
 
     for name, value in controller_env(config).items():
@@ -190,19 +190,14 @@ def build_trainer(
         "teacher_dir": teacher_dir(config),
         "hparams_from_config": hparams_from_config,
     }
-    if file_source is None and is_file_source(config.data.source):
+    if file_source is None and looks_like_files(config.data.source):
         file_source = inspect_file_source(config)
-    if file_source is None:
-        trainer = trainer_class(skipped_callbacks(local_run=lean, datasets=False))
-        return trainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run)
-    loop_config["file_source"] = file_source
-    return trainer_class(skipped_callbacks(local_run=lean, datasets=True))(
-        train_loop_per_worker,
-        train_loop_config=loop_config,
-        scaling_config=scaling,
-        run_config=run,
-        datasets=ray_datasets(file_source, config),
-    )
+    datasets = None
+    if file_source is not None:  # the datasets callback hands out the files' shards
+        loop_config["file_source"] = file_source
+        datasets = ray_datasets(file_source, config)
+    trainer = trainer_class(skipped_callbacks(local_run=lean, datasets=datasets is not None))
+    return trainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run, datasets=datasets)
 
 
 def _metrics_log_class():
