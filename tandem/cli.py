@@ -204,7 +204,9 @@ def predict(
         f"{summary.rows_per_s:,.0f} rows/s with model version {summary.model_version}"
     )
     for actor, stats in sorted(summary.per_actor.items()):
-        console.print(f"  {actor}: {stats['rows']:,.0f} rows, {stats['rows_per_s']:,.0f} rows/s while working")
+        console.print(
+            f"  {actor}: {stats['rows']:,.0f} rows, {stats['rows_per_s']:,.0f} rows/s while working, {stats['cores']:.1f} cores busy"
+        )
     console.print(f"output: {summary.output_dir}")
 
 

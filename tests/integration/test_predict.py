@@ -29,18 +29,21 @@ def artifact(shared_artifact):
     return shared_artifact
 
 
-def config_for(storage, **predict):
+def config_for(storage, chunk_rows=100, **predict):
     deployments = [
         {"name": name, "cpus": 0.5, "autoscaling": {"min_replicas": 1, "max_replicas": 1}, **settings} for name, settings in POOLS.items()
     ]
-    return serving_config(storage, NAME, {"deployments": deployments}, predict={"chunk_rows": 100, **predict})
+    return serving_config(storage, NAME, {"deployments": deployments}, predict={"chunk_rows": chunk_rows, **predict})
 
 
 def test_every_pool_predicts_like_its_engine_on_its_group_and_ids_line_up(ray_session, artifact, tmp_path):
     storage, folder = artifact
     x = digits_inputs(650, seed=3)
     np.save(tmp_path / "rows.npy", x)
-    summary = predict(config_for(storage, probabilities=True), str(tmp_path / "rows.npy"), tmp_path / "out", source=str(folder))
+    # 10-row chunks: about 22 per pool, so an actor's call runs several chunks through its
+    # read-predict-write pipeline (serving/offline.py PredictChunks.__call__).
+    config = config_for(storage, chunk_rows=10, probabilities=True)
+    summary = predict(config, str(tmp_path / "rows.npy"), tmp_path / "out", source=str(folder))
     assert (summary.rows, summary.errors) == (650, 0)
     table = pq.read_table(tmp_path / "out" / PREDICTIONS).sort_by("id").to_pydict()
     assert table["id"] == list(range(650))  # one row out per row in, numbered as the input
@@ -50,8 +53,8 @@ def test_every_pool_predicts_like_its_engine_on_its_group_and_ids_line_up(ray_se
         assert mine.any(), f"pool {name} predicted no row"
         engine = load_engine(folder, engine=settings["engine"], quantize=settings.get("quantize", "none"), threads=1)
         # Chunk by chunk, as the actors ran them: dynamic int8 scales its activations per batch.
-        chunks = sorted({int(i) // 100 for i in ids[mine]})
-        logits = np.concatenate([engine.predict(x[c * 100 : min(c * 100 + 100, len(x))]) for c in chunks])
+        chunks = sorted({int(i) // 10 for i in ids[mine]})
+        logits = np.concatenate([engine.predict(x[c * 10 : c * 10 + 10]) for c in chunks])
         assert answers[mine].tolist() == logits.argmax(1).tolist(), name
         probabilities = np.array([p for p, m in zip(table["probabilities"], mine, strict=True) if m])
         np.testing.assert_allclose(probabilities, softmax(logits), atol=1e-5)
