@@ -12,7 +12,7 @@ reads the next chunk and writes the last one while the engine runs):
     OUTPUT/errors/part-NNNNNN.parquet        id, reason (only for chunks with bad rows)
     OUTPUT/summary.json                      rows, errors, wall time, rows/s and cores per actor
 
-So an actor holds one chunk at a time whatever the input's size, output appears while the job
+So an actor holds at most three chunks whatever the input's size, output appears while the job
 runs, and the driver sees only per-chunk counts, which drive the progress display and the
 summary. A bad row (wrong width, NaN, a value that does not parse) never stops the job; an input
 with no good row at all is an error.
@@ -109,10 +109,10 @@ class PredictChunks:
         reading = self.io.submit(read_chunk, chunks[0], self.width, self.settings)
         writing: Any = None
         counts = []
-        for i, chunk in enumerate(chunks):
+        for chunk, following in zip(chunks, chunks[1:] + [None], strict=True):
             rows = reading.result()
-            if i + 1 < len(chunks):
-                reading = self.io.submit(read_chunk, chunks[i + 1], self.width, self.settings)
+            if following is not None:
+                reading = self.io.submit(read_chunk, following, self.width, self.settings)
             parts = self.predict_chunk(chunk, rows)
             if writing is not None:
                 writing.result()  # one write in flight bounds the chunks held

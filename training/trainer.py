@@ -151,13 +151,13 @@ def build_trainer(
     callbacks: list | None = None,
     hparams_from_config: bool = False,
     echo_epochs: bool = True,
-    lean: bool = False,
+    local_run: bool = False,
     file_source: Any = None,
 ):
     """echo_epochs: print a line per epoch (off inside tuning trials, whose progress is per trial).
     hparams_from_config: after loading `resume_from`, take lr and weight decay from `config`
     rather than from the checkpoint (PBT: an exploiting trial keeps its own mutated values).
-    lean: a local Ray started for this run (training/startup.py, `skipped_callbacks`).
+    local_run: a local Ray started for this run (training/startup.py, `skipped_callbacks`).
     file_source: what preflight learned about a file `data.source` (found again when not given)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
 
@@ -196,7 +196,7 @@ def build_trainer(
     if file_source is not None:  # the datasets callback hands out the files' shards
         loop_config["file_source"] = file_source
         datasets = ray_datasets(file_source, config)
-    trainer = trainer_class(skipped_callbacks(local_run=lean, datasets=datasets is not None))
+    trainer = trainer_class(skipped_callbacks(local_run=local_run, datasets=datasets is not None))
     return trainer(train_loop_per_worker, train_loop_config=loop_config, scaling_config=scaling, run_config=run, datasets=datasets)
 
 
@@ -256,8 +256,8 @@ def train(config: TandemConfig, resume: str | None = None, callbacks: list | Non
     checks = preflight(config)
     with connect(config) as ray_handle:
         # A local Ray started here for this run: see training/startup.py.
-        lean = ray_handle.started and ray_handle.address == "local"
-        if lean:
+        local_run = ray_handle.started and ray_handle.address == "local"
+        if local_run:
             prestart_train_coordinator()
         use_gpu = resolve_use_gpu(config)
         if resume:
@@ -268,7 +268,7 @@ def train(config: TandemConfig, resume: str | None = None, callbacks: list | Non
         atomic_write_text(run_dir / "deepspeed.json", json.dumps(checks["deepspeed"], indent=2))
         print(f"[tandem] run folder {run_dir}", flush=True)
         move_log(run_dir)
-        trainer = build_trainer(config, run_dir, use_gpu, resume_from, callbacks, lean=lean, file_source=checks["file_source"])
+        trainer = build_trainer(config, run_dir, use_gpu, resume_from, callbacks, local_run=local_run, file_source=checks["file_source"])
         continuing = (run_dir / "metrics.jsonl").exists()  # a resumed run folder: its MLflow run goes on
         tracker = track_run(config, run_dir, continuing)
         try:
