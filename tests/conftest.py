@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import warnings
 from pathlib import Path
 
 import pytest
@@ -49,10 +50,13 @@ def ray_session(tmp_path_factory):
                 include_dashboard=False,
                 log_to_driver=True,
             )
-        except Exception:
+        except Exception as exc:
             ray.shutdown()
             if attempt == 2:
                 raise
+            # Said, not hidden: the retry shows in pytest's warnings summary.
+            said = f"the session's Ray failed to start (attempt {attempt + 1} of 3), starting it again: {exc!r}"
+            warnings.warn(said, RuntimeWarning, stacklevel=1)
     yield ray
     ray.shutdown()
 

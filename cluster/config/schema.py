@@ -364,6 +364,26 @@ class MlflowConfig(Strict):
             )
         return uri
 
+    @field_validator("tracking_uri")
+    @classmethod
+    def _no_file_store(cls, uri: str | None) -> str | None:
+        # MLflow 3 sends 'file:' URIs and plain paths to its file store, which raises at its first
+        # call ("in maintenance mode"): a run would start, then fail in tracking. MLflow's opt-out
+        # (MLFLOW_ALLOW_FILE_STORE) is not honoured here: the config is validated again in Ray
+        # workers and Serve replicas, whose environment need not have it.
+        from urllib.parse import urlsplit
+
+        if not uri or uri in ("databricks", "databricks-uc", "uc"):  # names MLflow resolves without a scheme
+            return uri
+        scheme = urlsplit(uri).scheme
+        if scheme != "file" and len(scheme) > 1:  # a one-letter scheme is a Windows drive (C:\...): a path
+            return uri
+        folder = urlsplit(uri).path.rstrip("/") if uri.startswith("file:") else uri.rstrip("/")
+        raise ValueError(
+            f"is an MLflow file store, which MLflow 3 refuses (its file backend is in maintenance mode); use a database store such as "
+            f"'sqlite:///{folder}/mlflow.db', or leave tracking_uri unset for sqlite:///<cluster.storage>/mlflow.db"
+        )
+
 
 class TrackingConfig(Strict):
     mlflow: MlflowConfig | None = Field(None, description="Log runs to MLflow (off when absent; `mlflow: {}` for the defaults).")

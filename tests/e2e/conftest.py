@@ -22,6 +22,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -181,9 +182,12 @@ def ray_head(tmp_path_factory) -> RayHead:
         try:
             process, head = start_head(env, token, logs / f"ray-start-{attempt}.log")
             break
-        except HeadDidNotStart:
+        except HeadDidNotStart as exc:
             if attempt == START_ATTEMPTS:
                 raise
+            # Said, not hidden: the retry shows in pytest's warnings summary.
+            said = f"the e2e Ray head failed to start (attempt {attempt} of {START_ATTEMPTS}), starting it again: {exc}"
+            warnings.warn(said, RuntimeWarning, stacklevel=1)
     try:
         yield head
     finally:

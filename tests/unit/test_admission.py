@@ -74,11 +74,16 @@ def test_bad_settings_are_refused():
         Admission(target_p99_ms=50, fraction=1.5)
 
 
+REQUESTS_PER_CLIENT = 12
+
+
 def test_under_overload_the_gate_keeps_accepted_latency_near_the_target_where_the_queue_alone_does_not():
     """Real AdaptiveBatcher, a model of 2 ms + 0.2 ms per example, 200 closed-loop clients with
-    deliberate per-request work outside the batcher (like HTTP parsing): with the gate, the accepted
-    requests' latency is well under that of the same load with only the batcher's queue limit
-    (measured at p99: 30 ms against 68 ms, target 50 ms)."""
+    deliberate per-request work outside the batcher (like HTTP parsing), each sending the same number
+    of requests: with the gate, the accepted requests' median latency is well under that of the same
+    load with only the batcher's queue limit. Two arms of one run compared, so a slower or busier
+    machine moves both. (The p99 moves with whatever else the machine does: it stays in the
+    overload benchmark, benchmarks/ and RELIABILITY.md.)"""
 
     def model(x: np.ndarray) -> np.ndarray:
         time.sleep(0.002 + 0.0002 * x.shape[0])
@@ -94,11 +99,10 @@ def test_under_overload_the_gate_keeps_accepted_latency_near_the_target_where_th
             ticket = gate.enter()
             await batcher.submit(np.zeros((1, 4), dtype=np.float32))
             gate.leave(ticket, answered=True)
-        deadline = time.monotonic() + 1.5
-
         async def client() -> None:
             nonlocal refused
-            while time.monotonic() < deadline:
+            answered = 0
+            while answered < REQUESTS_PER_CLIENT:
                 start = time.perf_counter()
                 ticket = None
                 try:
@@ -114,6 +118,7 @@ def test_under_overload_the_gate_keeps_accepted_latency_near_the_target_where_th
                     if ticket is not None:
                         gate.leave(ticket, answered=True)
                 latencies.append(time.perf_counter() - start)
+                answered += 1
 
         await asyncio.gather(*(client() for _ in range(200)))
         await batcher.close()
@@ -123,6 +128,7 @@ def test_under_overload_the_gate_keeps_accepted_latency_near_the_target_where_th
     open_p50, open_ok, _ = asyncio.run(run(gated=False))
     print(f"gated: p50 {gated_p50:.1f} ms, {gated_ok} ok, {gated_refused} refused; queue only: p50 {open_p50:.1f} ms, {open_ok} ok")
     assert gated_refused > 0 and gated_ok > 0
-    # A ratio of two arms run back to back, not a wall-clock promise: the gate cuts the accepted
-    # latency (the median: a p99 of 1.5 s runs moves with whatever else the machine does).
+    assert gated_ok == open_ok == 200 * REQUESTS_PER_CLIENT
+    # A ratio of two arms of the same run, not a wall-clock promise: the gate cuts the accepted
+    # requests' median latency by more than its noise.
     assert gated_p50 < 0.7 * open_p50

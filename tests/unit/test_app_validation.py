@@ -43,28 +43,29 @@ def test_one_example_or_a_list():
 
 
 @pytest.mark.parametrize(
-    "payload, status, code",
+    "payload, status, code, names",
     [
-        ({"inputs": []}, 422, "empty_inputs"),
-        ({"inputs": [[0.5] * 63]}, 422, "wrong_shape"),
-        ({"inputs": [[0.5] * 64, [0.5]]}, 422, "wrong_shape"),
-        ({"inputs": 3}, 422, "wrong_shape"),
-        ({"inputs": [["x"] * 64]}, 422, "wrong_dtype"),
-        ({"inputs": [[True] * 64]}, 422, "wrong_dtype"),
-        ({"inputs": [[None] * 64]}, 422, "wrong_dtype"),
-        ({"inputs": [[float("nan")] + [0.0] * 63]}, 422, "not_finite"),
-        ({"inputs": [[1e39] + [0.0] * 63]}, 422, "not_finite"),
-        ({"inputs": [[0.5] * 64] * 9}, 413, "too_many_inputs"),
-        ({"input": [0.5] * 64}, 422, "unknown_keys"),
-        ({}, 422, "missing_inputs"),
-        ([1, 2], 422, "wrong_body"),
-        ({"inputs": [0.5] * 64, "probabilities": 1}, 422, "wrong_type"),
+        # names: what the message must say (the request part and the fix)
+        ({"inputs": []}, 422, "empty_inputs", ['"inputs" is empty', "send one example of shape [64]"]),
+        ({"inputs": [[0.5] * 63]}, 422, "wrong_shape", ["shape [1, 63]", "shape [N, 64]"]),
+        ({"inputs": [[0.5] * 64, [0.5]]}, 422, "wrong_shape", ["ragged", "shape [64]"]),
+        ({"inputs": 3}, 422, "wrong_shape", ['"inputs" must be a list', "shape [64]"]),
+        ({"inputs": [["x"] * 64]}, 422, "wrong_dtype", ["numbers (float32)", "strings"]),
+        ({"inputs": [[True] * 64]}, 422, "wrong_dtype", ["numbers (float32)", "booleans"]),
+        ({"inputs": [[None] * 64]}, 422, "wrong_dtype", ["numbers (float32)", "non-numeric"]),
+        ({"inputs": [[float("nan")] + [0.0] * 63]}, 422, "not_finite", ["example 0", "send finite numbers"]),
+        ({"inputs": [[1e39] + [0.0] * 63]}, 422, "not_finite", ["example 0", "beyond float32"]),
+        ({"inputs": [[0.5] * 64] * 9}, 413, "too_many_inputs", ["9 examples", "serving.limits.max_inputs", "split the request"]),
+        ({"input": [0.5] * 64}, 422, "unknown_keys", ["['input']", "valid keys: ['inputs', 'probabilities']"]),
+        ({}, 422, "missing_inputs", ['no "inputs"', "shape [64]"]),
+        ([1, 2], 422, "wrong_body", ["JSON object", '{"inputs": [...]}']),
+        ({"inputs": [0.5] * 64, "probabilities": 1}, 422, "wrong_type", ['"probabilities" must be true or false', "got 1"]),
     ],
 )
-def test_bad_payloads_are_refused_with_a_message_naming_the_fix(payload, status, code):
+def test_bad_payloads_are_refused_with_a_message_naming_the_fix(payload, status, code, names):
     error = refused(payload)
     assert (error.status, error.code) == (status, code)
-    assert error.message
+    assert all(name in error.message for name in names), error.message
 
 
 def test_shape_errors_name_the_expected_shape():

@@ -178,12 +178,14 @@ CHILD = textwrap.dedent(
     while True:
         n += 1
         state = {"w": torch.full((3_000_000,), float(n))}  # 12 MB per write
+        print(f"begin {n - 1}", flush=True)
         if kind == "file":
             atomic_save_torch(state, target)
         else:
             save_model_artifact(target, {"0.weight": torch.full((16, 64), float(n)), "0.bias": torch.zeros(16),
                                          "2.weight": torch.zeros(10, 16), "2.bias": torch.zeros(10), "pad": state["w"]},
                                 {"builder": "x:y", "args": {}, "input_shape": [64], "num_classes": 10})
+        print(f"saved {n - 1}", flush=True)
     """
 )
 
@@ -196,26 +198,53 @@ def spawn_writer(target: Path, kind: str) -> subprocess.Popen:
     return child
 
 
+def kill_at(child: subprocess.Popen, event: str, folder: Path, between_lines=lambda: None) -> None:
+    """SIGKILL the writer at `event`: "inside N" once its Nth save has a temp file in `folder` (the
+    kill lands mid-write), "saved N" once N saves have finished. `between_lines` runs after each
+    line the writer prints before then. Events, not a timer: a slow machine changes when, not what."""
+    phase, number = event.split()
+    wanted = f"{'begin' if phase == 'inside' else 'saved'} {number}"
+    for line in child.stdout:
+        between_lines()
+        if line.strip() == wanted:
+            break
+    else:
+        raise AssertionError(f"the writer exited before {wanted!r}: {child.stderr.read()}")
+    deadline = time.monotonic() + 60  # bounds a hang only
+    while phase == "inside" and not leftovers(folder):
+        assert time.monotonic() < deadline and child.poll() is None, "the writer's save never showed a temp file"
+        time.sleep(0.001)
+    child.send_signal(signal.SIGKILL)
+    child.wait(timeout=30)
+    assert child.returncode == -signal.SIGKILL
+
+
+def kill_events(rng: np.random.Generator, count: int) -> list[str]:
+    """Kill moments: inside the first, second or third save, or just after one finished."""
+    return [f"{rng.choice(['inside', 'saved'])} {rng.integers(1, 4)}" for _ in range(count)]
+
+
 def test_sigkill_while_writing_a_large_artifact_never_leaves_a_partial_file(tmp_path):
-    """A process rewriting a 12 MB model file in a loop is killed with SIGKILL at random moments.
-    Every read while it runs, and the file after each kill, is a whole file (loads with
-    weights_only=True, every value the same version); the kills land mid-write (temp files left)."""
+    """A process rewriting a 12 MB model file in a loop is killed with SIGKILL at random moments
+    (inside a save, or between two). Every read while it runs, and the file after each kill, is a
+    whole file (loads with weights_only=True, every value the same version); the kills land
+    mid-write (temp files left)."""
     target = tmp_path / MODEL_FILE
     atomic_save_torch({"w": torch.full((3_000_000,), 1.0)}, target)
-    rng = np.random.default_rng(0)
-    kills, mid_write, reads = 0, 0, 0
-    # Kill until two kills have landed mid-write (about every other one does), at most 12 times.
-    while kills < 12 and (kills < 3 or mid_write < 2):
-        child = spawn_writer(target, "file")
-        deadline = time.monotonic() + float(rng.uniform(0.2, 0.8))
-        while time.monotonic() < deadline:
-            w = torch.load(io.BytesIO(target.read_bytes()), weights_only=True)["w"]
-            assert w.numel() == 3_000_000 and bool((w == w[0]).all())
-            reads += 1
-            time.sleep(0.02)  # leave the writer a core
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
-        assert child.returncode == -signal.SIGKILL
+    reads = 0
+
+    def read_whole() -> None:
+        nonlocal reads
+        w = torch.load(io.BytesIO(target.read_bytes()), weights_only=True)["w"]
+        assert w.numel() == 3_000_000 and bool((w == w[0]).all())
+        reads += 1
+
+    kills, mid_write = 0, 0
+    # Kill until two kills have landed mid-write, at most 12 times.
+    for event in kill_events(np.random.default_rng(0), 12):
+        if kills >= 3 and mid_write >= 2:
+            break
+        kill_at(spawn_writer(target, "file"), event, tmp_path, between_lines=read_whole)
         kills += 1
         mid_write += bool(leftovers(tmp_path))
         w = torch.load(target, weights_only=True)["w"]
@@ -236,13 +265,10 @@ def test_sigkill_during_save_model_artifact_leaves_a_loadable_or_refused_artifac
     rng = np.random.default_rng(1)
     outcomes = {"verified": 0, "refused": 0}
     mid_save, completed = 0, 0
-    # About every other kill lands mid-save; a completed save shows once the writer has run a while.
-    while sum(outcomes.values()) < 12 and (sum(outcomes.values()) < 3 or not mid_save or not completed):
-        child = spawn_writer(folder, "artifact")
-        time.sleep(float(rng.uniform(0.2, 1.0)))
-        child.send_signal(signal.SIGKILL)
-        child.wait(timeout=30)
-        assert child.returncode == -signal.SIGKILL
+    for event in kill_events(rng, 12):
+        if sum(outcomes.values()) >= 3 and mid_save and completed:
+            break
+        kill_at(spawn_writer(folder, "artifact"), event, folder)
         left_mid_write = bool(leftovers(folder))
         try:
             verify_artifact(folder)

@@ -16,13 +16,19 @@ class FakeDeployment:
     def __init__(self, delay_s: float = 0.01, fail: BaseException | None = None):
         self.delay_s, self.fail = delay_s, fail
         self.calls: list[tuple[str, int]] = []
+        self.outstanding = self.max_outstanding = 0
 
     async def __call__(self, target: str, x: np.ndarray) -> np.ndarray:
         self.calls.append((target, len(x)))
-        await asyncio.sleep(self.delay_s)
-        if self.fail is not None:
-            raise self.fail
-        return x[:, :1] * 10
+        self.outstanding += 1
+        self.max_outstanding = max(self.max_outstanding, self.outstanding)
+        try:
+            await asyncio.sleep(self.delay_s)
+            if self.fail is not None:
+                raise self.fail
+            return x[:, :1] * 10
+        finally:
+            self.outstanding -= 1
 
 
 def rows(value: float, count: int = 1) -> np.ndarray:
@@ -54,6 +60,7 @@ def test_concurrent_requests_share_calls_and_each_gets_its_own_rows():
     # Two sent at once, the other 38 waited and went together: far fewer calls than requests,
     # none larger than max_rows, and never more than two outstanding.
     assert len(deployment.calls) <= 6 and all(size <= 32 for _, size in deployment.calls)
+    assert deployment.max_outstanding == 2
     assert sum(size for _, size in deployment.calls) == sum(1 + i % 3 for i in range(40))
 
 

@@ -78,4 +78,16 @@ def test_bad_rows_are_counted_and_left_out(tmp_path):
         handle.write(",".join(["x"] * 64) + ",1\n")  # features that are not numbers
         handle.write(",".join(["0.5"] * 64) + ",2.5\n")  # a label that is not a class number
     source = preflight(load_config(None, [f"cluster.storage={tmp_path}", f"data.source={path}"]))["file_source"]
+    # The split counts file rows (the hash is per row position), bad ones included.
     assert source.bad_rows == 2 and source.train_rows + source.val_rows == 202
+    # Read back, both sides together are exactly the 200 good rows: the bad two are left out.
+    parts = [
+        read_split_rows({"chunk": np.array([json.dumps(c)])}, source, 0, 0.2, validation)
+        for validation in (False, True)
+        for c in source.chunks
+    ]
+    x, y = np.concatenate([p["x"] for p in parts]), np.concatenate([p["y"] for p in parts])
+    assert len(y) == 200
+    read = sorted(zip(map(tuple, x.round(5).tolist()), y.tolist(), strict=True))
+    written = sorted(zip(map(tuple, data.x[:200].round(5).tolist()), data.y[:200].tolist(), strict=True))
+    assert read == written

@@ -10,7 +10,8 @@ import subprocess
 import sys
 import threading
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from concurrent.futures import TimeoutError as FuturesTimeout
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -82,11 +83,15 @@ def test_rays_configuration_rewritten_is_valid_for_the_real_haproxy(tmp_path):
     assert os.path.realpath(real_binary(str(script))) != os.path.realpath(script)
 
 
-class SlowHandler(BaseHTTPRequestHandler):
-    """A replica that takes 300 ms per request."""
+class HeldHandler(BaseHTTPRequestHandler):
+    """A replica whose app requests wait until the test releases them: the one request let in keeps
+    the only slot busy for as long as the test needs, on a fast machine or a slow one."""
+
+    release = threading.Event()
 
     def do_GET(self) -> None:  # noqa: N802 (http.server's name)
-        time.sleep(0.3)
+        if self.path.startswith("/app"):
+            self.release.wait(120)  # bounds a hang only: the test sets it
         body = b'{"ok": true}'
         self.send_response(200)
         self.send_header("Content-Length", str(len(body)))
@@ -98,17 +103,20 @@ class SlowHandler(BaseHTTPRequestHandler):
 
 
 @pytest.fixture()
-def slow_server():
-    server = ThreadingHTTPServer(("127.0.0.1", free_port()), SlowHandler)
+def held_server():
+    HeldHandler.release = threading.Event()
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), HeldHandler)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
-    yield server.server_address[1]
+    yield server.server_address[1], HeldHandler.release
+    HeldHandler.release.set()
     server.shutdown()
 
 
-def test_haproxy_refuses_what_waits_too_long_for_a_busy_replica_with_a_fast_503(tmp_path, slow_server):
+def test_haproxy_refuses_what_waits_too_long_for_a_busy_replica_with_a_fast_503(tmp_path, held_server):
+    server_port, release = held_server
     frontend = free_port()
-    source = ray_haproxy_config(tmp_path, slow_server, frontend)
+    source = ray_haproxy_config(tmp_path, server_port, frontend)
     # One request at a time into the replica, 50 ms in the queue at most.
     args = rewritten_args(["-db", "-f", str(source)], {SERVER_MAXCONN_ENV: "1", QUEUE_MS_ENV: "50"})
     proc = subprocess.Popen([real_binary(), *args], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
@@ -124,21 +132,30 @@ def test_haproxy_refuses_what_waits_too_long_for_a_busy_replica_with_a_fast_503(
             assert time.monotonic() < deadline and not exited, proc.stderr.read().decode() if exited else "not ready"
             time.sleep(0.1)
 
-        def get(_: int) -> tuple[int, float, str | None, str]:
-            start = time.monotonic()
-            reply = httpx.get(f"http://127.0.0.1:{frontend}/app/x", timeout=10)
-            return reply.status_code, time.monotonic() - start, reply.headers.get("retry-after"), reply.text
+        def get(_: int) -> tuple[int, str | None, str]:
+            reply = httpx.get(f"http://127.0.0.1:{frontend}/app/x", timeout=120)
+            return reply.status_code, reply.headers.get("retry-after"), reply.text
 
         with ThreadPoolExecutor(6) as pool:
-            answers = list(pool.map(get, range(6)))
+            futures = [pool.submit(get, i) for i in range(6)]
+            # The replica holds the one request it was given until the release below; every other
+            # request must come back while it is still held: refused from HAProxy's queue, not left
+            # to wait for the slot. (The timeout only bounds a hang: HAProxy waited instead.)
+            before_release = []
+            try:
+                for future in as_completed(futures, timeout=60):
+                    before_release.append(future.result())
+                    if len(before_release) == 5:
+                        break
+            except FuturesTimeout:
+                pytest.fail(f"HAProxy let requests wait for the busy slot instead of refusing them: {before_release}")
+            release.set()
+            answers = [f.result() for f in futures]
     finally:
+        release.set()
         proc.terminate()
         proc.wait(timeout=10)
-    served = [a for a in answers if a[0] == 200]
-    refused = [a for a in answers if a[0] == 503]
-    assert len(served) + len(refused) == len(answers), answers
-    # The replica holds one at a time (300 ms each): the first is served; the rest waited 50 ms in
-    # HAProxy's queue and were refused there, long before a slot would have freed.
-    assert 1 <= len(served) <= 2 and len(refused) >= 4, answers
-    assert all(retry == "1" and '"overloaded"' in body for _, _, retry, body in refused), refused
-    assert max(elapsed for _, elapsed, _, _ in refused) < 0.25, refused
+    assert [status for status, _, _ in before_release] == [503] * 5, before_release
+    assert all(retry == "1" and '"overloaded"' in body for _, retry, body in before_release), before_release
+    # The request holding the slot is served once released: the replica was busy, not down.
+    assert sorted(status for status, _, _ in answers) == [200, 503, 503, 503, 503, 503], answers

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -57,7 +59,22 @@ def test_weights_that_do_not_fit_are_refused_naming_the_first_key(tmp_path, chan
     assert not list(tmp_path.rglob("manifest.json")), "a refused import wrote an artifact"
 
 
+class Trap:
+    """Unpickling it creates `marker`: the side effect a malicious checkpoint would have."""
+
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (open, (str(self.marker), "w"))
+
+
 def test_a_pickled_module_is_refused_without_running_its_code(tmp_path):
-    torch.save(mlp((64,), 10, hidden=[32]), tmp_path / "module.pt")
+    marker = tmp_path / "ran"
+    torch.save({"model": mlp((64,), 10, hidden=[32]), "trap": Trap(marker)}, tmp_path / "module.pt")
     with pytest.raises(ArtifactError, match=r"weights_only=True.*save it with torch.save\(model.state_dict\(\), path\)"):
         import_weights(config(tmp_path), tmp_path / "module.pt")
+    assert not marker.exists(), "the import unpickled the file's code"
+    rebuild, args = Trap(marker).__reduce__()  # what unpickling the file would have called
+    rebuild(*args).close()
+    assert marker.exists()  # the trap is real

@@ -6,13 +6,14 @@ from __future__ import annotations
 
 import json
 import logging
+import time
 
 import pytest
 from mlflow import MlflowClient
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
 from cluster.config import ConfigError, load_config
-from cluster.tracking import TENSORBOARD_DIR, follow_metrics, job_env, mlflow_uri, open_tracker
+from cluster.tracking import TENSORBOARD_DIR, _new_lines, follow_metrics, job_env, mlflow_uri, open_tracker
 
 
 def test_a_tracking_uri_with_credentials_is_refused_naming_the_environment_variables():
@@ -42,12 +43,27 @@ def test_a_refused_tracking_server_is_one_warning_and_nothing_else(tmp_path, cap
     config = load_config(
         None, [f"cluster.storage={tmp_path}", "tracking={mlflow: {tracking_uri: 'http://127.0.0.1:9'}, tensorboard: true}"]
     )
-    with caplog.at_level(logging.WARNING, logger="tandem.tracking"):
+    with caplog.at_level(logging.DEBUG, logger="tandem.tracking"):
         tracker = open_tracker(config, tmp_path, "run")
-    assert tracker.client is None and tracker.writer is not None  # TensorBoard goes on
-    assert [r.levelname for r in caplog.records if r.name == "tandem.tracking"] == ["WARNING"]
-    tracker.log_epoch({"epoch": 1, "val_loss": 0.5})
-    tracker.finish()
+        assert tracker.client is None and tracker.writer is not None  # TensorBoard goes on
+        tracker.log_epoch({"epoch": 1, "val_loss": 0.5})
+        tracker.finish()
+    # One warning when the server refused, and nothing from logging an epoch or finishing.
+    assert [r.levelname for r in caplog.records if r.name.startswith("tandem")] == ["WARNING"], caplog.records
+    events = EventAccumulator(str(tmp_path / TENSORBOARD_DIR))
+    events.Reload()
+    assert [s.step for s in events.Scalars("val_loss")] == [1]
+
+
+def test_a_half_written_line_is_read_only_once_it_is_complete(tmp_path):
+    metrics, offset = tmp_path / "metrics.jsonl", [0]
+    rows = [json.dumps({"epoch": e}) for e in (1, 2, 3)]
+    metrics.write_text(rows[0] + "\n" + rows[1] + "\n" + rows[2][:5])
+    assert _new_lines(metrics, offset) == rows[:2]
+    assert _new_lines(metrics, offset) == []  # the third line is still being written
+    with open(metrics, "a") as handle:
+        handle.write(rows[2][5:] + "\n")
+    assert _new_lines(metrics, offset) == [rows[2]]
 
 
 def test_followed_metrics_are_logged_once_per_epoch_as_the_file_grows(tmp_path):
@@ -58,9 +74,14 @@ def test_followed_metrics_are_logged_once_per_epoch_as_the_file_grows(tmp_path):
     with follow_metrics(metrics, tracker):
         with open(metrics, "a") as handle:
             handle.write(json.dumps(rows[0]) + "\n" + json.dumps(rows[1]) + "\n" + json.dumps(rows[2])[:10])  # the third half written
-        import time
-
-        time.sleep(1.5)  # the follower polls every second
+        # The follower logs the two complete epochs while the block still runs (its poll, not the
+        # final drain), and nothing of the half-written third. The deadline only bounds a hang.
+        reader = MlflowClient(mlflow_uri(config))
+        deadline = time.monotonic() + 60
+        while len(reader.get_metric_history(tracker.run_id, "val_loss")) < 2:
+            assert time.monotonic() < deadline, "the follower logged nothing while the file grew"
+            time.sleep(0.1)
+        assert [p.step for p in reader.get_metric_history(tracker.run_id, "val_loss")] == [1, 2]
         with open(metrics, "a") as handle:
             handle.write(json.dumps(rows[2])[10:] + "\n")
     tracker.finish()
