@@ -26,6 +26,7 @@ def write_parquet(folder: Path, x: np.ndarray, y: np.ndarray, files: int, row_gr
         pq.write_table(table, folder / f"part-{n}.parquet", row_group_size=row_group)
 
 
+@pytest.mark.slow
 def test_training_from_parquet_matches_the_in_memory_source_with_a_shard_per_worker(default_example_run, tmp_path):
     in_memory, config = default_example_run
     data = digits()
@@ -52,6 +53,7 @@ def test_training_from_parquet_matches_the_in_memory_source_with_a_shard_per_wor
         assert 0.45 * source.train_rows <= per_rank[0] <= 0.5 * source.train_rows
 
 
+@pytest.mark.slow
 def test_an_input_ten_times_the_memory_cap_trains_within_the_cap(ray_session, tmp_path):
     cap_mb = 40
     features = 1024  # 4 KiB a row: 100k rows are 400 MB of features, 10x the cap

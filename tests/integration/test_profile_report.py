@@ -13,6 +13,7 @@ from training.models import parameter_count
 pytestmark = pytest.mark.integration
 
 
+@pytest.mark.slow
 def test_profile_of_a_zero3_run_reports_the_runs_stage_and_its_measured_bytes(zero3_run, tmp_path):
     result, _ = zero3_run
     # Profiled with the packaged config (ZeRO-2): the table is for the config, the measured column for the run's own stage.

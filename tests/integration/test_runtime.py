@@ -56,6 +56,7 @@ SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 def test_simulated_nodes_one_per_group_replica_where_predict_pools_and_spread_workers_land_on_their_group(shared_artifact, tmp_path):
     storage, artifact = shared_artifact
     cmd = [sys.executable, "-c", SCRIPT, str(storage), str(artifact), str(tmp_path)]

@@ -23,7 +23,7 @@ from cluster.config import TandemConfig, validate_config
 from serving.deploy import free_port
 from serving.protocol import softmax
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # the module's tests use its served app
 
 HIDDEN = [64]
 # A replica leaving (rollout, scale-down, app deleted) drains for 30 s by default so that load
@@ -444,7 +444,9 @@ def test_concurrent_load_makes_batches(url):
     records = load(url, clients=32, requests_each=6, seed=12)
     after = replica_stats(url)
     assert all(r["status"] == 200 for r in records), {r["status"] for r in records}
-    assert mean_batch_size_between(before, after) > 1.0, after["batcher"]
+    # 32 clients at once: most requests shared their batch (one batch of 2 in 192 requests would
+    # give a mean just over 1), so at most half as many batches as requests.
+    assert mean_batch_size_between(before, after) >= 2.0, after["batcher"]
 
 
 def test_a_burst_of_200_gets_answers_or_fast_503s_never_a_stall(url):
@@ -511,7 +513,12 @@ def test_cache_hits_then_a_rollout_under_load_invalidates_and_loses_no_request(u
 
     with BackgroundLoad(url, clients=4, pause_s=0.01) as background:
         new_url = deploy(config, artifact=str(artifacts["v2"]))
-        time.sleep(2)
+        # The load goes on through the rollout and for 40 answers after it (a count, not a time).
+        rolled_at = len(background.records)
+        deadline = time.monotonic() + 120  # bounds a hang only
+        while len(background.records) < rolled_at + 40:
+            assert time.monotonic() < deadline, f"{len(background.records) - rolled_at} answers in 120 s after the rollout"
+            time.sleep(0.05)
     assert new_url == url
     statuses = [r["status"] for r in background.records]
     failures = [(r["status"], str(r["body"])[:200]) for r in background.records if r["status"] != 200]

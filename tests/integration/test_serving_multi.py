@@ -16,7 +16,7 @@ import pytest
 
 from tests.integration.test_serving import digits_inputs, load, replica_stats, serving_config
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]  # every test but one uses the served app
 
 NAME = "digits-two"
 TOKEN_ENV = "TANDEM_TEST_SERVING_TOKEN"

@@ -53,6 +53,7 @@ def test_default_example_reaches_95_percent_with_zero2(default_example_run):
 # run in tests/reliability/test_training_faults.py is a ZeRO-1 run and asserts it.
 
 
+@pytest.mark.slow
 def test_zero3_partitions_parameters_across_ranks(zero3_run):
     result, config = zero3_run
     assert config.training.deepspeed.zero_stage == 3 and config.training.workers == 2
@@ -68,6 +69,7 @@ def test_zero3_partitions_parameters_across_ranks(zero3_run):
     assert read_manifest(result.artifact_dir)["files"]["model.pt"]["bytes"] > n_params * 4
 
 
+@pytest.mark.slow
 def test_resume_after_a_crash_matches_an_uninterrupted_run_and_continues_its_mlflow_run(ray_session, tmp_path, monkeypatch, caplog):
     epochs = 4
     overrides = (f"training.epochs={epochs}", "training.checkpoint.every_epochs=1", "training.max_failures=0")
@@ -144,6 +146,7 @@ def test_bad_inputs_fail_before_any_worker_starts(tmp_path):
 # simulated cluster of tests/integration/test_runtime.py, which that test starts anyway.
 
 
+@pytest.mark.slow
 def test_custom_model_example_trains_end_to_end(ray_session, tmp_path):
     config = load_config(ROOT / "examples" / "custom_model" / "tandem.yaml", [f"cluster.storage={tmp_path}", "training.epochs=2"])
     result = train(config)

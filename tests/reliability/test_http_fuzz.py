@@ -32,7 +32,6 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from cluster.artifacts import save_model_artifact
 from tests.integration.test_serving import serving_config
 from tests.reliability.figures import record
 
@@ -87,26 +86,9 @@ def config(storage):
 
 
 @pytest.fixture(scope="module")
-def artifact(storage) -> Path:
-    """A small digits MLP, trained for a moment and saved like `tandem train` saves it."""
-    import torch
-
-    from training.data import digits
-    from training.models import mlp
-
-    torch.manual_seed(0)
-    data = digits()
-    model = mlp((SHAPE,), 10, hidden=[32])
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    x, y = torch.from_numpy(data.x), torch.from_numpy(data.y).long()
-    for _ in range(20):
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    folder = storage / NAME / "run-1" / "artifacts"
-    spec = {"builder": "training.models:mlp", "args": {"hidden": [32]}, "input_shape": [SHAPE], "num_classes": 10}
-    save_model_artifact(folder, model.state_dict(), spec, {"metrics": {"val_accuracy": 0.9}})
-    return folder
+def artifact(shared_artifact) -> Path:
+    """The session's small digits MLP (tests/conftest.py), served here by the torch engine."""
+    return shared_artifact[1]
 
 
 @pytest.fixture(scope="module")
@@ -219,7 +201,7 @@ def inputs_text(draw) -> str:
     if kind == "ragged":
         return "[" + ",".join(row(draw(st.sampled_from([SHAPE, 10, 0])), bad) for _ in range(3)) + "]"
     if kind == "deep":
-        # Deeper than about 900 is test_json_the_decoder_cannot_take_gets_a_4xx_not_a_500 (a known 500).
+        # Deeper than about 900 is test_json_the_decoder_cannot_take_gets_a_4xx_not_a_500's case.
         depth = draw(st.sampled_from([3, 8, 33, 100, 300]))
         return "[" * depth + row(SHAPE if depth < 50 else 1, bad) + "]" * depth
     if kind == "scalar":
@@ -394,7 +376,7 @@ def test_json_the_decoder_cannot_take_gets_a_4xx_not_a_500(url, config, token, c
         f"{url}/v1/predict", content=UNDECODABLE[case], headers={**auth(token), "Content-Type": "application/json"}, timeout=30
     )
     after = snapshot(url, token, config)
-    assert (after["pid"], after["replicas"]) == (before["pid"], before["replicas"]) and predicts(url, token)  # holds today
+    assert (after["pid"], after["replicas"]) == (before["pid"], before["replicas"]) and predicts(url, token)
     record(f"http_undecodable_{case}", body_bytes=len(UNDECODABLE[case]), status=reply.status_code, replica_unharmed=True)
     assert 400 <= reply.status_code < 500, (case, reply.status_code, reply.text[:300])
     assert error_body_problem(reply) is None, reply.text[:300]
@@ -414,39 +396,27 @@ ODD_REQUESTS = [
 ]
 
 
-def test_other_methods_and_unknown_paths_get_json_error_bodies(url, token):
+def test_other_methods_and_unknown_paths_get_404_or_405_with_json_error_bodies(url, config, token):
+    """Each odd request once: a 404 or 405 (a redirect for the trailing slash), never a 5xx, a JSON
+    error body on every refusal, and the replica unharmed (same process, no prediction counted)."""
+    before = snapshot(url, token, config)
     seen: Counter = Counter()
     bad = []
     with httpx.Client(timeout=30) as client:
         for method, path in ODD_REQUESTS:
             reply = client.request(method, url + path, headers=auth(token), content=b'{"inputs": [0.5]}' if method != "GET" else None)
             seen[reply.status_code] += 1
-            assert reply.status_code < 500, (method, path, reply.status_code, reply.text)
+            answer = (method, path, reply.status_code, reply.text)
+            assert reply.status_code in (404, 405) or (method, path) == ("POST", "/v1/predict/"), answer
+            assert reply.status_code < 500, answer
             # A redirect (POST /v1/predict/ -> 307 to /v1/predict) is not a refusal: no error body due.
             if reply.status_code >= 400 and (problem := error_body_problem(reply)) is not None:
                 bad.append(f"{method} {path} -> {reply.status_code} {problem}")
+    after = snapshot(url, token, config)
+    assert (after["pid"], after["replicas"], after["requests"]) == (before["pid"], before["replicas"], before["requests"])
     record("http_odd_requests", requests=sum(seen.values()), statuses=dict(sorted(seen.items())), status_5xx=0, without_error_body=len(bad))
     assert predicts(url, token)
     assert not bad, "\n".join(bad)
-
-
-def test_other_methods_and_unknown_paths_are_refused_without_5xx(url, config, token):
-    """The part of the property that holds today: 404/405, never a 5xx, and the replica unharmed."""
-    before = snapshot(url, token, config)
-    seen: Counter = Counter()
-    with httpx.Client(timeout=30) as client:
-        for method, path in ODD_REQUESTS:
-            reply = client.request(method, url + path, headers=auth(token), content=b'{"inputs": [0.5]}' if method != "GET" else None)
-            seen[reply.status_code] += 1
-            assert reply.status_code in (404, 405) or (method, path) == ("POST", "/v1/predict/"), (
-                method,
-                path,
-                reply.status_code,
-                reply.text,
-            )
-    after = snapshot(url, token, config)
-    assert (after["pid"], after["replicas"], after["requests"]) == (before["pid"], before["replicas"], before["requests"])
-    record("http_odd_requests_no_5xx", requests=sum(seen.values()), statuses=dict(sorted(seen.items())), status_5xx=0)
 
 
 WRONG_CREDENTIALS = {
@@ -537,7 +507,7 @@ def search(place: str, folder: Path, token: str) -> dict[str, Any]:
     return LEAKS[place]
 
 
-def test_the_token_never_appears_in_the_run_folder_manifests_or_answers(url, config, token, storage, tmp_path):
+def test_the_token_never_appears_in_the_run_folder_manifests_or_answers(url, config, token, artifact, tmp_path):
     from serving.serve_config import write_serve_config
     from tandem.k8s_files import write_manifests
 
@@ -551,10 +521,10 @@ def test_the_token_never_appears_in_the_run_folder_manifests_or_answers(url, con
         + httpx.get(f"{url}/v1/models", headers=auth(token), timeout=10).text
     )
     LEAKS["http answers"] = {"files": 5, "found": answers.count(token), "where": []}
-    run = search("run folder", storage, token)
+    run = search("run folder", artifact.parent, token)
 
     manifests = tmp_path / "manifests"
-    write_serve_config(config, manifests / "serve_config.yaml", artifact=str(storage / NAME / "run-1"))
+    write_serve_config(config, manifests / "serve_config.yaml", artifact=str(artifact.parent))
     write_manifests(config, manifests / "k8s")
     rendered = search("manifests", manifests, token)
     # The manifests carry the token by reference (a Secret the pods read into TOKEN_ENV), never by value.
