@@ -61,7 +61,7 @@ from serving.optimize.parity import (
     parity_entry,
     predict_all,
 )
-from serving.optimize.prune import PruneResult, apply_masks, prune_model
+from serving.optimize.prune import PruneResult, apply_masks, fine_tune_pruned, prune_model
 from serving.optimize.quantize import calibration_sample, candidate_modes, quantize_int8
 
 __all__ = ["ExportResult", "ExportError", "ParityGateError", "export", "export_onnx", "format_report"]
@@ -341,16 +341,12 @@ def prune_stage(model: Any, config: TandemConfig, fine_tune: FineTune | None) ->
     pruned = copy.deepcopy(model)
     result = prune_model(pruned, spec.sparsity, spec.structured)
     info = result.summary()
-    if spec.fine_tune_epochs and fine_tune is None:
-        note = (
-            f"export.prune.fine_tune_epochs: {spec.fine_tune_epochs} was not run: fine-tuning goes through the trainer, "
-            "which has to be passed to serving.optimize.export.export(fine_tune=...); the pruned model is exported as pruned"
-        )
-        warnings.warn(note, stacklevel=3)
-        info["fine_tune"] = f"not run ({note})"
-    elif spec.fine_tune_epochs:
-        pruned = fine_tune(pruned, config)
-        apply_masks(pruned, result.masks)  # the trainer moved the zeros; prune them again
+    if spec.fine_tune_epochs:
+        if fine_tune is None:
+            pruned = fine_tune_pruned(pruned, config, result.masks)
+        else:
+            pruned = fine_tune(pruned, config)
+        apply_masks(pruned, result.masks)  # a given fine-tune may have moved the zeros; prune them again
         pruned.eval()
         info["fine_tune"] = {"epochs": spec.fine_tune_epochs}
     return pruned, result, info
@@ -463,7 +459,7 @@ def export(
 
     threads: intra-op threads of every measurement (torch and ORT alike); latency_budget_s: time
     spent timing each artifact at each batch size; fine_tune(model, config) -> model: the
-    trainer's fine-tune for export.prune.fine_tune_epochs. Raises ParityGateError (a ValueError)
+    fine-tune for export.prune.fine_tune_epochs (default: prune.fine_tune_pruned, in this process). Raises ParityGateError (a ValueError)
     when export.gate is crossed, leaving the artifacts folder as it was.
     """
     from cluster.runtime import storage_root

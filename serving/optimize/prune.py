@@ -12,8 +12,8 @@ zeros and nothing else.
 
 Zeros alone buy no speed from dense kernels (ORT and torch multiply them like any number): they
 buy compressibility now and speed once the zero rows are sliced out or a sparse kernel runs
-them. A short fine-tune after pruning recovers accuracy; it belongs to the trainer, and
-`apply_masks` puts the zeros back after it.
+them. A short fine-tune after pruning recovers accuracy (`fine_tune_pruned`, in process, the
+zeros kept after every step; `apply_masks` puts them back after any other fine-tune).
 """
 
 from __future__ import annotations
@@ -148,3 +148,38 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         if name not in parameters:
             raise KeyError(f"pruning mask '{name}' matches no parameter of {type(model).__name__}; the model changed after pruning")
         parameters[name].mul_(mask.to(parameters[name].dtype))
+
+
+def fine_tune_pruned(model: nn.Module, config: Any, masks: dict[str, torch.Tensor]) -> nn.Module:
+    """export.prune.fine_tune_epochs of plain torch training in this process, the zeros kept.
+
+    The config's training split (its data source in memory, as export's parity check reads it),
+    its optimizer, learning rate, micro-batch and seed; `masks` are applied after every step, so
+    the pruned weights stay zero while the others recover. In-process on purpose: export runs in
+    one process on one machine, and a Ray Train run would cost more start-up than the fine-tune.
+    """
+    import logging
+
+    from training.arrays import split
+    from training.data import load_dataset
+    from training.ds_config import build_optimizer
+
+    train, _ = split(load_dataset(config), config.data.val_fraction, config.data.seed)
+    x, y = torch.from_numpy(train.x).float(), torch.from_numpy(train.y).long()
+    generator = torch.Generator().manual_seed(config.training.seed)
+    optimizer = build_optimizer(config, model.parameters())
+    batch = config.data.batch_size
+    model.train()
+    for epoch in range(1, config.export.prune.fine_tune_epochs + 1):
+        total = 0.0
+        for rows in torch.randperm(len(y), generator=generator).split(batch):
+            optimizer.zero_grad()
+            loss = nn.functional.cross_entropy(model(x[rows]), y[rows])
+            loss.backward()
+            optimizer.step()
+            with torch.no_grad():
+                apply_masks(model, masks)
+            total += loss.item() * len(rows)
+        logging.getLogger("tandem").info("[tandem] pruned model fine-tune epoch %d: train loss %.4f", epoch, total / len(y))
+    model.eval()
+    return model
