@@ -15,7 +15,9 @@ from cluster.config.base import Fraction, PositiveInt, Strict
 class PruneConfig(Strict):
     sparsity: Fraction = Field(0.5, description="Fraction of weights (or neurons/channels when structured) set to zero.")
     structured: bool = Field(False, description="Prune whole neurons/channels instead of single weights.")
-    fine_tune_epochs: int = Field(0, ge=0, description="Epochs of fine-tuning after pruning, in the export's process on the training split (the zeros kept).")
+    fine_tune_epochs: int = Field(
+        0, ge=0, description="Epochs of fine-tuning after pruning, in the export's process on the training split (the zeros kept)."
+    )
 
 
 class ParityGate(Strict):
