@@ -177,7 +177,8 @@ class TrackTrials(Callback):
         return self.trackers[trial.trial_id]
 
     def on_trial_result(self, iteration: int, trials: list, trial: Any, result: dict, **info: Any) -> None:
-        from tuning.schedulers import REPORTED_METRICS, TIME_ATTR
+        from cluster.config.checks import REPORTED_METRICS
+        from tuning.schedulers import TIME_ATTR
 
         self._tracker(trial).log_epoch({k: result[k] for k in (TIME_ATTR, "step", *REPORTED_METRICS) if k in result})
 

@@ -15,11 +15,10 @@ from collections.abc import Callable
 from typing import Any
 
 from cluster.config import Problem, TandemConfig
+from cluster.config.checks import ranking_problems
 from tuning.space import CONTINUOUS, SearchSpace, count_trials, tune_domain
 
 TIME_ATTR = "epoch"
-# What the training loop (training/loop.py, _epoch_metrics) reports each epoch.
-REPORTED_METRICS = ("val_loss", "val_accuracy", "train_loss", "samples_per_s", "step_time_s", "peak_memory_mb", "lr")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -27,36 +26,8 @@ REPORTED_METRICS = ("val_loss", "val_accuracy", "train_loss", "samples_per_s", "
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_metric(config: TandemConfig, space: SearchSpace) -> list[Problem]:
-    import difflib
-
-    metric = config.tuning.metric
-    if metric in REPORTED_METRICS:
-        return []
-    close = difflib.get_close_matches(metric, REPORTED_METRICS, n=1)
-    hint = f"did you mean '{close[0]}'? " if close else ""
-    return [
-        Problem(
-            path="tuning.metric",
-            value=metric,
-            message=f"the training loop does not report it; {hint}reported: {', '.join(REPORTED_METRICS)}",
-        )
-    ]
-
-
-def _check_mode(config: TandemConfig, space: SearchSpace) -> list[Problem]:
-    metric, mode = config.tuning.metric, config.tuning.mode
-    better = {"val_accuracy": "max", "samples_per_s": "max"}.get(metric, "min" if metric.endswith("loss") else None)
-    if better is None or better == mode:
-        return []
-    direction = "higher" if better == "max" else "lower"
-    return [
-        Problem(
-            path="tuning.mode",
-            value=mode,
-            message=f"{direction} {metric} is better, so mode {mode} would pick the worst trial; set tuning.mode: {better}",
-        )
-    ]
+def _check_metric_and_mode(config: TandemConfig, space: SearchSpace) -> list[Problem]:
+    return ranking_problems("tuning.metric", config.tuning.metric, "tuning.mode", config.tuning.mode, "trial")
 
 
 def _check_asha(config: TandemConfig, space: SearchSpace) -> list[Problem]:
@@ -143,7 +114,7 @@ def _check_search(config: TandemConfig, space: SearchSpace) -> list[Problem]:
     return problems
 
 
-PLAN_CHECKS = (_check_metric, _check_mode, _check_asha, _check_pbt, _check_search)
+PLAN_CHECKS = (_check_metric_and_mode, _check_asha, _check_pbt, _check_search)
 
 
 def plan_problems(config: TandemConfig, space: SearchSpace) -> list[Problem]:

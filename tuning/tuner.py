@@ -27,6 +27,7 @@ from typing import Any
 
 from cluster.artifacts import ArtifactError, atomic_write_text, model_version, new_run_dir, write_manifest
 from cluster.config import ConfigError, Problem, TandemConfig, config_with, read_yaml
+from cluster.config.checks import REPORTED_METRICS
 from cluster.console import move_log
 from cluster.runtime import connect, storage_root
 from tuning.resources import TRIAL_FUNCTION_CPU, TrialPlan, plan_trials
@@ -44,7 +45,7 @@ from tuning.results import (
     write_json,
     write_tuning_manifest,
 )
-from tuning.schedulers import REPORTED_METRICS, build_search, build_trial_scheduler, plan_problems
+from tuning.schedulers import build_search, build_trial_scheduler, plan_problems
 from tuning.space import SearchSpace, count_trials, param_space, parse_space, probe_values, trial_config
 
 TUNE_PREFIX = "tune-"

@@ -193,7 +193,37 @@ def _check_predict_deployments(sections: dict[str, Any]) -> list[Problem]:
     ]
 
 
+# What the training loop (training/loop.py, _epoch_metrics) reports each epoch: what checkpoints
+# and trials can be ranked by.
+REPORTED_METRICS = ("val_loss", "val_accuracy", "train_loss", "samples_per_s", "step_time_s", "peak_memory_mb", "lr")
+
+
+def ranking_problems(metric_path: str, metric: str, mode_path: str, mode: str, ranks: str) -> list[Problem]:
+    """A ranking metric the loop never reports (Ray would rank everything as -inf), or a mode that
+    would pick the worst of `ranks` (checkpoints, trials)."""
+    if metric not in REPORTED_METRICS:
+        close = difflib.get_close_matches(metric, REPORTED_METRICS, n=1)
+        hint = f"did you mean '{close[0]}'? " if close else ""
+        message = f"the training loop does not report it; {hint}reported: {', '.join(REPORTED_METRICS)}"
+        return [Problem(path=metric_path, value=metric, message=message)]
+    better = {"val_accuracy": "max", "samples_per_s": "max"}.get(metric, "min" if metric.endswith("loss") else None)
+    if better is None or better == mode:
+        return []
+    direction = "higher" if better == "max" else "lower"
+    message = f"{direction} {metric} is better, so mode {mode} would pick the worst {ranks}; set {mode_path}: {better}"
+    return [Problem(path=mode_path, value=mode, message=message)]
+
+
+def _check_checkpoint_metric(sections: dict[str, Any]) -> list[Problem]:
+    training = sections.get("training")
+    if training is None:
+        return []
+    checkpoint = training.checkpoint
+    return ranking_problems("training.checkpoint.metric", checkpoint.metric, "training.checkpoint.mode", checkpoint.mode, "checkpoint")
+
+
 CROSS_FIELD_CHECKS = (
+    _check_checkpoint_metric,
     _check_node_group_refs,
     _check_gpus_on_groups,
     _check_fp16_needs_gpu,

@@ -391,3 +391,20 @@ def test_a_plain_path_is_a_file_store_too_and_database_uris_pass():
     assert problem.path == "tracking.mlflow.tracking_uri" and "sqlite:///./mlruns/mlflow.db" in str(problem)
     for uri in ("sqlite:////tmp/tandem-mlruns/mlflow.db", "http://127.0.0.1:5000", "databricks"):
         assert load_config(None, [f"tracking={{mlflow: {{tracking_uri: '{uri}'}}}}"]).tracking.mlflow.tracking_uri == uri
+
+
+def test_a_checkpoint_metric_the_loop_never_reports_or_a_mode_that_keeps_the_worst_is_refused():
+    """training.checkpoint.metric/mode: a misspelt metric would rank every checkpoint -inf in Ray
+    Train (which ones `keep` retains becomes arbitrary); min on val_accuracy keeps the worst."""
+    from cluster.config import ConfigError
+
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["training.checkpoint.metric=val_los"])
+    (problem,) = caught.value.problems
+    assert problem.path == "training.checkpoint.metric" and "did you mean 'val_loss'?" in str(problem)
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["training.checkpoint.metric=val_accuracy"])
+    (problem,) = caught.value.problems
+    assert problem.path == "training.checkpoint.mode" and "set training.checkpoint.mode: max" in str(problem)
+    kept = load_config(None, ["training.checkpoint={metric: val_accuracy, mode: max}"]).training.checkpoint
+    assert (kept.metric, kept.mode) == ("val_accuracy", "max")
