@@ -319,8 +319,7 @@ def profile(
     from profiling.profile import profile as run_profile
 
     report = run_profile(load(config, set_), source=from_, out_dir=out, serve_url=url, quick=quick)
-    console.print(report.summary())
-    console.print(f"report: {report.html_path}")
+    console.print(report.summary())  # ends with the report's path
 
 
 @app.command()

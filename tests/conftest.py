@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import shutil
+import tempfile
 import warnings
 from pathlib import Path
 
@@ -71,3 +73,12 @@ def shared_artifact(tmp_path_factory):
 
     storage = tmp_path_factory.mktemp("shared-artifact")
     return storage, make_artifact(storage, "digits-shared", seed=3, run="run-1")
+
+
+@pytest.fixture
+def ray_tmp():
+    """A Ray temp dir of a `tandem` subprocess's own (short: Ray's socket paths must stay below 107
+    characters), removed afterwards."""
+    folder = Path(tempfile.mkdtemp(prefix="tdm-", dir="/tmp"))
+    yield folder
+    shutil.rmtree(folder, ignore_errors=True)

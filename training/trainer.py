@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import os
+import signal
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -288,11 +290,19 @@ def fit(trainer: Any, run_dir: Path) -> Any:
     CLI prints it, traceback snippet included, without the frames of Ray's driver around it."""
     from ray.train import TrainingFailedError as RayTrainingFailed
 
+    # Ray Train V2's fit() makes Ctrl-C abort the run (a SIGINT handler on the main thread) and leaves
+    # that handler in place: afterwards Ctrl-C only asked the finished run to abort, so `tandem run`'s
+    # later stages and --keep-serving ignored it. The caller's handler comes back when fit() returns.
+    main_thread = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGINT) if main_thread else None
     # Ray Train V2's fit() raises the workers' error itself (it never returns a result holding one).
     try:
         return trainer.fit()
     except RayTrainingFailed as exc:
         raise TrainingFailedError(f"training failed (run folder {run_dir}):\n{exc}") from exc
+    finally:
+        if main_thread and previous is not None:
+            signal.signal(signal.SIGINT, previous)
 
 
 def consolidate(config: TandemConfig, run_dir: Path, result: Any) -> TrainResult:

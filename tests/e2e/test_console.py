@@ -8,6 +8,7 @@ which goes to the run folder's console.log; and a worker's real error still reac
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -46,10 +47,34 @@ def assert_no_chatter(text: str) -> None:
     assert not shown, "library chatter on the console:\n" + "\n".join(shown[:10])
 
 
-def tandem(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
+def tandem_env(cwd: Path, **extra: str) -> dict[str, str]:
+    """A user's shell in `cwd` (their modules importable), quiet unless `extra` says otherwise. A wide
+    terminal: Rich folds lines at its width, and a test's long tmp paths would break across lines."""
     env = {k: v for k, v in os.environ.items() if k not in ("RAY_ADDRESS", "TANDEM_VERBOSE")}
-    env.update(PYTHONPATH=str(cwd), RAY_USAGE_STATS_ENABLED="0", DS_ACCELERATOR="cpu")
-    return subprocess.run([str(VENV_BIN / "tandem"), *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
+    env.update(PYTHONPATH=str(cwd), RAY_USAGE_STATS_ENABLED="0", DS_ACCELERATOR="cpu", COLUMNS="400")
+    env.update(extra)
+    return env
+
+
+def ctrl_c_reaches() -> None:
+    """preexec_fn of a child that must take Ctrl-C as at a terminal: SIGINT's default action, also
+    where the tests run with SIGINT ignored (a background job of a non-interactive shell)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
+def tandem(args: list[str], cwd: Path, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:
+    """The installed `tandem` command, as a user runs it in `cwd`; `env` adds to their shell."""
+    return subprocess.run(
+        [str(VENV_BIN / "tandem"), *args], cwd=cwd, env=tandem_env(cwd, **env), capture_output=True, text=True, timeout=timeout
+    )
+
+
+def assert_refused(done: subprocess.CompletedProcess, message: str) -> None:
+    """Exit 1 with Tandem's one-line error (`error MESSAGE` on stderr) and no Python traceback."""
+    output = done.stdout + done.stderr
+    assert done.returncode == 1, output[-3000:]
+    assert f"error {message}" in done.stderr, output[-3000:]
+    assert "Traceback" not in output, output[-3000:]
 
 
 def test_a_worker_error_reaches_the_quiet_console_and_the_chatter_goes_to_the_log(tmp_path):
@@ -69,8 +94,12 @@ def test_a_worker_error_reaches_the_quiet_console_and_the_chatter_goes_to_the_lo
         tmp_path,
     )
     out = done.stdout + done.stderr
-    assert done.returncode != 0, out[-3000:]
-    assert "layer sizes 7 and 9 disagree" in out, out[-3000:]
+    # Tandem's error line, then the worker's own error (its traceback snippet, from Ray) inside that
+    # message; no traceback of the `tandem` command itself, which a crash of the CLI would print.
+    assert done.returncode == 1 and "error training failed (run folder " in done.stderr, out[-3000:]
+    before, error = done.stderr.split("error training failed (run folder ", 1)
+    assert "Traceback" not in before + done.stdout and "tandem/cli.py" not in done.stderr, out[-3000:]
+    assert "layer sizes 7 and 9 disagree" in error, out[-3000:]
     assert "[tandem] run folder" in out
     (log,) = tmp_path.glob("runs/digits/*/console.log")
     assert f"[tandem] log of Ray, DeepSpeed and the workers: {log}" in out

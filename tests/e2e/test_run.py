@@ -1,11 +1,15 @@
-"""`tandem run` end to end on the packaged example (shortened for CI): train -> export -> serve -> load -> summary."""
+"""`tandem run` end to end on the packaged example (shortened for CI): train -> export -> serve -> load
+-> summary, kept serving until Ctrl-C; then `tandem -v train --resume` continues its run folder."""
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
 import subprocess
-import sys
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -14,43 +18,99 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cluster.artifacts import verify_artifact
 from cluster.tracking import TENSORBOARD_DIR
-from tests.e2e.test_console import assert_no_chatter
+from tests.e2e.test_console import VENV_BIN, assert_no_chatter, ctrl_c_reaches, tandem, tandem_env
+from tests.e2e.test_serve_deploy import post_json
+from training.data import digits
+from training.trainer import read_history
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
-ROOT = Path(__file__).resolve().parents[2]
+RUN_TIMEOUT_S = 900  # bounds a hang of one `tandem run`
+STOP_TIMEOUT_S = 120  # bounds a hang after Ctrl-C (Serve and Ray stop in seconds)
+STEPS_PER_EPOCH = 22  # the packaged example: 1437 training examples / 2 workers / batch 32, drop_last
 
 
-def test_tandem_run_on_the_packaged_default(tmp_path):
-    cmd = [
-        sys.executable,
-        "-m",
-        "tandem.cli",
-        "run",
-        "--requests",
-        "120",
-        "--set",
-        f"cluster.storage={tmp_path}",
-        "--set",
-        "training.epochs=2",
-        "--set",
-        "export.latency_batch_sizes=[1, 32]",
-    ]
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
-    out = done.stdout + done.stderr
-    assert done.returncode == 0, out[-5000:]
-    (artifact,) = [p.parent for p in tmp_path.rglob("artifacts/manifest.json")]
+@dataclass
+class ServedRun:
+    storage: Path
+    output: str  # what the terminal showed, start to exit
+    answer: tuple[int, dict]  # a request to the endpoint after the summary, while it kept serving
+    exit_code: int  # after Ctrl-C
+    url: str
+
+
+@pytest.fixture(scope="module")
+def served_run(tmp_path_factory) -> ServedRun:
+    """`tandem run --keep-serving` of the packaged example (2 epochs), asked for a prediction once it
+    says it keeps serving, then stopped with Ctrl-C: SIGINT to its process group, as a terminal sends it."""
+    storage = tmp_path_factory.mktemp("run")
+    sets = [f"cluster.storage={storage}", "training.epochs=2", "export.latency_batch_sizes=[1, 32]"]
+    log = storage / "run.log"
+    with open(log, "w") as out:
+        running = subprocess.Popen(
+            [str(VENV_BIN / "tandem"), "run", "--keep-serving", "--requests", "120", *[a for s in sets for a in ("--set", s)]],
+            cwd=storage,
+            env=tandem_env(storage),
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a group of its own, as a terminal's foreground job has
+            preexec_fn=ctrl_c_reaches,
+        )
+    try:
+        deadline = time.monotonic() + RUN_TIMEOUT_S
+        while not (ready := re.search(r"^serving at (\S+); Ctrl-C stops$", log.read_text(), flags=re.MULTILINE)):
+            assert running.poll() is None and time.monotonic() < deadline, log.read_text()[-5000:]
+            time.sleep(1)
+        url = ready.group(1)
+        answer = post_json(f"{url}/v1/predict", {"inputs": digits().x[:4].tolist()})
+        os.killpg(running.pid, signal.SIGINT)
+        exit_code = running.wait(timeout=STOP_TIMEOUT_S)
+    finally:
+        if running.poll() is None:
+            os.killpg(running.pid, signal.SIGKILL)
+            running.wait(timeout=60)
+    return ServedRun(storage=storage, output=log.read_text(), answer=answer, exit_code=exit_code, url=url)
+
+
+def test_tandem_run_keeps_serving_after_the_summary_until_ctrl_c(served_run):
+    status, body = served_run.answer
+    assert status == 200 and len(body["predictions"]) == 4, (status, body)
+    assert served_run.exit_code == 0 and "Traceback" not in served_run.output, served_run.output[-5000:]
+    with pytest.raises(OSError):  # the endpoint went with it (refused, or reset while closing)
+        post_json(f"{served_run.url}/v1/predict", {"inputs": digits().x[:4].tolist()}, timeout=5)
+
+
+def test_tandem_run_on_the_packaged_default(served_run):
+    out = served_run.output
+    (artifact,) = [p.parent for p in served_run.storage.rglob("artifacts/manifest.json")]
     manifest = verify_artifact(artifact)
     assert {"model.pt", "model.onnx", "model.int8.onnx"} <= set(manifest["files"])
     # The summary says the served predictions equal the artifact's engine, and no request failed.
-    assert "served == artifact │ 100.0% of held-out examples" in out or "100.0% of held-out examples" in out
+    assert re.search(r"│ served == artifact\s+│ 100\.0% of held-out examples", out), out[-3000:]
     assert " 0 failed at concurrency" in out
-    assert "run folder:" in out
+    assert f"run folder: {artifact.parent}" in out
     # A console for people: Tandem's progress, not Ray's and DeepSpeed's; theirs is in the run's log.
     for epoch in (1, 2):
         assert f"[tandem] epoch   {epoch}/2" in out
     assert_no_chatter(out)
     logged = (artifact.parent / "console.log").read_text()
     assert "(RayTrainWorker pid=" in logged and "[tandem] epoch   2/2" in logged
+
+
+def test_train_resume_by_run_folder_continues_that_run_with_rays_output_under_v(served_run):
+    (run,) = [p.parent.parent for p in served_run.storage.rglob("artifacts/manifest.json")]
+    # A newer run folder with checkpoints: what `--resume latest` would pick, so only the folder
+    # given makes the resume continue `run`.
+    (run.parent / "99999999-newer" / "checkpoints").mkdir(parents=True)
+    args = ["-v", "train", "--resume", str(run), "--set", f"cluster.storage={served_run.storage}", "--set", "training.epochs=3"]
+    done = tandem(args, served_run.storage, timeout=RUN_TIMEOUT_S)
+    output = done.stdout + done.stderr
+    assert done.returncode == 0, output[-5000:]
+    assert f"[tandem] run folder {run}" in output
+    assert re.search(rf"\[tandem\] resumed from .* step {2 * STEPS_PER_EPOCH}\)", output), output[-3000:]
+    assert [h["epoch"] for h in read_history(run)] == [1, 2, 3]
+    assert verify_artifact(run / "artifacts")["epochs"] == 3
+    # -v: Ray's and the workers' own lines on the terminal, and no log to point to.
+    assert "(RayTrainWorker pid=" in output and "[tandem] log of Ray" not in output, output[-3000:]
 
 
 def test_tandem_run_tune_serves_the_best_trials_artifact_and_tracks_the_search(tmp_path):
@@ -73,8 +133,7 @@ def test_tandem_run_tune_serves_the_best_trials_artifact_and_tracks_the_search(t
         f"tuning={tuning}",
         "tracking={mlflow: {}, tensorboard: true}",
     ]
-    cmd = [sys.executable, "-m", "tandem.cli", "run", "--tune", "--requests", "60"] + [arg for s in sets for arg in ("--set", s)]
-    done = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=900)
+    done = tandem(["run", "--tune", "--requests", "60", *[arg for s in sets for arg in ("--set", s)]], tmp_path, timeout=RUN_TIMEOUT_S)
     out = done.stdout + done.stderr
     assert done.returncode == 0, out[-5000:]
     (run_dir,) = tmp_path.rglob("tune-*")
@@ -88,7 +147,7 @@ def test_tandem_run_tune_serves_the_best_trials_artifact_and_tracks_the_search(t
     artifact = verify_artifact(run_dir / "artifacts")
     assert artifact["lineage"]["trial_id"] == results["best_trial"] == tuning_manifest["best"]["trial_id"]
     version = tuning_manifest["artifact"]["version"]
-    assert f"artifact │ {run_dir / 'artifacts'}" in out or str(run_dir / "artifacts") in out
+    assert re.search(rf"│ artifact\s+│ {re.escape(str(run_dir / 'artifacts'))}\s+│", out), out[-3000:]
     assert re.search(rf"served version\s+│\s+{version}", out), out[-3000:]
     assert "100.0% of held-out examples" in out and " 0 failed at concurrency" in out
     assert_no_chatter(out)

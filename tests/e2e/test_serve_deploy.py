@@ -9,6 +9,7 @@ and the model answers over HTTP on the config's port with the artifact's version
 from __future__ import annotations
 
 import json
+import os
 import signal
 import subprocess
 import time
@@ -21,6 +22,7 @@ import pytest
 from cluster.artifacts import model_version
 from cluster.config import load_config
 from tests.e2e.conftest import free_ports
+from tests.e2e.test_console import ctrl_c_reaches
 from tests.unit.artifact_helpers import copy_artifact, digits_val, exported_mlp
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -84,7 +86,7 @@ def test_serve_deploy_of_the_generated_config_serves_the_model_and_tandem_serve_
         assert status.returncode == 0 and "RUNNING" in status.stdout, status.stdout + status.stderr
 
         # `tandem serve` of a second app joins the same cluster (address: auto) beside that one;
-        # SIGTERM (what `tandem jobs stop` and a pod's end send) removes its app, and only its app.
+        # Ctrl-C (SIGINT to its process group, as a terminal sends it) removes its app, and only its app.
         second = tmp_path / "second.yaml"
         second.write_text(load_config(config_file, ["name=digits-b", "serving.route_prefix=/b"]).to_yaml())
         log = open(tmp_path / "tandem-serve.log", "w")  # noqa: SIM115 - closed below
@@ -93,6 +95,8 @@ def test_serve_deploy_of_the_generated_config_serves_the_model_and_tandem_serve_
             env={**ray_head.env, "RAY_ADDRESS": ray_head.gcs},
             stdout=log,
             stderr=subprocess.STDOUT,
+            start_new_session=True,  # a group of its own, as a terminal's foreground job has
+            preexec_fn=ctrl_c_reaches,
         )
         try:
             # Ready when it says so (a request to /b could be answered by the "/" app before /b exists).
@@ -102,8 +106,9 @@ def test_serve_deploy_of_the_generated_config_serves_the_model_and_tandem_serve_
                 time.sleep(1)
             answer = post_json(f"http://127.0.0.1:{port}/b/v1/predict", {"inputs": x[:4].tolist()})
             assert answer[0] == 200, answer
-            serving.send_signal(signal.SIGTERM)
+            os.killpg(serving.pid, signal.SIGINT)
             assert serving.wait(timeout=CLI_TIMEOUT_S) == 0, (tmp_path / "tandem-serve.log").read_text()[-3000:]
+            assert "stopping digits-b" in (tmp_path / "tandem-serve.log").read_text()
         finally:
             serving.kill()
             log.close()

@@ -3,15 +3,21 @@
 The plain `ray job submit --working-dir DIR -- tandem train CONFIG` trains and leaves a verified
 artifact in the configured storage, and `tandem submit CONFIG predict` scores a file with it; a
 `tandem submit CONFIG train` broken by an override exits non-zero and says why; `tandem jobs`
-sees the jobs; a client without the token is refused. Storage is an absolute tmp path: the cluster shares this machine's disk.
+sees the jobs; a client without the token is refused. `tandem submit --no-follow`, `tandem jobs
+status|logs|stop` and Ctrl-C while following run on a cheap job: `tandem validate` whose data
+source waits for a file the test creates. Storage is an absolute tmp path: the cluster shares this machine's disk.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import re
+import signal
+import subprocess
 import sys
 import textwrap
+import time
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -20,6 +26,7 @@ import yaml
 
 from cluster.artifacts import verify_artifact
 from cluster.config import load_config
+from tests.e2e.test_console import ctrl_c_reaches
 from training.data import digits
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(2400)]
@@ -112,21 +119,109 @@ def test_a_job_broken_by_an_override_exits_non_zero_with_its_error(broken_submis
     assert "Traceback" not in broken_submission.stderr  # the client's own output stays clean
 
 
-def test_jobs_functions_see_the_failed_job(ray_head, broken_submission):
-    job_id = re.search(r"submitted (\S+) to", broken_submission.stdout).group(1)
-    result = python(
-        ray_head,
-        f"""
-        from tandem.submit import format_jobs, job_logs, job_status, list_jobs
-        address = {ray_head.address!r}
-        print(format_jobs(list_jobs(address)))
-        print("STATUS", job_status(address, {job_id!r}))
-        print("LOGS", "bogus" in job_logs(address, {job_id!r}))
-    """,
+def tandem_jobs(ray_head, *args: str):
+    """`tandem jobs ARGS --address HEAD` as a user runs it (a wide terminal: table rows stay whole)."""
+    return ray_head.run(
+        ["tandem", "jobs", *args, "--address", ray_head.address], timeout=CLIENT_TIMEOUT_S, env={**ray_head.env, "COLUMNS": "400"}
     )
-    assert result.returncode == 0, result.stderr[-4000:]
-    assert job_id in result.stdout and "train" in result.stdout
-    assert "STATUS FAILED" in result.stdout and "LOGS True" in result.stdout
+
+
+def poll(read, wanted, what: str, deadline_s: float = JOB_TIMEOUT_S):
+    """read() until wanted(value) holds; the deadline only bounds a hang."""
+    deadline = time.monotonic() + deadline_s
+    while not wanted(value := read()):
+        assert time.monotonic() < deadline, f"{what} within {deadline_s} s; last: {value}"
+        time.sleep(1)
+    return value
+
+
+def job_id_of(output: str) -> str:
+    return re.search(r"submitted (\S+) to", output).group(1)
+
+
+def test_tandem_jobs_list_status_and_logs_show_the_failed_job(ray_head, broken_submission):
+    job_id = job_id_of(broken_submission.stdout)
+    listed = tandem_jobs(ray_head, "list")
+    assert listed.returncode == 0, listed.stdout + listed.stderr
+    assert re.search(rf"^{re.escape(job_id)}\s+FAILED\s+train\s", listed.stdout, flags=re.MULTILINE), listed.stdout
+    status = tandem_jobs(ray_head, "status", job_id)
+    assert status.returncode == 0 and status.stdout.strip() == "FAILED", status.stdout + status.stderr
+    logs = tandem_jobs(ray_head, "logs", job_id)
+    assert logs.returncode == 0 and "bogus" in logs.stdout, logs.stdout[-3000:] + logs.stderr
+    missing = tandem_jobs(ray_head, "status", "no-such-job")
+    assert missing.returncode == 1 and "error no job 'no-such-job' on this cluster" in missing.stderr, missing.stderr
+    assert "Traceback" not in missing.stderr
+
+
+GATED_SOURCE = '''
+import time
+from pathlib import Path
+
+from training.data import digits
+
+
+def digits_when(gate):
+    """The digits once the file `gate` exists: a job that runs until its test lets it finish."""
+    print(f"waiting for {gate}", flush=True)
+    while not Path(gate).exists():
+        time.sleep(0.1)
+    return digits()
+'''
+
+
+def submit_gated_validate(ray_head, folder, *flags: str, **popen):
+    """`tandem submit tandem.yaml validate` from `folder` (the job's working_dir): a cheap job whose
+    data source waits for `folder/gate`. With popen arguments, started in the background."""
+    folder.mkdir(exist_ok=True)
+    (folder / "gated.py").write_text(GATED_SOURCE)
+    (folder / "tandem.yaml").write_text(load_config(None, [f"cluster.storage={folder / 'runs'}"]).to_yaml())
+    gated = ["data.source=gated:digits_when", f"data.args={{gate: {folder / 'gate'}}}"]
+    command = ["tandem", "submit", "tandem.yaml", "validate", "--address", ray_head.address, *flags, *sets(gated)]
+    if popen:
+        return subprocess.Popen(command, cwd=folder, env=ray_head.env, **popen)
+    return ray_head.run(command, timeout=CLIENT_TIMEOUT_S, cwd=folder)
+
+
+def test_submit_no_follow_returns_and_tandem_jobs_stop_stops_the_running_job(ray_head, tmp_path):
+    submitted = submit_gated_validate(ray_head, tmp_path / "job", "--no-follow")
+    assert submitted.returncode == 0, (submitted.stdout + submitted.stderr)[-3000:]
+    job_id = job_id_of(submitted.stdout)
+    assert f"tandem jobs logs {job_id}" in submitted.stdout
+    # The client returned while the job runs: its data source says it waits for the gate.
+    poll(lambda: tandem_jobs(ray_head, "logs", job_id).stdout, lambda logs: "waiting for" in logs, "the job's own line in its logs")
+    assert tandem_jobs(ray_head, "status", job_id).stdout.strip() == "RUNNING"
+    stopped = tandem_jobs(ray_head, "stop", job_id)
+    assert stopped.returncode == 0 and stopped.stdout.strip() == "stopped", stopped.stdout + stopped.stderr
+    poll(lambda: tandem_jobs(ray_head, "status", job_id).stdout.strip(), lambda s: s == "STOPPED", "the job STOPPED")
+    assert tandem_jobs(ray_head, "stop", job_id).stdout.strip() == "not running"
+
+
+def test_ctrl_c_while_following_exits_130_and_leaves_the_job_running(ray_head, tmp_path):
+    log = tmp_path / "submit.log"
+    with open(log, "w") as out:
+        follower = submit_gated_validate(
+            ray_head,
+            tmp_path / "job",
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,  # a group of its own, as a terminal's foreground job has
+            preexec_fn=ctrl_c_reaches,
+        )
+    try:
+        # Following: the job's own line has come through the log stream.
+        poll(lambda: log.read_text(), lambda text: "waiting for" in text or follower.poll() is not None, "the job's logs streamed")
+        assert follower.poll() is None, log.read_text()[-3000:]
+        os.killpg(follower.pid, signal.SIGINT)  # what Ctrl-C sends: the foreground process group
+        assert follower.wait(timeout=CLIENT_TIMEOUT_S) == 130, log.read_text()[-3000:]
+    finally:
+        if follower.poll() is None:
+            follower.kill()
+    output = log.read_text()
+    assert "stopped following; the job keeps running" in output and "Traceback" not in output, output[-3000:]
+    job_id = job_id_of(output)
+    assert tandem_jobs(ray_head, "status", job_id).stdout.strip() == "RUNNING"
+    (tmp_path / "job" / "gate").touch()  # the job goes on to its end
+    poll(lambda: tandem_jobs(ray_head, "status", job_id).stdout.strip(), lambda s: s == "SUCCEEDED", "the job SUCCEEDED")
 
 
 def test_stopped_job_is_reported_non_zero(ray_head):

@@ -7,28 +7,34 @@ starts a Train run (controller, worker, DeepSpeed) and the CI machine has two co
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
+import uuid
 from pathlib import Path
 
 import pytest
 import torch
-from ray.tune import Callback
 
 from cluster.artifacts import load_model, read_manifest, verify_artifact
 from cluster.config import ConfigError, config_with, load_config
+from tests.e2e.test_console import assert_no_chatter
+from tests.reliability.test_training_faults import VENV_BIN, stop_tagged, tandem_env, wait_for_no_tagged_processes
 from training.data import digits, split
 from training.ds_config import lr_factor
 from training.trainer import read_history
 from tuning import tune
 from tuning.results import RESULTS_CSV, RESULTS_JSON, RESULTS_PNG, TUNING_MANIFEST
 from tuning.segments import read_segments
+from tuning.tuner import EXPERIMENT, TUNE_PREFIX
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
 # Every trial starts a Train run (a controller, a worker, DeepSpeed): minutes each on a loaded 2-core machine.
 SLOW_TUNE_TIMEOUT_S = 3600
+TUNE_RUN_TIMEOUT_S = 900  # bounds a hang of one `tandem tune` subprocess
 
 # Shuffled, as a random search would meet them; a constant schedule keeps the ranking by lr the
 # same at every epoch, so the best configuration is not a coin toss between close values.
@@ -222,44 +228,77 @@ def test_pbt_exploits_load_their_checkpoint_and_every_trial_finishes(ray_session
     verify_artifact(result.artifact_dir)
 
 
-class InterruptOnce(Callback):
-    """Fails the tune (as a crashed driver would) once `finished` trials are done and Tune has had
-    time to snapshot that; a marker file keeps the restored copy of this callback from firing again."""
-
-    def __init__(self, marker: Path, finished: int, settle_s: float = 5.0):
-        self.marker, self.finished, self.settle_s = Path(marker), finished, settle_s
-        self.done_at: float | None = None
-
-    def on_step_begin(self, iteration, trials, **info):
-        if self.marker.exists():
-            return
-        done = [t.trial_id for t in trials if t.status == "TERMINATED"]
-        if len(done) >= self.finished and self.done_at is None:
-            self.done_at = time.monotonic()
-        if self.done_at is not None and time.monotonic() - self.done_at >= self.settle_s:
-            self.marker.write_text(json.dumps(done))
-            raise RuntimeError("simulated interruption")
+def finished_trials_on_disk(experiment: Path) -> list[str]:
+    """Trials that Tune's newest experiment state file (what a resume reads) records as TERMINATED."""
+    states = sorted(experiment.glob("experiment_state-*.json"))
+    try:
+        trials = json.loads(states[-1].read_text())["trial_data"] if states else []
+    except (OSError, ValueError):  # being rewritten
+        return []
+    return [state["trial_id"] for state in (json.loads(trial) for trial, _ in trials) if state["status"] == "TERMINATED"]
 
 
 @pytest.mark.slow
 @pytest.mark.timeout(SLOW_TUNE_TIMEOUT_S)
-def test_restore_after_an_interruption_does_not_rerun_finished_trials(ray_session, tmp_path):
+def test_tandem_tune_killed_mid_search_resumes_without_rerunning_finished_trials(tmp_path, ray_tmp):
+    """`tandem tune` SIGKILLed (its whole process group) once Tune's state on disk records a finished
+    trial; `tandem tune --resume` continues that run folder, runs no finished trial again, completes.
+    The first run has TANDEM_VERBOSE=1 and shows Ray's output; the resumed one's console is quiet."""
+    storage, progress = tmp_path / "runs", tmp_path / "progress"
+    progress.mkdir()
+    config_path = tmp_path / "tandem.yaml"
     config = tiny(
-        tmp_path,
+        storage,
         "{max_concurrent_trials: 2, search: {name: grid}, space: {training.optimizer.lr: {grid: [1.0e-3, 1.0e-2, 3.0e-2]}}}",
         "training.epochs=1",
     )
-    marker = tmp_path / "interrupted.json"
-    with pytest.raises(Exception):  # noqa: B017 - Tune may wrap the callback's error
-        tune(config, callbacks=[InterruptOnce(marker, finished=1)])
-    assert marker.exists(), "the tune failed before the simulated interruption"
-    finished_before = json.loads(marker.read_text())
-    assert len(finished_before) >= 1
+    config_path.write_text(config.to_yaml())
+    tag, log = uuid.uuid4().hex, tmp_path / "first.log"
+    with open(log, "w") as out:
+        # Its own session: the SIGKILL goes to the driver and everything in its process group.
+        driver = subprocess.Popen(
+            [str(VENV_BIN / "tandem"), "tune", str(config_path)],
+            cwd=tmp_path,
+            env={**tandem_env(tag, progress, ray_tmp / "first"), "TANDEM_VERBOSE": "1"},
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
+    try:
+        deadline, finished, experiment = time.monotonic() + TUNE_RUN_TIMEOUT_S, [], None
+        while not finished and driver.poll() is None and time.monotonic() < deadline:
+            experiment = next(storage.glob(f"{config.name}/{TUNE_PREFIX}*/{EXPERIMENT}"), None)
+            finished = finished_trials_on_disk(experiment) if experiment else []
+            time.sleep(0.2)
+        assert finished and driver.poll() is None, f"no finished trial on disk while the tune ran:\n{log.read_text()[-3000:]}"
+        os.killpg(driver.pid, signal.SIGKILL)
+        driver.wait(timeout=30)
+        leaked = wait_for_no_tagged_processes(tag, timeout_s=60)
+        assert not leaked, f"processes of the killed tune still alive after 60 s: {leaked}"
+    finally:
+        stop_tagged(driver, tag)
+    assert len(finished_trials_on_disk(experiment)) < 3, "every trial finished before the kill: nothing left to resume"
+    assert "(RayTrainWorker pid=" in log.read_text(), log.read_text()[-3000:]  # TANDEM_VERBOSE=1: the workers' own lines
 
-    result = tune(config, resume=True)
-    assert len(result.trials) == 3 and all(t.status == "completed" for t in result.trials)
-    by_id = {t.trial_id: t for t in result.trials}
-    for trial_id in finished_before:
-        assert by_id[trial_id].starts == 1, f"{trial_id} finished before the interruption but ran again"
-    assert len(list(result.run_dir.parent.glob("tune-*"))) == 1, "resume continued the same run folder"
-    assert read_manifest(result.artifact_dir)["lineage"]["trial_id"] == result.best.trial_id
+    resumed = subprocess.run(
+        [str(VENV_BIN / "tandem"), "tune", str(config_path), "--resume"],
+        cwd=tmp_path,
+        # Quiet (no TANDEM_VERBOSE); a wide terminal, so Rich does not fold the long tmp paths it prints.
+        env={**{k: v for k, v in tandem_env(tag, progress, ray_tmp / "resumed").items() if k != "TANDEM_VERBOSE"}, "COLUMNS": "400"},
+        capture_output=True,
+        text=True,
+        timeout=TUNE_RUN_TIMEOUT_S,
+        start_new_session=True,
+    )
+    assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-5000:]
+    (run_dir,) = storage.glob(f"{config.name}/{TUNE_PREFIX}*")  # resume continued the same run folder
+    assert f"results: {run_dir}" in resumed.stdout, resumed.stdout[-3000:]
+    assert_no_chatter(resumed.stdout + resumed.stderr)
+    results = json.loads((run_dir / RESULTS_JSON).read_text())
+    trials = {t["trial_id"]: t for t in results["trials"]}
+    assert len(trials) == 3 and all(t["status"] == "completed" for t in trials.values()), results["trials"]
+    for trial_id in finished:
+        assert trials[trial_id]["starts"] == 1, f"{trial_id} finished before the kill but ran again"
+    assert read_manifest(run_dir / "artifacts")["lineage"]["trial_id"] == results["best_trial"]
+    leaked = wait_for_no_tagged_processes(tag, timeout_s=60)
+    assert not leaked, f"processes of the resumed tune still alive after it exited: {leaked}"

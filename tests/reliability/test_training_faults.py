@@ -11,11 +11,9 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -238,14 +236,6 @@ def wait_for_no_tagged_processes(tag: str, timeout_s: float) -> list[int]:
     while (left := tagged_processes(tag)) and time.monotonic() < deadline:
         time.sleep(0.5)
     return left
-
-
-@pytest.fixture
-def ray_tmp():
-    """A Ray temp dir of the subprocess's own (short: Ray's socket paths must stay below 107 characters)."""
-    folder = Path(tempfile.mkdtemp(prefix="tdm-", dir="/tmp"))
-    yield folder
-    shutil.rmtree(folder, ignore_errors=True)
 
 
 def tandem_env(tag: str, progress: Path, ray_tmp: Path) -> dict[str, str]:
