@@ -107,7 +107,7 @@ def run_lifecycle(
 ) -> RunSummary:
     import os
 
-    from serving.deploy import serve, shutdown
+    from serving.deploy import serve, serve_until_stopped, shutdown
     from serving.optimize.export import export
     from serving.optimize.parity import format_report
     from training.data import load_dataset, split
@@ -133,12 +133,8 @@ def run_lifecycle(
             console.print(summary_table(summary))
             console.print(f"run folder: {artifact_dir.parent}")
             if keep_serving:
-                console.print(f"serving at {url}; Ctrl-C stops")
-                try:
-                    while True:
-                        time.sleep(1)
-                except KeyboardInterrupt:
-                    pass
+                console.print(f"serving at {url}; Ctrl-C or SIGTERM stops")
+                serve_until_stopped(config)  # SIGTERM too: `tandem jobs stop` on a submitted run
         finally:
             shutdown(config)
     return summary

@@ -57,7 +57,7 @@ def served_run(tmp_path_factory) -> ServedRun:
         )
     try:
         deadline = time.monotonic() + RUN_TIMEOUT_S
-        while not (ready := re.search(r"^serving at (\S+); Ctrl-C stops$", log.read_text(), flags=re.MULTILINE)):
+        while not (ready := re.search(r"^serving at (\S+); Ctrl-C or SIGTERM stops$", log.read_text(), flags=re.MULTILINE)):
             assert running.poll() is None and time.monotonic() < deadline, log.read_text()[-5000:]
             time.sleep(1)
         url = ready.group(1)

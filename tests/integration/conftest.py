@@ -13,12 +13,13 @@ import pytest
 from cluster.config import load_config
 from training.trainer import TrainResult, train
 
-DEFAULT_EXAMPLE_EPOCHS = 12
+# The packaged example as it is (cluster/example.yaml: 8 epochs, 0.97-0.98 validation accuracy).
+DEFAULT_EXAMPLE_EPOCHS = 8
 
 
 @pytest.fixture(scope="session")
 def default_example_run(ray_session, tmp_path_factory) -> tuple[TrainResult, object]:
-    """The packaged example (ZeRO-2, 2 workers, MLP [128, 128], augmentation) for 12 epochs, tracked
+    """The packaged example (ZeRO-2, 2 workers, MLP [128, 128], augmentation) for its 8 epochs, tracked
     in MLflow and TensorBoard: the accuracy test's run, the distillation test's teacher and the
     tracking test's run."""
     config = load_config(
