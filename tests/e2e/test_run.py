@@ -7,7 +7,6 @@ import json
 import os
 import re
 import signal
-import subprocess
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,7 +17,7 @@ from tensorboard.backend.event_processing.event_accumulator import EventAccumula
 
 from cluster.artifacts import verify_artifact
 from cluster.tracking import TENSORBOARD_DIR
-from tests.e2e.test_console import VENV_BIN, assert_no_chatter, ctrl_c_reaches, tandem, tandem_env
+from tests.e2e.test_console import VENV_BIN, assert_no_chatter, start_in_terminal, tandem, tandem_env
 from tests.e2e.test_serve_deploy import post_json
 from training.data import digits
 from training.trainer import read_history
@@ -46,14 +45,11 @@ def served_run(tmp_path_factory) -> ServedRun:
     sets = [f"cluster.storage={storage}", "training.epochs=2", "export.latency_batch_sizes=[1, 32]"]
     log = storage / "run.log"
     with open(log, "w") as out:
-        running = subprocess.Popen(
+        running = start_in_terminal(
             [str(VENV_BIN / "tandem"), "run", "--keep-serving", "--requests", "120", *[a for s in sets for a in ("--set", s)]],
+            out,
+            tandem_env(storage),
             cwd=storage,
-            env=tandem_env(storage),
-            stdout=out,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # a group of its own, as a terminal's foreground job has
-            preexec_fn=ctrl_c_reaches,
         )
     try:
         deadline = time.monotonic() + RUN_TIMEOUT_S

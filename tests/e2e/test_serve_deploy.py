@@ -22,7 +22,7 @@ import pytest
 from cluster.artifacts import model_version
 from cluster.config import load_config
 from tests.e2e.conftest import free_ports
-from tests.e2e.test_console import ctrl_c_reaches
+from tests.e2e.test_console import start_in_terminal
 from tests.unit.artifact_helpers import copy_artifact, digits_val, exported_mlp
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1200)]
@@ -90,13 +90,8 @@ def test_serve_deploy_of_the_generated_config_serves_the_model_and_tandem_serve_
         second = tmp_path / "second.yaml"
         second.write_text(load_config(config_file, ["name=digits-b", "serving.route_prefix=/b"]).to_yaml())
         log = open(tmp_path / "tandem-serve.log", "w")  # noqa: SIM115 - closed below
-        serving = subprocess.Popen(
-            ["tandem", "serve", str(second), "--from", str(artifact)],
-            env={**ray_head.env, "RAY_ADDRESS": ray_head.gcs},
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,  # a group of its own, as a terminal's foreground job has
-            preexec_fn=ctrl_c_reaches,
+        serving = start_in_terminal(
+            ["tandem", "serve", str(second), "--from", str(artifact)], log, {**ray_head.env, "RAY_ADDRESS": ray_head.gcs}
         )
         try:
             # Ready when it says so (a request to /b could be answered by the "/" app before /b exists).

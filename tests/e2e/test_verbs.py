@@ -25,8 +25,7 @@ import yaml
 from cluster.artifacts import verify_artifact
 from cluster.config import load_config
 from tests.e2e.test_console import assert_refused, tandem
-from tests.integration.test_serving import HIDDEN
-from training.data import digits
+from tests.integration.test_serving import HIDDEN, save_trained_weights
 
 READY_FOR_KUBERNETES = [
     "cluster.image=registry.example.com/tandem:0.1.0-ray2.60.0",
@@ -44,24 +43,6 @@ def digests(folder: Path) -> dict[str, str]:
     return {p.name: hashlib.sha256(p.read_bytes()).hexdigest() for p in sorted(folder.iterdir()) if p.is_file()}
 
 
-def save_trained_weights(path: Path, hidden: list[int]) -> None:
-    """A state_dict of the digits MLP trained for a second in plain torch, outside Tandem."""
-    import torch
-
-    from training.models import mlp
-
-    torch.manual_seed(3)
-    data = digits()
-    model = mlp((64,), 10, hidden=hidden)
-    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
-    x, y = torch.from_numpy(data.x), torch.from_numpy(data.y).long()
-    for _ in range(30):
-        optimizer.zero_grad()
-        torch.nn.functional.cross_entropy(model(x), y).backward()
-        optimizer.step()
-    torch.save(model.state_dict(), path)
-
-
 # ---------------------------------------------------------------------------------------------
 # no Ray: import, export, profile, serve-config, check, predict's refusal
 # ---------------------------------------------------------------------------------------------
@@ -73,7 +54,7 @@ def imported(tmp_path_factory):
     folder = tmp_path_factory.mktemp("verbs")
     config = folder / "tandem.yaml"
     config.write_text(load_config(None, [f"cluster.storage={folder / 'runs'}", f"model.args.hidden={HIDDEN}"]).to_yaml())
-    save_trained_weights(folder / "weights.pt", HIDDEN)
+    save_trained_weights(folder / "weights.pt", HIDDEN, seed=3)
     done = tandem(["import", str(config), "--weights", str(folder / "weights.pt")], folder, timeout=120)
     found = re.search(r"^artifact: (\S+) \(version (\w+)\)$", done.stdout, flags=re.MULTILINE)
     return folder, config, done, Path(found.group(1)) if found else None
@@ -93,7 +74,7 @@ def test_import_makes_an_artifact_and_refuses_weights_of_another_shape(imported)
     manifest = verify_artifact(artifact)
     assert manifest["model"]["args"] == {"hidden": HIDDEN}
 
-    save_trained_weights(folder / "wider.pt", [h * 2 for h in HIDDEN])
+    save_trained_weights(folder / "wider.pt", [h * 2 for h in HIDDEN], seed=3)
     wider = tandem(["import", str(config), "--weights", str(folder / "wider.pt")], folder, timeout=120)
     assert_refused(wider, f"--weights {folder / 'wider.pt'} does not fit training.models:mlp")
     assert "key '1.weight' has shape" in wider.stderr

@@ -37,29 +37,35 @@ os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "5")
 # ---------------------------------------------------------------------------------------------
 
 
-def make_artifact(storage: Path, name: str, seed: int, run: str) -> Path:
-    """Train a small MLP on the digits for a second in plain torch, outside Tandem, save its
-    state_dict as `<run>-weights.pt`, bring it in with `tandem import`'s function, and export
-    ONNX fp32 and int8."""
+def save_trained_weights(path: Path, hidden: list[int], seed: int) -> None:
+    """A state_dict of the digits MLP trained for a second in plain torch, outside Tandem."""
     import torch
 
-    from serving.optimize.export import export
     from training.data import digits
-    from training.importing import import_weights
     from training.models import mlp
 
     torch.manual_seed(seed)
     data = digits()
-    model = mlp((64,), 10, hidden=HIDDEN)
+    model = mlp((64,), 10, hidden=hidden)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     x, y = torch.from_numpy(data.x), torch.from_numpy(data.y).long()
     for _ in range(30):
         optimizer.zero_grad()
         torch.nn.functional.cross_entropy(model(x), y).backward()
         optimizer.step()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(model.state_dict(), path)
+
+
+def make_artifact(storage: Path, name: str, seed: int, run: str) -> Path:
+    """Train a small MLP on the digits for a second in plain torch, outside Tandem, save its
+    state_dict as `<run>-weights.pt`, bring it in with `tandem import`'s function, and export
+    ONNX fp32 and int8."""
+    from serving.optimize.export import export
+    from training.importing import import_weights
+
     weights = storage / f"{name}-{run}-weights.pt"
-    storage.mkdir(parents=True, exist_ok=True)
-    torch.save(model.state_dict(), weights)
+    save_trained_weights(weights, HIDDEN, seed)
     config = serving_config(storage, name, {})
     folder = import_weights(config, weights).artifact_dir
     export(config, source=folder, latency_budget_s=0.02)
