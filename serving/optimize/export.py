@@ -224,6 +224,7 @@ def export_onnx(model: Any, input_shape: tuple[int, ...], path: Path, opset: int
 @dataclass
 class HeldOut:
     x_train: np.ndarray
+    y_train: np.ndarray
     x_val: np.ndarray
     y_val: np.ndarray
 
@@ -239,7 +240,7 @@ def held_out_data(config: TandemConfig, input_shape: tuple[int, ...]) -> HeldOut
             f"{tuple(input_shape)}; export with the config the model was trained with (data.source, data.args)"
         )
     train, val = split(dataset, config.data.val_fraction, config.data.seed)
-    return HeldOut(x_train=train.x.astype(np.float32), x_val=val.x.astype(np.float32), y_val=val.y)
+    return HeldOut(x_train=train.x.astype(np.float32), y_train=train.y, x_val=val.x.astype(np.float32), y_val=val.y)
 
 
 @dataclass
@@ -334,7 +335,9 @@ def quantize_stage(config: TandemConfig, onnx_path: Path, staging: Path, measure
     return info
 
 
-def prune_stage(model: Any, config: TandemConfig, fine_tune: FineTune | None) -> tuple[Any, PruneResult, dict[str, Any]]:
+def prune_stage(
+    model: Any, config: TandemConfig, fine_tune: FineTune | None, data: HeldOut
+) -> tuple[Any, PruneResult, dict[str, Any]]:
     """A pruned copy of the model (the source stays whole), optionally fine-tuned with the zeros kept."""
     spec = config.export.prune
     assert spec is not None
@@ -343,7 +346,7 @@ def prune_stage(model: Any, config: TandemConfig, fine_tune: FineTune | None) ->
     info = result.summary()
     if spec.fine_tune_epochs:
         if fine_tune is None:
-            pruned = fine_tune_pruned(pruned, config, result.masks)
+            pruned = fine_tune_pruned(pruned, config, result.masks, data.x_train, data.y_train)
         else:
             pruned = fine_tune(pruned, config)
         apply_masks(pruned, result.masks)  # a given fine-tune may have moved the zeros; prune them again
@@ -419,7 +422,7 @@ def _pruned_artifacts(
     """model.pruned.pt (and model.pruned.onnx) into staging, with their parity entries; returns the files written."""
     if config.export.prune is None:
         return []
-    pruned, result, info["prune"] = prune_stage(model, config, fine_tune)
+    pruned, result, info["prune"] = prune_stage(model, config, fine_tune, measure.data)
     atomic_save_torch({k: v.detach().contiguous() for k, v in pruned.state_dict().items()}, staging / PRUNED_FILE)
     sparsity = {"sparsity": round(result.sparsity, 6)}
     report[PRUNED_FILE] = {**measure.entry(measure.torch_engine(pruned), staging / PRUNED_FILE), **sparsity}

@@ -18,6 +18,7 @@ zeros kept after every step; `apply_masks` puts them back after any other fine-t
 
 from __future__ import annotations
 
+import logging
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,6 +28,8 @@ from torch import nn
 from torch.nn.utils import prune
 
 from cluster.errors import EngineError
+
+logger = logging.getLogger("tandem")
 
 _LAYERS = (nn.Linear, nn.Conv1d, nn.Conv2d, nn.Conv3d)
 
@@ -150,22 +153,17 @@ def apply_masks(model: nn.Module, masks: dict[str, torch.Tensor]) -> None:
         parameters[name].mul_(mask.to(parameters[name].dtype))
 
 
-def fine_tune_pruned(model: nn.Module, config: Any, masks: dict[str, torch.Tensor]) -> nn.Module:
+def fine_tune_pruned(model: nn.Module, config: Any, masks: dict[str, torch.Tensor], x_train: Any, y_train: Any) -> nn.Module:
     """export.prune.fine_tune_epochs of plain torch training in this process, the zeros kept.
 
-    The config's training split (its data source in memory, as export's parity check reads it),
-    its optimizer, learning rate, micro-batch and seed; `masks` are applied after every step, so
-    the pruned weights stay zero while the others recover. In-process on purpose: export runs in
-    one process on one machine, and a Ray Train run would cost more start-up than the fine-tune.
+    The training split export already read (its parity and calibration data), the config's
+    optimizer, learning rate, micro-batch and seed; `masks` are applied after every step, so the
+    pruned weights stay zero while the others recover. In-process on purpose: export runs in one
+    process on one machine, and a Ray Train run would cost more start-up than the fine-tune.
     """
-    import logging
-
-    from training.arrays import split
-    from training.data import load_dataset
     from training.ds_config import build_optimizer
 
-    train, _ = split(load_dataset(config), config.data.val_fraction, config.data.seed)
-    x, y = torch.from_numpy(train.x).float(), torch.from_numpy(train.y).long()
+    x, y = torch.as_tensor(x_train).float(), torch.as_tensor(y_train).long()
     generator = torch.Generator().manual_seed(config.training.seed)
     optimizer = build_optimizer(config, model.parameters())
     batch = config.data.batch_size
@@ -180,6 +178,6 @@ def fine_tune_pruned(model: nn.Module, config: Any, masks: dict[str, torch.Tenso
             with torch.no_grad():
                 apply_masks(model, masks)
             total += loss.item() * len(rows)
-        logging.getLogger("tandem").info("[tandem] pruned model fine-tune epoch %d: train loss %.4f", epoch, total / len(y))
+        logger.info("[tandem] pruned model fine-tune epoch %d: train loss %.4f", epoch, total / len(y))
     model.eval()
     return model
