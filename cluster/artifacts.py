@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import pickle
 import re
 import tempfile
@@ -30,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.errors import TandemError
+from cluster.storage import Location, atomic_write_bytes, fetch_folder, location, publish_folder
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.pt"
@@ -48,46 +48,6 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
-
-
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    """Write `data` to `path` so that a reader (or a crash) sees the old file or the new one, whole."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        # mkstemp makes the file 0600; give it the mode a plain open() would (replicas and
-        # Kubernetes pods may read artifacts as another user).
-        os.fchmod(fd, 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(data)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    _fsync_dir(path.parent)
-
-
-def _fsync_dir(folder: Path) -> None:
-    """Make a rename durable: without this a power loss can bring back the old directory entry."""
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass  # some filesystems (and all of Windows) refuse fsync on a directory
-    finally:
-        os.close(fd)
-
-
 def atomic_write_text(path: Path, text: str) -> None:
     atomic_write_bytes(path, text.encode())
 
@@ -104,14 +64,21 @@ def atomic_save_torch(obj: Any, path: Path) -> None:
     atomic_write_bytes(path, buffer.getvalue())
 
 
-def new_run_dir(storage: Path, name: str, prefix: str = "") -> Path:
-    """A fresh run folder `<storage>/<name>/<prefix><timestamp>`; never reuses an existing one."""
-    base = Path(storage) / name
+def new_run_dir(storage: Location, name: str, prefix: str = "") -> Location:
+    """A fresh run folder `<storage>/<name>/<prefix><timestamp>`; never reuses an existing one.
+
+    On an object store the folder exists once its first file is written; the caller writes
+    config.yaml at once."""
+    base = location(storage) / name
     stamp = time.strftime("%Y%m%d-%H%M%S")
     for n in range(1000):
         run = base / f"{prefix}{stamp}{'' if n == 0 else f'-{n}'}"
+        if run.remote:
+            if not run.exists() and not run.children():
+                return run
+            continue
         try:
-            run.mkdir(parents=True)
+            Path(run.uri).mkdir(parents=True)
             return run
         except FileExistsError:
             continue
@@ -159,6 +126,18 @@ def _load_manifest_json(path: Path) -> dict[str, Any]:
         raise ArtifactError(f"{path} is not valid JSON ({exc}); the artifact is damaged, export or train again") from None
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{path} is not a JSON object; the artifact is damaged, export or train again")
+    return manifest
+
+
+def _load_manifest_bytes(where: Location) -> dict[str, Any]:
+    try:
+        manifest = json.loads(where.read_bytes())
+    except FileNotFoundError:
+        raise ArtifactError(f"{where} does not exist; train a model first (tandem train) or point at an artifacts folder") from None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ArtifactError(f"{where} is not valid JSON ({exc}); the artifact is damaged, export or train again") from None
+    if not isinstance(manifest, dict):
+        raise ArtifactError(f"{where} is not a JSON object; the artifact is damaged, export or train again")
     return manifest
 
 
@@ -238,11 +217,13 @@ def load_state_dict(folder: Path, name: str = MODEL_FILE) -> dict[str, Any]:
         ) from None
 
 
-def model_version(artifact: Path | dict[str, Any]) -> str:
+def model_version(artifact: Path | Location | dict[str, Any]) -> str:
     """The model version: the first 12 hex digits of model.pt's sha256 (changes with the weights).
 
     artifact: an artifacts folder, or its manifest already read."""
-    manifest = artifact if isinstance(artifact, dict) else read_manifest(artifact)
+    if isinstance(artifact, Location) and artifact.remote:
+        artifact = _load_manifest_bytes(artifact / MANIFEST)
+    manifest = artifact if isinstance(artifact, dict) else read_manifest(Path(str(artifact)))
     entry = manifest.get("files", {}).get(MODEL_FILE)
     if entry is None:
         where = "the manifest" if isinstance(artifact, dict) else Path(artifact) / MANIFEST
@@ -251,14 +232,20 @@ def model_version(artifact: Path | dict[str, Any]) -> str:
 
 
 def save_model_artifact(
-    folder: Path, state_dict: dict[str, Any], model_spec: dict[str, Any], info: dict[str, Any] | None = None
+    folder: Path | Location, state_dict: dict[str, Any], model_spec: dict[str, Any], info: dict[str, Any] | None = None
 ) -> dict[str, Any]:
     """Write model.pt (atomically) and manifest.json for a trained model.
 
     model_spec: {"builder": "module:function", "args": {...}, "input_shape": [...], "num_classes": N},
     enough to rebuild the module without the config. info: metrics, config_hash, lineage, ...
     """
-    folder = Path(folder)
+    if isinstance(folder, Location) and folder.remote:
+        # Written in a local staging folder, then published with the manifest last.
+        with tempfile.TemporaryDirectory(prefix="tandem-artifact-") as staging:
+            manifest = save_model_artifact(Path(staging), state_dict, model_spec, info)
+            publish_folder(Path(staging), folder)
+        return manifest
+    folder = Path(str(folder))
     folder.mkdir(parents=True, exist_ok=True)
     cpu_state = {k: v.detach().to("cpu").contiguous() for k, v in state_dict.items()}
     atomic_save_torch(cpu_state, folder / MODEL_FILE)
@@ -286,22 +273,29 @@ def load_model(folder: Path, name: str = MODEL_FILE) -> tuple[Any, dict[str, Any
     return model, manifest
 
 
-def find_latest_artifact(storage: Path, name: str) -> Path:
-    """The newest `artifacts/` folder with a manifest under `<storage>/<name>/`."""
-    base = Path(storage) / name
-    candidates = sorted(base.glob("*/artifacts/" + MANIFEST), key=lambda p: p.stat().st_mtime)
+def find_latest_artifact(storage: Location, name: str) -> Location:
+    """The newest `artifacts/` folder with a manifest under `<storage>/<name>/` (by the manifest's
+    time, then the run folder's name, which is a timestamp)."""
+    base = location(storage) / name
+    candidates = [run / "artifacts" for run in base.children() if (run / "artifacts" / MANIFEST).is_file()]
     if not candidates:
         raise ArtifactError(f"no trained artifact under {base}; run `tandem train` first or pass --from RUN")
-    return candidates[-1].parent
+    return max(candidates, key=lambda folder: ((folder / MANIFEST).mtime(), folder.parent.name))
 
 
-def resolve_artifact(ref: str | Path, storage: Path, name: str) -> Path:
-    """An artifacts folder from 'latest', a run folder or an artifacts folder."""
+def resolve_artifact(ref: str | Path | Location, storage: Location, name: str) -> Location:
+    """An artifacts folder from 'latest', a run folder or an artifacts folder (a path or a URI)."""
     if str(ref) == "latest":
         return find_latest_artifact(storage, name)
-    path = Path(ref).expanduser()
-    if (path / MANIFEST).exists():
-        return path
-    if (path / "artifacts" / MANIFEST).exists():
-        return path / "artifacts"
-    raise ArtifactError(f"{path} is neither a run folder nor an artifacts folder (no {MANIFEST}); pass a run folder or 'latest'")
+    where = location(ref)
+    if (where / MANIFEST).is_file():
+        return where
+    if (where / "artifacts" / MANIFEST).is_file():
+        return where / "artifacts"
+    raise ArtifactError(f"{where} is neither a run folder nor an artifacts folder (no {MANIFEST}); pass a run folder or 'latest'")
+
+
+def local_artifact(folder: Location | Path | str) -> Path:
+    """The artifact as a local folder: itself when local, else this node's cached copy of it
+    (cluster/storage.py `fetch_folder`: each file downloaded once per node, by its sha256)."""
+    return fetch_folder(location(folder), MANIFEST)

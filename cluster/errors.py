@@ -21,3 +21,7 @@ class EngineError(TandemError, ValueError):
 
 class TrainingFailedError(TandemError, RuntimeError):
     """The training workers raised (the user's model, data or loss code, or a worker lost for good)."""
+
+
+class DeploymentFailedError(TandemError, RuntimeError):
+    """A Serve application's replicas could not start; the message carries their own reason."""

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import Deployment, RuntimeEnv, TandemConfig
+from cluster.storage import Location, StorageError, location
 
 logger = logging.getLogger("tandem.cluster")
 NODE_GROUP_CAPACITY = 1000
@@ -218,6 +219,18 @@ def start_local_ray(**init_kwargs: Any) -> None:
             )
 
 
-def storage_root(config: TandemConfig) -> Path:
-    """The absolute storage folder (Ray Train needs absolute paths)."""
-    return Path(config.cluster.storage).expanduser().resolve()
+def storage_root(config: TandemConfig) -> Location:
+    """Where the config's run state lives: an absolute local folder (Ray Train needs absolute
+    paths) or an object-store URI (cluster/storage.py)."""
+    return location(config.cluster.storage)
+
+
+def local_storage(config: TandemConfig, verb: str) -> Path:
+    """The storage folder for a verb that keeps its state on a local or mounted disk only."""
+    root = storage_root(config)
+    if root.remote:
+        raise StorageError(
+            f"cluster.storage: {verb} keeps its run state on a local or mounted folder and does not write to an object store yet "
+            f"({root}); run it with --set cluster.storage=/a/shared/mount"
+        )
+    return root.path

@@ -12,7 +12,7 @@ configured, and the bad rows with the reason each is bad. Memory is one chunk, w
 errors name: `predict` or `data`), `features`, `id_column`, `label_column`, and `labels` (true:
 read the label column into `Rows.y`; a `.npy` file then holds the label in its last column).
 
-May import: the standard library, numpy; pyarrow inside functions.
+May import: the standard library, numpy; pyarrow and cluster.storage (object-store URIs) inside functions.
 """
 
 from __future__ import annotations
@@ -47,7 +47,12 @@ class InputFilesError(TandemError):
 
 def input_files(spec: str, what: str = "--input") -> list[Path]:
     """The files a path, a glob or a folder names, sorted; each must have a known format.
-    what: how the error names the spec (`--input`, `data.source`)."""
+    what: how the error names the spec (`--input`, `data.source`). A URI (s3://, gs://) names
+    Parquet files in an object store: one file, or every .parquet under a prefix."""
+    from cluster.storage import is_uri
+
+    if is_uri(spec):
+        return _store_files(spec, what)
     path = Path(spec).expanduser()
     if path.is_dir():
         files = sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith((".", "_")))
@@ -93,12 +98,11 @@ def _line_starts(path: Path, every: int, skip_header: bool) -> tuple[list[int], 
 def check_columns(files: list[Path], settings: dict[str, Any]) -> None:
     """The configured columns exist in every Parquet and CSV file (JSON lines are checked row by
     row): a misnamed column fails here, on the driver, not in every actor."""
-    import pyarrow.parquet as pq
 
     for path in files:
-        fmt = FORMATS[path.suffix.lower()]
+        fmt = FORMATS[_suffix(path)]
         if fmt == "parquet":
-            names = list(pq.read_schema(path).names)
+            names = list(_parquet_file(path).schema_arrow.names)
         elif fmt == "csv":
             with open(path, newline="") as handle:
                 names = next(csv.reader(handle), [])
@@ -113,19 +117,50 @@ def check_columns(files: list[Path], settings: dict[str, Any]) -> None:
                 )
 
 
+def _store_files(spec: str, what: str) -> list[Any]:
+    """The Parquet files of an object-store URI (their URIs), refusing other formats: CSV, JSON
+    lines and .npy are read by byte offsets and memory maps, which only local files give."""
+    from cluster.storage import StorageError, location
+
+    where = location(spec)
+    try:
+        files = [where] if where.is_file() else [f for f in _walk(where) if not f.name.startswith((".", "_"))]
+    except StorageError as exc:
+        raise InputFilesError(f"{what} {spec}: {exc}") from None
+    if not files:
+        raise InputFilesError(f"{what} {spec}: no object there; give the URI of a Parquet file or of a prefix holding Parquet files")
+    other = [f for f in files if not f.name.lower().endswith(".parquet")]
+    if other:
+        raise InputFilesError(
+            f"{what} {spec}: {other[0]} is not Parquet; from an object store Tandem reads Parquet only. Convert the input to Parquet "
+            "or copy it to a local folder"
+        )
+    return sorted(str(f) for f in files)
+
+
+def _walk(where: Any) -> list[Any]:
+    found = []
+    for child in where.children():
+        found.extend([child] if child.is_file() else _walk(child))
+    return found
+
+
+def _suffix(path: Any) -> str:
+    return os.path.splitext(str(path))[1].lower()
+
+
 def plan_chunks(files: list[Path], chunk_rows: int) -> list[dict[str, Any]]:
     """Chunk descriptors {path, format, start, stop, first_id, offset, groups}: rows [start, stop)
     of a file, whose first row is row `first_id` of the whole input. Parquet chunks are its row
     groups; a text chunk starts reading at byte `offset`."""
-    import pyarrow.parquet as pq
 
     chunks: list[dict[str, Any]] = []
     first_id = 0
     for path in files:
-        fmt = FORMATS[path.suffix.lower()]
+        fmt = FORMATS[_suffix(path)]
         pieces: list[tuple[int, int, Any, int]] = []  # (start, stop, row groups, byte offset)
         if fmt == "parquet":
-            meta = pq.ParquetFile(path).metadata
+            meta = _parquet_file(path).metadata
             start = 0
             for group in range(meta.num_row_groups):
                 rows = meta.row_group(group).num_rows
@@ -294,6 +329,11 @@ def _parquet_file(path: str) -> Any:
     """The open Parquet file, its footer parsed once per reader process: a footer holds every
     row group's metadata, so parsing it again for each chunk of a big file costs more than
     reading the chunk (half of an actor's time on a 5M-row input of 610 row groups)."""
+    from cluster.storage import is_uri, location
+
+    if is_uri(path):
+        where = location(path)
+        return _open_parquet(str(path), int(where.mtime() * 1e9), where.size())
     stat = os.stat(path)
     return _open_parquet(str(path), stat.st_mtime_ns, stat.st_size)
 
@@ -303,6 +343,11 @@ def _open_parquet(path: str, mtime_ns: int, size: int) -> Any:
     # mtime and size are in the key so that a file rewritten in place is opened afresh.
     import pyarrow.parquet as pq
 
+    from cluster.storage import is_uri, location
+
+    if is_uri(path):
+        where = location(path)
+        return pq.ParquetFile(where.filesystem.open_input_file(where.fs_path))
     return pq.ParquetFile(path)
 
 

@@ -32,8 +32,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from cluster.artifacts import atomic_write_json
+from cluster.artifacts import atomic_write_bytes
 from cluster.config import TandemConfig
+from cluster.storage import Location, location
 
 logger = logging.getLogger("tandem.tracking")
 
@@ -144,14 +145,31 @@ class Tracker:
         with self._lock:
             self._mlflow("tags", lambda c: [c.set_tag(self.run_id, k, str(v)) for k, v in tags.items()])
 
-    def log_files(self, paths: list[Path], folder: str | None = None) -> None:
-        """Files (or folders) as MLflow artifacts; missing ones are skipped."""
+    def log_files(self, paths: list[Path | Location], folder: str | None = None) -> None:
+        """Files (or folders) as MLflow artifacts; missing ones are skipped. A file in an object
+        store is copied through a temporary file (MLflow's client logs local files)."""
         with self._lock:
             for path in paths:
+                if isinstance(path, Location) and path.remote:
+                    self._log_remote_file(path, folder)
+                    continue
+                path = Path(str(path))
                 if Path(path).is_dir():
                     self._mlflow(f"artifact {path}", lambda c, p=path: c.log_artifacts(self.run_id, str(p), Path(p).name))
                 elif Path(path).is_file():
                     self._mlflow(f"artifact {path}", lambda c, p=path: c.log_artifact(self.run_id, str(p), folder))
+
+    def _log_remote_file(self, where: Location, folder: str | None) -> None:
+        import tempfile
+
+        try:
+            data = where.read_bytes()
+        except FileNotFoundError:
+            return
+        with tempfile.TemporaryDirectory(prefix="tandem-mlflow-") as staging:
+            local = Path(staging) / where.name
+            atomic_write_bytes(local, data)
+            self._mlflow(f"artifact {where}", lambda c: c.log_artifact(self.run_id, str(local), folder))
 
     def finish(self, status: str = "FINISHED") -> None:
         with self._lock:
@@ -171,8 +189,13 @@ def _mlflow_client_of(uri: str) -> Any:
     return MlflowClient(tracking_uri=uri)
 
 
-def _tensorboard_writer(folder: Path, where: str) -> Any:
+def _tensorboard_writer(folder: Path | Location, where: str) -> Any:
     """A TensorBoard writer for `folder`/tensorboard, or None with a warning."""
+    if location(folder).remote:
+        # The event writer appends to local files; `tandem validate` says so before a run starts.
+        logger.warning("TensorBoard event files need a local or mounted cluster.storage; %s writes none to %s", where, folder)
+        return None
+    folder = location(folder).path
     try:
         from tensorboardX import SummaryWriter
 
@@ -198,12 +221,17 @@ def _mlflow_client(config: TandemConfig, where: str) -> tuple[Any, str | None]:
         experiment = client.get_experiment_by_name(name)
         if experiment is not None:
             return client, experiment.experiment_id
-        location = None
-        if uri.startswith("sqlite:///"):
-            from cluster.runtime import storage_root
+        from cluster.runtime import storage_root
 
-            location = (storage_root(config) / "mlartifacts" / name).as_uri()
-        return client, client.create_experiment(name, artifact_location=location)
+        # MLflow's artifacts beside the runs: the store's URI (MLflow's client uploads there
+        # with boto3), or the local storage folder for the default sqlite store.
+        root = storage_root(config)
+        artifacts = None
+        if root.remote:
+            artifacts = str(root / "mlartifacts" / name)
+        elif uri.startswith("sqlite:///"):
+            artifacts = (root / "mlartifacts" / name).path.as_uri()
+        return client, client.create_experiment(name, artifact_location=artifacts)
     except Exception as exc:  # noqa: BLE001 - unreachable, refused, misconfigured: a warning, not a failed run
         logger.warning("MLflow at %s is not reachable (%s); %s goes on without MLflow", uri, _short(exc), where)
         return None, None
@@ -260,27 +288,27 @@ def _log_params(tracker: Tracker, values: dict[str, str]) -> None:
         tracker._mlflow("params", lambda c, chunk=chunk: c.log_batch(tracker.run_id, params=chunk))
 
 
-def record_run(folder: Path, tracker: Tracker, config: TandemConfig) -> None:
+def record_run(folder: Path | Location, tracker: Tracker, config: TandemConfig) -> None:
     """Remember the MLflow run of a run folder, so `tandem export` can add its files to it."""
     if tracker.run_id:
-        atomic_write_json(Path(folder) / TRACKING_RECORD, {"mlflow_run_id": tracker.run_id, "tracking_uri": mlflow_uri(config)})
+        (location(folder) / TRACKING_RECORD).put_json({"mlflow_run_id": tracker.run_id, "tracking_uri": mlflow_uri(config)})
 
 
-def reopen_tracker(config: TandemConfig, folder: Path) -> Tracker:
+def reopen_tracker(config: TandemConfig, folder: Path | Location) -> Tracker:
     """The MLflow run a run folder logged to (an inactive Tracker when there is none or tracking is off)."""
-    path = Path(folder) / TRACKING_RECORD
+    path = location(folder) / TRACKING_RECORD
     if config.tracking.mlflow is None or not path.is_file():
         return Tracker()
     record = json.loads(path.read_text())
     try:
-        return Tracker(_mlflow_client_of(record["tracking_uri"]), record["mlflow_run_id"], where=f"run {Path(folder).name}")
+        return Tracker(_mlflow_client_of(record["tracking_uri"]), record["mlflow_run_id"], where=f"run {location(folder).name}")
     except Exception as exc:  # noqa: BLE001
         logger.warning("MLflow run of %s cannot be reopened: %s", folder, _short(exc))
         return Tracker()
 
 
 @contextlib.contextmanager
-def follow_metrics(path: Path, tracker: Tracker, skip_existing: bool = False) -> Iterator[None]:
+def follow_metrics(path: Path | Location, tracker: Tracker, skip_existing: bool = False) -> Iterator[None]:
     """Log each line the Train controller appends to `path` (metrics.jsonl) while the block runs,
     and whatever is left when it ends. skip_existing: lines already there were logged before (a resume)."""
     if not tracker.active:
@@ -288,7 +316,8 @@ def follow_metrics(path: Path, tracker: Tracker, skip_existing: bool = False) ->
         return
     done = threading.Event()
     # Byte offset of the first line not yet logged: each poll reads only what was appended.
-    offset = [Path(path).stat().st_size if skip_existing and Path(path).exists() else 0]
+    path = location(path)
+    offset = [path.size() if skip_existing and path.exists() else 0]
 
     def drain() -> None:
         for line in _new_lines(path, offset):
@@ -310,24 +339,31 @@ def follow_metrics(path: Path, tracker: Tracker, skip_existing: bool = False) ->
             drain()
 
 
-def _new_lines(path: Path, offset: list[int]) -> list[str]:
+def _new_lines(path: Path | Location, offset: list[int]) -> list[str]:
     """The complete lines appended to `path` since `offset[0]`, which moves past them (a line
-    still being written stays for the next call)."""
-    if not Path(path).exists():
-        return []
-    with open(path, "rb") as handle:
-        handle.seek(offset[0])
-        data = handle.read()
+    still being written stays for the next call). An object store's file is read whole."""
+    path = location(path)
+    if not path.remote:
+        if not path.path.exists():
+            return []
+        with open(path.path, "rb") as handle:
+            handle.seek(offset[0])
+            data = handle.read()
+    else:
+        try:
+            data = path.read_bytes()[offset[0] :]
+        except FileNotFoundError:
+            return []
     complete = data[: data.rfind(b"\n") + 1]
     offset[0] += len(complete)
     return [line for line in complete.decode().split("\n") if line.strip()]
 
 
-def track_run(config: TandemConfig, folder: Path, continuing: bool) -> Tracker:
+def track_run(config: TandemConfig, folder: Path | Location, continuing: bool) -> Tracker:
     """The tracker of a training run folder: a new MLflow run, or the one it logged to before when
     `continuing` (a resumed run folder), with TensorBoard writing into the folder when on."""
-    if not continuing or not (Path(folder) / TRACKING_RECORD).is_file():
-        tracker = open_tracker(config, folder, Path(folder).name)
+    if not continuing or not (location(folder) / TRACKING_RECORD).is_file():
+        tracker = open_tracker(config, folder, location(folder).name)
         record_run(folder, tracker, config)
         return tracker
     tracker = reopen_tracker(config, folder)
@@ -337,12 +373,13 @@ def track_run(config: TandemConfig, folder: Path, continuing: bool) -> Tracker:
     return tracker
 
 
-def track_export(config: TandemConfig, artifact_dir: Path, report: dict[str, Any], exported: list[Path]) -> None:
+def track_export(config: TandemConfig, artifact_dir: Path | Location, report: dict[str, Any], exported: list[Path | Location]) -> None:
     """Add an export's parity report and models to the MLflow run that made the artifact: its
     training run, or the tuning run for a tune's best model (when tracking is on)."""
-    tracker = reopen_tracker(config, Path(artifact_dir).parent)
+    folder = location(artifact_dir)
+    tracker = reopen_tracker(config, folder.parent)
     if not tracker.active:
         return
-    report_path = Path(artifact_dir).parent / "parity_report.json"
-    atomic_write_json(report_path, report)
-    tracker.log_files([report_path, Path(artifact_dir) / "manifest.json", *exported], "export")
+    report_path = folder.parent / "parity_report.json"
+    report_path.put_json(report)
+    tracker.log_files([report_path, folder / "manifest.json", *exported], "export")

@@ -15,7 +15,7 @@ import yaml
 
 from cluster.artifacts import MODEL_FILE, load_model
 from cluster.config import TandemConfig
-from cluster.runtime import storage_root
+from cluster.runtime import local_storage
 from profiling.measure import (
     WEIGHT_BYTES,
     activation_bytes_per_example,
@@ -84,7 +84,7 @@ def distilled_students(config: TandemConfig, teacher: Path) -> list[Path]:
     """Artifacts of runs under storage that were distilled from `teacher` (training.distill.teacher), newest last."""
     found = []
     teacher = teacher.resolve()
-    for config_file in (storage_root(config) / config.name).glob("*/config.yaml"):
+    for config_file in (local_storage(config, "tandem profile") / config.name).glob("*/config.yaml"):
         try:
             distill = ((yaml.safe_load(config_file.read_text()) or {}).get("training") or {}).get("distill") or {}
         except yaml.YAMLError:

@@ -44,7 +44,7 @@ from typing import Any
 import torch
 
 from cluster.config import TandemConfig
-from cluster.runtime import storage_root
+from cluster.runtime import local_storage
 from profiling.advice import compare, recommendations
 from profiling.inference_cost import (
     profile_inference,
@@ -102,7 +102,7 @@ def target_dir(config: TandemConfig, subject: Subject, out_dir: str | Path | Non
         return subject.run_dir / REPORT_DIR
     if subject.artifact_dir is not None:
         return subject.artifact_dir.parent / REPORT_DIR
-    return storage_root(config) / config.name / f"{REPORT_DIR}-untrained"
+    return local_storage(config, "tandem profile") / config.name / f"{REPORT_DIR}-untrained"
 
 
 def write_atomically(target: Path, build: Callable[[Path], None]) -> None:

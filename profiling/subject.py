@@ -8,7 +8,7 @@ from typing import Any
 
 from cluster.artifacts import ArtifactError, find_latest_artifact, load_model, resolve_artifact
 from cluster.config import ConfigError, Problem, TandemConfig
-from cluster.runtime import storage_root
+from cluster.runtime import local_storage
 from training.data import ArrayDataset, load_dataset
 from training.trainer import preflight
 
@@ -61,14 +61,14 @@ class Subject:
 
 def find_subject(config: TandemConfig, source: str | Path | None) -> Subject:
     """source None: the latest artifact under storage when there is one, else the untrained model."""
-    storage = storage_root(config)
+    storage = local_storage(config, "tandem profile")
     if source is None:
         try:
-            folder = find_latest_artifact(storage, config.name)
+            folder = find_latest_artifact(storage, config.name).path
         except ArtifactError:
             return Subject(None, None)
     else:
-        folder = resolve_artifact(source, storage, config.name)
+        folder = resolve_artifact(source, storage, config.name).path
     _, manifest = load_model(folder)  # verifies model.pt's sha256 before anything is measured
     return Subject(folder, run_folder_of(folder, manifest), manifest)
 

@@ -54,7 +54,6 @@ is the plain text "Request dropped due to backpressure").
 import logging
 import os
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -63,7 +62,7 @@ from fastapi.responses import JSONResponse, Response
 from ray import serve as ray_serve
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from cluster.artifacts import model_version, read_manifest, resolve_artifact
+from cluster.artifacts import local_artifact, model_version, read_manifest, resolve_artifact
 from cluster.config import TandemConfig, validate_config
 from cluster.runtime import storage_root
 from serving.admission import Admission
@@ -183,7 +182,8 @@ class TandemServer:
         self.config = validate_config(spec["config"])
         self.role = spec["role"]
         self.name = spec["name"]
-        self.artifact = Path(spec["artifact"])
+        # A path or a URI: from the store through this node's cache (one download per node and file).
+        self.artifact = local_artifact(spec["artifact"])
         manifest = read_manifest(self.artifact)
         self.card = model_card(self.config, manifest)
         self.version = self.card["version"]
@@ -465,12 +465,13 @@ def build_app(args: dict[str, Any]) -> Any:
     """The Serve application for {"config": <TandemConfig as dict>, "artifact": "latest" | path}."""
     config = validate_config(args["config"])
     artifact = resolve_artifact(args.get("artifact") or config.serving.artifact, storage_root(config), config.name)
-    read_manifest(artifact)  # a missing or damaged artifact fails here, in the caller, not in every replica
+    # A missing or damaged artifact fails here, in the caller, not in every replica.
+    read_manifest(local_artifact(artifact))
     # The RAY_SERVE_* variables of the process that builds the app win over ours (serve_env).
     replica_env = {**serve_env(config.serving, os.environ), **dict(args.get("replica_env") or {})}
     hardware = cluster_hardware()
     options = deployment_options(config, replica_env, hardware)
-    base = {"config": config.to_dict(), "artifact": str(Path(artifact).resolve())}
+    base = {"config": config.to_dict(), "artifact": str(artifact)}
 
     def model_spec(index: int) -> dict[str, Any]:
         deployment = config.serving.deployments[index]

@@ -15,6 +15,7 @@ import contextlib
 import logging
 import os
 import random
+import re
 import shutil
 import socket
 import sys
@@ -27,6 +28,7 @@ from ray import serve as ray_serve
 
 from cluster.artifacts import model_version, resolve_artifact
 from cluster.config import TandemConfig
+from cluster.errors import DeploymentFailedError
 from cluster.runtime import storage_root
 from serving.app import build_app
 from serving.protocol import token_digest
@@ -200,7 +202,10 @@ def serve(config: TandemConfig, artifact: str = "latest", blocking: bool = False
     path = resolve_artifact(artifact, storage_root(config), config.name)
     version = model_version(path)
     app = build_app({"config": config.to_dict(), "artifact": str(path), "replica_env": replica_env})
-    ray_serve.run(app, name=config.name, route_prefix=serving.route_prefix, blocking=False)
+    try:
+        ray_serve.run(app, name=config.name, route_prefix=serving.route_prefix, blocking=False)
+    except RuntimeError as exc:
+        raise deployment_failure(config, exc) from None
     url = base_url(config)
     if config.serving.http_path == "direct":
         url = next(iter(replica_urls(config)), url)
@@ -210,6 +215,30 @@ def serve(config: TandemConfig, artifact: str = "latest", blocking: bool = False
         print(f"serving {config.name} (model {version}) at {url}; Ctrl-C or SIGTERM stops it", flush=True)
         serve_until_stopped(config)
     return url
+
+
+def deployment_failure(config: TandemConfig, exc: BaseException) -> DeploymentFailedError:
+    """Serve's "Deploying application X failed", with each failed deployment's own reason (the
+    replica constructor's exception, which Serve keeps in the deployment's status message)."""
+    reasons = []
+    with contextlib.suppress(Exception):
+        app = ray_serve.status().applications.get(config.name)
+        for name, deployment in (app.deployments if app else {}).items():
+            if deployment.message and str(getattr(deployment.status, "value", deployment.status)) != "HEALTHY":
+                reasons.append(f"  {name}: {replica_reason(deployment.message)}")
+        if app is not None and not reasons and app.message:
+            reasons.append(f"  {replica_reason(app.message)}")
+    why = "\n".join(reasons) or f"  {exc}"
+    return DeploymentFailedError(f"{config.name} could not start its replicas:\n{why}")
+
+
+def replica_reason(message: str) -> str:
+    """The line of a Serve status message that says why: the replica's exception, not the traceback."""
+    lines = [line.strip() for line in message.strip().splitlines() if line.strip()]
+    for line in reversed(lines):
+        if re.match(r"^[A-Za-z_][\w.]*(Error|Exception|Interrupt)\b:", line):
+            return re.sub(r"^[\w.]*?(\w+(Error|Exception)):", r"\1:", line)
+    return lines[-1] if lines else message
 
 
 def serve_until_stopped(config: TandemConfig) -> None:

@@ -223,6 +223,13 @@ def check_engine_args(engine: str, precision: str, quantize: str, pruned: bool) 
         raise EngineError("there is no pruned int8 model; serve the pruned model with quantize: none")
 
 
+def artifact_file(engine: str, quantize: str = "none", pruned: bool = False) -> str:
+    """The artifact file an engine loads."""
+    if engine == "torch":
+        return PRUNED_FILE if pruned else MODEL_FILE
+    return INT8_FILE if quantize == "int8" else PRUNED_ONNX_FILE if pruned else ONNX_FILE
+
+
 def load_engine(
     artifact_dir: Path,
     engine: str = "onnxruntime",
@@ -244,12 +251,11 @@ def load_engine(
     manifest = read_manifest(folder)
     spec = manifest["model"]
     shape, classes = tuple(spec["input_shape"]), int(spec["num_classes"])
+    name = artifact_file(engine, quantize, pruned)
     if engine == "torch":
-        name = PRUNED_FILE if pruned else MODEL_FILE
         _require_listed(folder, manifest, name, "run `tandem export` with export.prune set")
         model, _ = load_model(folder, name)  # verifies sha256, torch.load(weights_only=True)
         return TorchEngine(model, input_shape=shape, num_classes=classes, precision=precision, device=device, threads=threads)
-    name = INT8_FILE if quantize == "int8" else PRUNED_ONNX_FILE if pruned else ONNX_FILE
     fix = "run `tandem export` first" + (
         " with export.quantize other than none" if quantize == "int8" else " with export.prune set" if pruned else ""
     )

@@ -33,10 +33,11 @@ from typing import Any
 
 import numpy as np
 
-from cluster.artifacts import atomic_write_json, model_version, read_manifest, resolve_artifact
+from cluster.artifacts import local_artifact, model_version, read_manifest, resolve_artifact
 from cluster.config import TandemConfig
 from cluster.console import move_log
 from cluster.errors import TandemError
+from cluster.storage import Location, location
 from cluster.tabular import check_columns, input_files, plan_chunks, read_chunk
 
 PREDICTIONS, ERRORS, SUMMARY = "predictions", "errors", "summary.json"
@@ -53,14 +54,19 @@ class PredictError(TandemError):
 # ---------------------------------------------------------------------------------------------
 
 
-def _write_part(path: Path, columns: dict[str, Any]) -> None:
+def _write_part(where: Location, columns: dict[str, Any]) -> None:
     """Write one part file whole or not at all: to a hidden temporary name, then renamed, so a
     reader never sees half a part and a crash leaves no part that looks done. Not fsynced: a
     part is output to be read next, not state a restart depends on, and syncing each of
-    thousands of small parts costs more than writing them."""
+    thousands of small parts costs more than writing them. In an object store a part is one
+    object, which appears whole or not at all."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    if where.remote:
+        pq.write_table(pa.table(columns), where.fs_path, filesystem=where.filesystem)
+        return
+    path = where.path
     temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     try:
         pq.write_table(pa.table(columns), temporary)
@@ -76,19 +82,20 @@ class PredictChunks:
     def __init__(self, artifact_dir: str, deployment: dict[str, Any], settings: dict[str, Any], output_dir: str):
         from serving.engines import load_engine
 
+        folder = local_artifact(artifact_dir)  # from the store through this node's cache
         self.engine = load_engine(
-            Path(artifact_dir),
+            folder,
             engine=deployment["engine"],
             precision=deployment["precision"],
             quantize=deployment["quantize"],
             threads=deployment["threads"],
             device="cuda" if deployment["gpus"] else "cpu",
         )
-        manifest = read_manifest(Path(artifact_dir))
+        manifest = read_manifest(folder)
         self.input_shape = tuple(manifest["model"]["input_shape"])
         self.width = int(np.prod(self.input_shape))
         self.version = model_version(manifest)
-        self.settings, self.output, self.deployment = settings, Path(output_dir), deployment["name"]
+        self.settings, self.output, self.deployment = settings, location(output_dir), deployment["name"]
         self.name = f"{deployment['name']}@{os.uname().nodename}:{os.getpid()}"
         import ray
 
@@ -132,7 +139,7 @@ class PredictChunks:
             "node": np.asarray([self.node] * len(chunks)),
         }
 
-    def predict_chunk(self, chunk: dict[str, Any], rows: Any) -> list[tuple[Path, dict[str, Any]]]:
+    def predict_chunk(self, chunk: dict[str, Any], rows: Any) -> list[tuple[Location, dict[str, Any]]]:
         """The part files (path, columns) of one chunk: its predictions and its bad rows."""
         keep = rows.good()
         part = f"part-{chunk['first_id']:012d}.parquet"
@@ -160,7 +167,7 @@ def _descriptor(batch: dict[str, np.ndarray], i: int) -> dict[str, Any]:
     return {k: (v[i].tolist() if isinstance(v[i], np.ndarray) else v[i]) for k, v in batch.items()}
 
 
-def _write_parts(parts: list[tuple[Path, dict[str, Any]]]) -> None:
+def _write_parts(parts: list[tuple[Location, dict[str, Any]]]) -> None:
     for path, columns in parts:
         _write_part(path, columns)
 
@@ -184,7 +191,7 @@ def _repeated(value: str, count: int) -> Any:
 
 @dataclass
 class PredictSummary:
-    output_dir: Path
+    output_dir: Location
     rows: int
     errors: int
     wall_s: float
@@ -211,7 +218,7 @@ def prediction_pools(config: TandemConfig) -> list[tuple[Any, int]]:
 
 
 def _pool_dataset(
-    chunks: list[dict[str, Any]], deployment: Any, actors: int, artifact: Path, settings: dict[str, Any], output: Path
+    chunks: list[dict[str, Any]], deployment: Any, actors: int, artifact: Location, settings: dict[str, Any], output: Location
 ) -> Any:
     import ray.data
 
@@ -241,7 +248,7 @@ def _pool_dataset(
     )
 
 
-def predict(config: TandemConfig, input_spec: str, output_dir: Path, source: str = "latest", progress: Any = None) -> PredictSummary:
+def predict(config: TandemConfig, input_spec: str, output_dir: Path | str, source: str = "latest", progress: Any = None) -> PredictSummary:
     """Predict every row of `input_spec` with the artifact `source`, writing under `output_dir`.
 
     progress(rows_done, errors, total_rows): called as chunks finish (the CLI draws its bar with it).
@@ -249,7 +256,7 @@ def predict(config: TandemConfig, input_spec: str, output_dir: Path, source: str
     from cluster.runtime import connect, storage_root
 
     artifact = resolve_artifact(source, storage_root(config), config.name)
-    version = model_version(read_manifest(artifact))
+    version = model_version(artifact)
     files = input_files(input_spec)
     settings = config.predict.model_dump(mode="json")
     check_columns(files, settings)
@@ -257,10 +264,11 @@ def predict(config: TandemConfig, input_spec: str, output_dir: Path, source: str
     total = sum(c["stop"] - c["start"] for c in chunks)
     if total == 0:
         raise PredictError(f"--input {input_spec}: the files hold no rows")
-    output = Path(output_dir).expanduser().resolve()
+    output = location(output_dir)  # a folder, or a prefix in an object store
     for folder in (PREDICTIONS, ERRORS):
-        (output / folder).mkdir(parents=True, exist_ok=True)
-    move_log(output)
+        (output / folder).make_dirs()
+    if not output.remote:
+        move_log(output.path)
     pools = prediction_pools(config)
     weights = [actors for _, actors in pools]
     # Chunks go to the pools in proportion to their actors, in turn, so every pool streams.
@@ -295,8 +303,7 @@ def predict(config: TandemConfig, input_spec: str, output_dir: Path, source: str
         stats["rows_per_s"] = stats["rows"] / stats["seconds"] if stats["seconds"] else 0.0
         stats["cores"] = stats["cpu_seconds"] / stats["seconds"] if stats["seconds"] else 0.0
     summary = PredictSummary(output, done, errors, wall, per_actor, version)
-    atomic_write_json(
-        output / SUMMARY,
+    (output / SUMMARY).put_json(
         {
             "input": input_spec,
             "artifact": str(artifact),

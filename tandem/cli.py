@@ -48,10 +48,14 @@ def options(
 
 
 def quiet(cfg: TandemConfig):
-    """The long verbs' terminal: the log starts beside the runs and moves into the run folder."""
+    """The long verbs' terminal: the log starts beside the runs and moves into the run folder.
+    With run state in an object store the log stays in this machine's Tandem cache (logs/)."""
     from cluster.runtime import storage_root
+    from cluster.storage import cache_dir
 
-    log = storage_root(cfg) / cfg.name / f".console-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
+    root = storage_root(cfg)
+    folder = cache_dir() / "logs" / cfg.name if root.remote else (root / cfg.name).path
+    log = folder / f".console-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.log"
     return quiet_terminal(log, verbose=VERBOSE["on"] or os.environ.get("TANDEM_VERBOSE") == "1")
 
 
@@ -135,11 +139,13 @@ def train(
     resume: Annotated[str | None, typer.Option("--resume", help="Continue a run: a run folder, a checkpoint folder or 'latest'.")] = None,
 ) -> None:
     """Train with Ray Train + DeepSpeed; writes a run folder with the consolidated artifact."""
+    from tandem.servable import ensure_exported
     from training.trainer import train as run_training
 
     cfg = load(config, set_)
     with quiet(cfg):
         result = run_training(cfg, resume=resume)
+        ensure_exported(cfg, result.artifact_dir)  # servable as the config's deployments ask, with no manual step
     console.print(f"artifact: {result.artifact_dir}")
 
 
@@ -153,11 +159,13 @@ def tune(
     ] = False,
 ) -> None:
     """Search hyperparameters with Ray Tune around the same trainer; hands the best artifact on."""
+    from tandem.servable import ensure_exported
     from tuning.tuner import tune as run_tune
 
     cfg = load(config, set_)
     with quiet(cfg):
         result = run_tune(cfg, resume=resume)
+        ensure_exported(cfg, result.artifact_dir)
     console.print(f"best trial {result.best.trial_id}: {result.best.params}\nartifact: {result.artifact_dir}\nresults: {result.run_dir}")
 
 
@@ -171,10 +179,17 @@ def predict(
     set_: SetOpt = None,
     input_: Annotated[
         str | None,
-        typer.Option("--input", help="A file, folder or glob of Parquet, CSV, .npy or JSON-lines files (default: predict.input)."),
+        typer.Option(
+            "--input",
+            help="A file, folder or glob of Parquet, CSV, .npy or JSON-lines files, or an s3:// or gs:// URI of "
+            "Parquet files (default: predict.input).",
+        ),
     ] = None,
     output: Annotated[
-        Path | None, typer.Option("--output", help="Folder for predictions/, errors/ and summary.json (default: predict.output).")
+        str | None,
+        typer.Option(
+            "--output", help="Folder or object-store prefix for predictions/, errors/ and summary.json (default: predict.output)."
+        ),
     ] = None,
     from_: FromOpt = "latest",
 ) -> None:
@@ -183,10 +198,11 @@ def predict(
 
     from serving.offline import ERRORS
     from serving.offline import predict as run_predict
+    from tandem.servable import servable_artifact
 
     cfg = load(config, set_)
     input_ = input_ or cfg.predict.input
-    output = output or (Path(cfg.predict.output) if cfg.predict.output else None)
+    output = output or cfg.predict.output
     if not input_ or not output:
         raise TandemError("tandem predict needs --input and --output (or predict.input and predict.output in the config)")
     columns = [TextColumn("predict"), BarColumn(), MofNCompleteColumn(), TextColumn("{task.fields[rate]}"), TimeElapsedColumn()]
@@ -198,9 +214,9 @@ def predict(
             rate = (done + errors) / max(time.perf_counter() - started, 1e-9)
             bar.update(task, completed=done + errors, total=total, rate=f"{rate:,.0f} rows/s, {errors} bad")
 
-        summary = run_predict(cfg, input_, output, source=from_, progress=show)
+        summary = run_predict(cfg, input_, output, source=str(servable_artifact(cfg, from_)), progress=show)
     console.print(
-        f"predicted {summary.rows:,} rows ({summary.errors:,} bad, in {output / ERRORS}) in {summary.wall_s:.1f} s: "
+        f"predicted {summary.rows:,} rows ({summary.errors:,} bad, in {summary.output_dir / ERRORS}) in {summary.wall_s:.1f} s: "
         f"{summary.rows_per_s:,.0f} rows/s with model version {summary.model_version}"
     )
     for actor, stats in sorted(summary.per_actor.items()):
@@ -218,9 +234,12 @@ def import_(
     weights: Annotated[Path, typer.Option("--weights", help="A state_dict saved by torch (torch.save(model.state_dict(), path)).")] = ...,
 ) -> None:
     """Make a model trained elsewhere a Tandem artifact: the config's model.builder with these weights, verified like a run's."""
+    from tandem.servable import ensure_exported
     from training.importing import import_weights
 
-    result = import_weights(load(config, set_), weights)
+    cfg = load(config, set_)
+    result = import_weights(cfg, weights)
+    ensure_exported(cfg, result.artifact_dir)
     m = result.metrics
     console.print(f"imported {weights} (val_accuracy {m['val_accuracy']:.4f}, val_loss {m['val_loss']:.4f})")
     console.print(f"artifact: {result.artifact_dir} (version {result.version})")
@@ -243,8 +262,10 @@ def export(config: ConfigArg = None, set_: SetOpt = None, from_: FromOpt = "late
 def serve(config: ConfigArg = None, set_: SetOpt = None, from_: FromOpt = "latest") -> None:
     """Deploy (or roll out in place) the model as a Ray Serve application; Ctrl-C stops it."""
     from serving.deploy import serve as run_serve
+    from tandem.servable import servable_artifact
 
-    run_serve(load(config, set_), artifact=from_, blocking=True)
+    cfg = load(config, set_)
+    run_serve(cfg, artifact=str(servable_artifact(cfg, from_)), blocking=True)
 
 
 @app.command("serve-config")

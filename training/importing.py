@@ -18,9 +18,10 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from cluster.artifacts import ArtifactError, atomic_write_text, new_run_dir, save_model_artifact, sha256_file
+from cluster.artifacts import ArtifactError, new_run_dir, save_model_artifact, sha256_file
 from cluster.config import TandemConfig
 from cluster.runtime import storage_root
+from cluster.storage import native
 
 
 class WeightsMismatchError(ArtifactError):
@@ -105,7 +106,7 @@ def import_weights(config: TandemConfig, weights: Path) -> ImportResult:
     model.eval()
     metrics = validation_metrics(model, config)
     run_dir = new_run_dir(storage_root(config), config.name)
-    atomic_write_text(run_dir / "config.yaml", config.to_yaml())
+    (run_dir / "config.yaml").put_text(config.to_yaml())
     manifest = save_model_artifact(
         run_dir / "artifacts",
         model.state_dict(),
@@ -119,4 +120,4 @@ def import_weights(config: TandemConfig, weights: Path) -> ImportResult:
             "imported": {"weights": str(Path(weights).resolve()), "sha256": sha256_file(Path(weights))},
         },
     )
-    return ImportResult(run_dir=run_dir, artifact_dir=run_dir / "artifacts", version=manifest["version"], metrics=metrics)
+    return ImportResult(run_dir=native(run_dir), artifact_dir=native(run_dir / "artifacts"), version=manifest["version"], metrics=metrics)

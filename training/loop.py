@@ -192,9 +192,10 @@ def _loss_function(config: TandemConfig, teacher_dir: str | None, device):
     distill = config.training.distill
     if distill is None:
         return lambda logits, x, y: F.cross_entropy(logits, y)
-    from cluster.artifacts import load_model
+    from cluster.artifacts import load_model, local_artifact
 
-    teacher, _ = load_model(Path(teacher_dir))  # verified by checksum, weights_only=True
+    # A path or a URI; from this node's cache when in an object store. Verified by checksum, weights_only=True.
+    teacher, _ = load_model(local_artifact(teacher_dir))
     teacher = teacher.to(device).eval()
     for p in teacher.parameters():
         p.requires_grad_(False)

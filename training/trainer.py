@@ -15,6 +15,7 @@ Parse, check, build, run, consolidate:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -23,11 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.artifacts import ArtifactError, atomic_write_text, model_version, new_run_dir, save_model_artifact
+from cluster.artifacts import ArtifactError, model_version, new_run_dir, save_model_artifact
 from cluster.config import ConfigError, Problem, TandemConfig, looks_like_files
 from cluster.console import move_log
 from cluster.errors import TrainingFailedError
 from cluster.runtime import connect, pin_to_group, storage_root
+from cluster.storage import Location, location, native
 from cluster.tracking import follow_metrics, track_run
 from training.ds_config import deepspeed_config
 from training.startup import controller_env, prestart_train_coordinator, skipped_callbacks, trainer_class
@@ -46,10 +48,12 @@ PASS_THROUGH_ENV = (
 
 @dataclass
 class TrainResult:
-    run_dir: Path
-    artifact_dir: Path
+    """run_dir and artifact_dir: Paths for local storage, Locations (URIs) in an object store."""
+
+    run_dir: Path | Location
+    artifact_dir: Path | Location
     metrics: dict[str, Any]
-    checkpoint_dir: Path
+    checkpoint_dir: str
     history: list[dict[str, Any]] = field(default_factory=list)
 
 
@@ -138,16 +142,16 @@ def teacher_dir(config: TandemConfig) -> str | None:
     """The verified teacher artifact folder for training.distill (None without distillation)."""
     if config.training.distill is None:
         return None
-    from cluster.artifacts import resolve_artifact, verify_artifact
+    from cluster.artifacts import local_artifact, resolve_artifact, verify_artifact
 
     folder = resolve_artifact(config.training.distill.teacher, storage_root(config), config.name)
-    verify_artifact(folder)
-    return str(folder.resolve())
+    verify_artifact(local_artifact(folder))
+    return str(folder)  # each worker loads it from the store (its node's cache), verified again
 
 
 def build_trainer(
     config: TandemConfig,
-    run_dir: Path,
+    run_dir: Location,
     use_gpu: bool,
     resume_from: str | None = None,
     callbacks: list | None = None,
@@ -208,13 +212,12 @@ def _metrics_log_class():
     class _MetricsLog(UserCallback):
         """Runs in the Train controller: appends rank 0's metrics to metrics.jsonl and prints an epoch line."""
 
-        def __init__(self, run_dir: Path, epochs: int, echo: bool):
-            self.path, self.epochs, self.echo = Path(run_dir) / "metrics.jsonl", epochs, echo
+        def __init__(self, run_dir: Location, epochs: int, echo: bool):
+            self.path, self.epochs, self.echo = location(run_dir) / "metrics.jsonl", epochs, echo
 
         def after_report(self, run_context, metrics, checkpoint):
             m = metrics[0]
-            with open(self.path, "a") as handle:
-                handle.write(json.dumps(m) + "\n")
+            self.path.append_line(json.dumps(m))
             if not self.echo:
                 return
             print(
@@ -227,12 +230,12 @@ def _metrics_log_class():
     return _MetricsLog
 
 
-def MetricsLog(run_dir: Path, epochs: int, echo: bool = True):  # noqa: N802 - a factory that reads like the class it returns
+def MetricsLog(run_dir: Location, epochs: int, echo: bool = True):  # noqa: N802 - a factory that reads like the class it returns
     """echo: print each epoch's line (the progress of `tandem train`; a tuning trial's go only to its files)."""
     return _metrics_log_class()(run_dir, epochs, echo)
 
 
-def find_run_and_checkpoint(config: TandemConfig, resume: str) -> tuple[Path, str | None]:
+def find_run_and_checkpoint(config: TandemConfig, resume: str) -> tuple[Location, str | None]:
     """For --resume: the run folder to continue, and an explicit checkpoint folder when one was named.
 
     'latest' or a run folder: continue that run; Ray Train restores its own checkpoint state from
@@ -241,11 +244,12 @@ def find_run_and_checkpoint(config: TandemConfig, resume: str) -> tuple[Path, st
     """
     base = storage_root(config) / config.name
     if resume == "latest":
-        runs = sorted((p for p in base.glob("*") if (p / CHECKPOINTS).is_dir()), key=lambda p: p.stat().st_mtime)
+        # Run folders are named by their start time; a tuning folder holds no checkpoints/ of its own.
+        runs = [run for run in base.children() if (run / CHECKPOINTS).is_dir()]
         if not runs:
             raise ArtifactError(f"no run with checkpoints under {base}; nothing to resume")
-        return runs[-1], None
-    path = Path(resume).expanduser().resolve()
+        return max(runs, key=lambda run: run.name), None
+    path = location(resume)
     if (path / "latest").is_file():
         return new_run_dir(storage_root(config), config.name), str(path)
     if (path / CHECKPOINTS).is_dir():
@@ -266,10 +270,11 @@ def train(config: TandemConfig, resume: str | None = None, callbacks: list | Non
             run_dir, resume_from = find_run_and_checkpoint(config, resume)
         else:
             run_dir, resume_from = new_run_dir(storage_root(config), config.name), None
-        atomic_write_text(run_dir / "config.yaml", config.to_yaml())
-        atomic_write_text(run_dir / "deepspeed.json", json.dumps(checks["deepspeed"], indent=2))
+        (run_dir / "config.yaml").put_text(config.to_yaml())
+        (run_dir / "deepspeed.json").put_text(json.dumps(checks["deepspeed"], indent=2))
         print(f"[tandem] run folder {run_dir}", flush=True)
-        move_log(run_dir)
+        if not run_dir.remote:  # on an object store the console log stays where it started (logs are not run state)
+            move_log(run_dir.path)
         trainer = build_trainer(config, run_dir, use_gpu, resume_from, callbacks, local_run=local_run, file_source=checks["file_source"])
         continuing = (run_dir / "metrics.jsonl").exists()  # a resumed run folder: its MLflow run goes on
         tracker = track_run(config, run_dir, continuing)
@@ -279,13 +284,18 @@ def train(config: TandemConfig, resume: str | None = None, callbacks: list | Non
         except BaseException:
             tracker.finish("FAILED")
             raise
-        tracker.set_tags({"tandem.model_version": model_version(result.artifact_dir), "tandem.run_dir": str(run_dir)})
+        tracker.set_tags(
+            {
+                "tandem.model_version": model_version(json.loads((result.artifact_dir / "manifest.json").read_bytes())),
+                "tandem.run_dir": str(run_dir),
+            }
+        )
         tracker.log_files([result.artifact_dir / "manifest.json", run_dir / "deepspeed.json", run_dir / "config.yaml"])
         tracker.finish()
         return result
 
 
-def fit(trainer: Any, run_dir: Path) -> Any:
+def fit(trainer: Any, run_dir: Location) -> Any:
     """trainer.fit(), with the workers' own error (the user's code, usually) as a TandemError: the
     CLI prints it, traceback snippet included, without the frames of Ray's driver around it."""
     from ray.train import TrainingFailedError as RayTrainingFailed
@@ -305,46 +315,62 @@ def fit(trainer: Any, run_dir: Path) -> Any:
             signal.signal(signal.SIGINT, previous)
 
 
-def consolidate(config: TandemConfig, run_dir: Path, result: Any) -> TrainResult:
-    """Turn the final checkpoint's consolidated fp32 weights into artifacts/model.pt + manifest.json."""
+def consolidate(config: TandemConfig, run_dir: Location | Path, result: Any) -> TrainResult:
+    """Turn the final checkpoint's consolidated fp32 weights into artifacts/model.pt + manifest.json.
+
+    On an object store the checkpoint is read through Ray's Checkpoint (a local copy for the
+    block) and the artifact is published with its manifest last (save_model_artifact)."""
     from cluster.artifacts import load_state_dict, write_manifest
     from training.loop import CONSOLIDATED
 
+    run_dir = location(run_dir)
     checkpoint = result.checkpoint
     if checkpoint is None:
         raise ArtifactError(f"the run in {run_dir} registered no checkpoint; nothing to consolidate")
-    folder = Path(checkpoint.path)
-    spec = json.loads((folder / "model_spec.json").read_text())
-    # The checkpoint file is ours (written by rank 0); verify it like any artifact before loading.
-    write_manifest(folder, {"kind": "checkpoint"})
-    state = load_state_dict(folder, CONSOLIDATED)
+    checkpoint_uri = f"{run_dir.scheme}://{checkpoint.path}" if run_dir.remote else str(checkpoint.path)
     history = read_history(run_dir)
-    manifest = save_model_artifact(
-        run_dir / "artifacts",
-        state,
-        spec["model"],
-        {
-            "name": config.name,
-            "config_hash": config.config_hash(),
-            "metrics": spec["metrics"],
-            "checkpoint": str(folder),
-            "run_dir": str(run_dir),
-            # The last epoch's number, not the count of metrics lines: a driver killed between a
-            # checkpoint and its metrics line, then resumed, leaves one line fewer than epochs.
-            "epochs": int(history[-1]["epoch"]) if history else 0,
-            "deepspeed": {
-                "zero_stage": config.training.deepspeed.zero_stage,
-                "workers": config.training.workers,
-                "precision": config.training.precision,
+    # A local checkpoint is read in place; one in an object store through a local copy for the block.
+    opened = checkpoint.as_directory() if run_dir.remote else contextlib.nullcontext(checkpoint.path)
+    with opened as local_checkpoint:
+        folder = Path(local_checkpoint)
+        spec = json.loads((folder / "model_spec.json").read_text())
+        # The checkpoint file is ours (written by rank 0); verify it like any artifact before loading.
+        write_manifest(folder, {"kind": "checkpoint"})
+        state = load_state_dict(folder, CONSOLIDATED)
+        manifest = save_model_artifact(
+            run_dir / "artifacts",
+            state,
+            spec["model"],
+            {
+                "name": config.name,
+                "config_hash": config.config_hash(),
+                "metrics": spec["metrics"],
+                "checkpoint": checkpoint_uri,
+                "run_dir": str(run_dir),
+                # The last epoch's number, not the count of metrics lines: a driver killed between a
+                # checkpoint and its metrics line, then resumed, leaves one line fewer than epochs.
+                "epochs": int(history[-1]["epoch"]) if history else 0,
+                "deepspeed": {
+                    "zero_stage": config.training.deepspeed.zero_stage,
+                    "workers": config.training.workers,
+                    "precision": config.training.precision,
+                },
             },
-        },
-    )
+        )
     print(f"[tandem] artifact {run_dir / 'artifacts'} (version {manifest['version']})", flush=True)
-    return TrainResult(run_dir=run_dir, artifact_dir=run_dir / "artifacts", metrics=spec["metrics"], checkpoint_dir=folder, history=history)
+    return TrainResult(
+        run_dir=native(run_dir),
+        artifact_dir=native(run_dir / "artifacts"),
+        metrics=spec["metrics"],
+        checkpoint_dir=checkpoint_uri,
+        history=history,
+    )
 
 
-def read_history(run_dir: Path) -> list[dict[str, Any]]:
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
+def read_history(run_dir: Location | Path | str) -> list[dict[str, Any]]:
+    path = location(run_dir) / "metrics.jsonl"
+    try:
+        text = path.read_text()
+    except FileNotFoundError:
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [json.loads(line) for line in text.splitlines() if line.strip()]

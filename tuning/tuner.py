@@ -29,7 +29,7 @@ from cluster.artifacts import ArtifactError, atomic_write_text, model_version, n
 from cluster.config import ConfigError, Problem, TandemConfig, config_with, read_yaml
 from cluster.config.checks import REPORTED_METRICS
 from cluster.console import move_log
-from cluster.runtime import connect, storage_root
+from cluster.runtime import connect, local_storage
 from tuning.resources import TRIAL_FUNCTION_CPU, TrialPlan, plan_trials
 from tuning.results import (
     RESULTS_CSV,
@@ -124,7 +124,7 @@ def find_tuning_run(config: TandemConfig, resume: bool | str | Path) -> Path:
     from ray.tune import Tuner
 
     if resume is True or resume == "latest":
-        base = storage_root(config) / config.name
+        base = local_storage(config, "tandem tune") / config.name
         runs = sorted((p for p in base.glob(f"{TUNE_PREFIX}*") if (p / EXPERIMENT).is_dir()), key=lambda p: p.stat().st_mtime)
         if not runs:
             raise ArtifactError(f"no tuning run under {base} to resume; run `tandem tune` without --resume first")
@@ -281,7 +281,7 @@ def tune(config: TandemConfig, resume: bool | str | Path = False, callbacks: lis
             run_dir = find_tuning_run(config, resume)
             check_same_search(config, run_dir)
         else:
-            run_dir = new_run_dir(storage_root(config), config.name, prefix=TUNE_PREFIX)
+            run_dir = new_run_dir(local_storage(config, "tandem tune"), config.name, prefix=TUNE_PREFIX).path
             atomic_write_text(run_dir / "config.yaml", config.to_yaml())
         print(
             f"[tandem] tuning run {run_dir}: {n_trials} trial(s), {config.tuning.scheduler.name} + {config.tuning.search.name}; "

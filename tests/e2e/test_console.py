@@ -65,9 +65,7 @@ def ctrl_c_reaches() -> None:
 def start_in_terminal(args: list[str], out, env: dict[str, str], cwd: Path | None = None) -> subprocess.Popen:
     """`args` started as a terminal's foreground job: a process group of its own (what Ctrl-C
     signals), SIGINT's default action, stdout and stderr into `out`."""
-    return subprocess.Popen(
-        args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=ctrl_c_reaches
-    )
+    return subprocess.Popen(args, cwd=cwd, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True, preexec_fn=ctrl_c_reaches)
 
 
 def tandem(args: list[str], cwd: Path, timeout: float = 600, **env: str) -> subprocess.CompletedProcess:

@@ -99,6 +99,7 @@ def test_under_overload_the_gate_keeps_accepted_latency_near_the_target_where_th
             ticket = gate.enter()
             await batcher.submit(np.zeros((1, 4), dtype=np.float32))
             gate.leave(ticket, answered=True)
+
         async def client() -> None:
             nonlocal refused
             answered = 0

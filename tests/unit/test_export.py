@@ -16,7 +16,8 @@ from rich.console import Console
 
 from cluster.artifacts import ArtifactError, load_model, read_manifest, verify_artifact
 from serving.engines import INT8_FILE, ONNX_FILE, PRUNED_FILE, PRUNED_ONNX_FILE, load_engine
-from serving.optimize.export import ParityGateError, export, export_onnx, file_opset, format_report, pick_int8
+from serving.optimize.export import ParityGateError, export, export_onnx, format_report, pick_int8
+from serving.optimize.onnx_export import file_opset
 from serving.optimize.parity import gate_failures
 from serving.optimize.prune import prune_model
 from serving.optimize.quantize import candidate_modes
