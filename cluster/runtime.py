@@ -234,3 +234,53 @@ def local_storage(config: TandemConfig, verb: str) -> Path:
             f"({root}); run it with --set cluster.storage=/a/shared/mount"
         )
     return root.path
+
+
+def nodes_missing_storage(root: Location) -> list[str]:
+    """The alive Ray nodes that do not see the local `root` folder as this driver does (each one's
+    IP), found by a marker file this driver writes and a zero-CPU task on each node reads.
+
+    A local cluster.storage on a cluster of more than one node must be one shared mount at the same
+    path everywhere: Ray Train's workers write checkpoints there and replicas read artifacts there.
+    An object-store URI, or a single node, needs no check.
+    """
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    if root.remote or len(nodes) < 2:
+        return []
+    token = secrets.token_hex(8)
+    marker = root.path / f".tandem-shared-{token}"
+    marker.parent.mkdir(parents=True, exist_ok=True)
+    marker.write_text(token)
+
+    @ray.remote(num_cpus=0, max_retries=0)
+    def reads_marker(path: str) -> bool:
+        try:
+            return Path(path).read_text() == token
+        except OSError:
+            return False
+
+    try:
+        seen = ray.get(
+            [
+                reads_marker.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False)).remote(str(marker))
+                for n in nodes
+            ],
+            timeout=120,
+        )
+    finally:
+        marker.unlink(missing_ok=True)
+    return [n.get("NodeManagerAddress", n["NodeID"]) for n, ok in zip(nodes, seen, strict=True) if not ok]
+
+
+def require_shared_storage(config: TandemConfig) -> None:
+    """Refuse a run whose local cluster.storage some of the cluster's nodes do not see."""
+    missing = nodes_missing_storage(storage_root(config))
+    if missing:
+        raise StorageError(
+            f"cluster.storage: {config.cluster.storage} is not visible at the same path on node(s) {', '.join(missing)}; "
+            "on a cluster of more than one node use a folder every node mounts (NFS, a ReadWriteMany claim) or an "
+            "object-store URI such as s3://bucket/runs"
+        )

@@ -281,6 +281,15 @@ def submitted_storage_is_absolute(config: TandemConfig) -> list[Finding]:
     ]
 
 
+def storage_reachable(config: TandemConfig) -> list[Finding]:
+    """An object-store URI whose bucket is missing or whose credentials this shell lacks (the job
+    gets this shell's store variables: `tandem submit`)."""
+    from cluster.storage import location, reachable_problem
+
+    problem = reachable_problem(location(config.cluster.storage))
+    return [Finding("error", "cluster.storage", problem)] if problem else []
+
+
 def names_fit_kubernetes(config: TandemConfig) -> list[Finding]:
     findings = []
     names = resource_names(config)
@@ -324,6 +333,7 @@ CHECKS: list[tuple[Check, tuple[str, ...]]] = [
     (image_has_tandem, ("kubernetes",)),
     (storage_outlives_pods, ("kubernetes",)),
     (submitted_storage_is_absolute, ("submit",)),
+    (storage_reachable, ("submit",)),
     (names_fit_kubernetes, ("kubernetes",)),
 ]
 

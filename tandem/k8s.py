@@ -47,6 +47,7 @@ import yaml
 
 from cluster.config import NodeGroup, TandemConfig, config_with
 from cluster.runtime import node_group_resources, runtime_env
+from cluster.storage import is_uri
 from serving.serve_config import build_serve_config, dump_serve_config
 from serving.settings import IMAGE_FRONT_BINARY
 
@@ -93,6 +94,7 @@ def resource_names(config: TandemConfig) -> dict[str, str]:
         "auth_secret": config.cluster.kubernetes.auth_secret or f"{name}-ray-token",
         "serving_secret": f"{name}-serving-token",
         "mlflow_secret": f"{name}-mlflow",
+        "store_secret": f"{name}-store",
     }
 
 
@@ -173,6 +175,19 @@ def storage_mount(config: TandemConfig) -> tuple[dict[str, Any], dict[str, Any]]
     return volume, {"name": "storage", "mountPath": config.cluster.storage}
 
 
+def secret_env(config: TandemConfig, head: bool) -> list[dict[str, Any]]:
+    """envFrom of the optional Secrets a pod reads credentials from, never the config in the ConfigMap:
+    MLflow's on the head (job drivers log from there), the object store's on every pod (workers
+    write checkpoints, replicas read artifacts) when cluster.storage is a URI."""
+    names = resource_names(config)
+    refs = []
+    if head and config.tracking.mlflow is not None:
+        refs.append({"secretRef": {"name": names["mlflow_secret"], "optional": True}})
+    if is_uri(config.cluster.storage):
+        refs.append({"secretRef": {"name": names["store_secret"], "optional": True}})
+    return refs
+
+
 def pod_template(container: dict[str, Any], volumes: list[dict[str, Any]], group: NodeGroup | None = None) -> dict[str, Any]:
     spec: dict[str, Any] = {"containers": [container]}
     if volumes:
@@ -210,10 +225,9 @@ def head_group_spec(config: TandemConfig, extra_env: list[dict[str, Any]]) -> di
         mounts.append(shared[1])
     resources = container_resources(config.cluster.kubernetes.head_cpus, config.cluster.kubernetes.head_memory)
     container = ray_container(config, "head", resources, auth_env(config) + extra_env, mounts)
-    if config.tracking.mlflow is not None:
-        # Job drivers run on the head and log to MLflow from there (cluster/tracking.py); the
-        # credentials come from an optional Secret, never from the config in the ConfigMap.
-        container["envFrom"] = [{"secretRef": {"name": names["mlflow_secret"], "optional": True}}]
+    secrets = secret_env(config, head=True)
+    if secrets:
+        container["envFrom"] = secrets
     return {
         # The head runs the GCS, the dashboard, job drivers and Serve's controller; no tasks or
         # replicas on it keeps those responsive (KubeRay's production advice). It is in no node group.
@@ -236,6 +250,9 @@ def worker_group_spec(config: TandemConfig, name: str, group: NodeGroup, extra_e
     volumes, mounts = ([shared[0]], [shared[1]]) if shared else ([], [])
     resources = container_resources(group.cpus, group.memory, group.gpus)
     container = ray_container(config, "worker", resources, auth_env(config) + extra_env, mounts)
+    secrets = secret_env(config, head=False)
+    if secrets:
+        container["envFrom"] = secrets
     return {
         "groupName": worker_group_name(name),
         "replicas": group.replicas if group.replicas is not None else group.min_replicas,

@@ -26,6 +26,7 @@ from typing import Any, TextIO
 from cluster.config import TandemConfig
 from cluster.errors import TandemError
 from cluster.runtime import runtime_env
+from cluster.storage import is_uri, store_env
 from cluster.tracking import job_env
 from tandem.checks import format_findings, has_errors, predeploy_checks
 
@@ -160,8 +161,13 @@ def submit(
     job_id = client.submit_job(
         entrypoint=entrypoint,
         # PYTHONUNBUFFERED: the job's logs stream as they are written.
-        # MLflow credentials set in this shell go with the job (tracking on), so its driver logs as this user would.
-        runtime_env=runtime_env(config.cluster.runtime_env, env_vars={"PYTHONUNBUFFERED": "1", **job_env(config)}, upload=working_dir),
+        # MLflow credentials set in this shell go with the job (tracking on), so its driver logs as this user would;
+        # the object store's variables too when cluster.storage is a URI, so it reads and writes as this user would.
+        runtime_env=runtime_env(
+            config.cluster.runtime_env,
+            env_vars={"PYTHONUNBUFFERED": "1", **job_env(config), **(store_env() if is_uri(config.cluster.storage) else {})},
+            upload=working_dir,
+        ),
         submission_id=submission_id(config, stage),
         metadata={"tandem_stage": stage, "tandem_config": config.name, "config_hash": config.config_hash()},
     )

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
+import subprocess
+import sys
 import tempfile
+import time
 import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -82,3 +87,67 @@ def ray_tmp():
     folder = Path(tempfile.mkdtemp(prefix="tdm-", dir="/tmp"))
     yield folder
     shutil.rmtree(folder, ignore_errors=True)
+
+
+@dataclass
+class S3Store:
+    """An S3-compatible server on loopback (moto's standalone server) and one bucket in it."""
+
+    endpoint: str
+    bucket: str
+    env: dict[str, str]  # what a user's shell has for an S3-compatible store: keys, region, endpoint
+
+    def client(self):
+        import boto3
+
+        return boto3.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            aws_access_key_id=self.env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.env["AWS_SECRET_ACCESS_KEY"],
+            region_name=self.env["AWS_DEFAULT_REGION"],
+        )
+
+    def keys(self, prefix: str) -> list[str]:
+        pages = self.client().get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix)
+        return [item["Key"] for page in pages for item in page.get("Contents", [])]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_store(tmp_path_factory):
+    """moto's standalone S3 server, started here on loopback (what Ray's own storage tests use),
+    with a bucket `tandem-runs`; its variables are the ones boto3, the AWS CLI and pyarrow read."""
+    port = _free_port()
+    endpoint = f"http://127.0.0.1:{port}"
+    env = {
+        "AWS_ACCESS_KEY_ID": "tandem-test",
+        "AWS_SECRET_ACCESS_KEY": "tandem-test-secret",
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_ENDPOINT_URL": endpoint,
+    }
+    log = tmp_path_factory.mktemp("moto") / "moto.log"
+    with open(log, "w") as out:
+        server = subprocess.Popen(
+            [str(Path(sys.executable).parent / "moto_server"), "-H", "127.0.0.1", "-p", str(port)], stdout=out, stderr=subprocess.STDOUT
+        )
+    store = S3Store(endpoint=endpoint, bucket="tandem-runs", env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            try:
+                store.client().create_bucket(Bucket=store.bucket)
+                break
+            except Exception:  # not listening yet (botocore's connection errors have no common base)
+                if server.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"moto_server did not start on {endpoint}:\n{log.read_text()[-2000:]}") from None
+                time.sleep(0.3)
+        yield store
+    finally:
+        server.terminate()
+        server.wait(timeout=30)

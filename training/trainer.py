@@ -28,8 +28,8 @@ from cluster.artifacts import ArtifactError, model_version, new_run_dir, save_mo
 from cluster.config import ConfigError, Problem, TandemConfig, looks_like_files
 from cluster.console import move_log
 from cluster.errors import TrainingFailedError
-from cluster.runtime import connect, pin_to_group, storage_root
-from cluster.storage import Location, location, native
+from cluster.runtime import connect, pin_to_group, require_shared_storage, storage_root
+from cluster.storage import Location, location, native, reachable_problem
 from cluster.tracking import follow_metrics, track_run
 from training.ds_config import deepspeed_config
 from training.startup import controller_env, prestart_train_coordinator, skipped_callbacks, trainer_class
@@ -108,6 +108,9 @@ def preflight(config: TandemConfig) -> dict[str, Any]:
             ]
         )
     ds = deepspeed_config(config, config.training.workers)  # raises on override conflicts
+    storage_problem = reachable_problem(storage_root(config))  # a missing bucket or refused credentials, before Ray starts
+    if storage_problem:
+        raise ConfigError([Problem(path="cluster.storage", value=config.cluster.storage, message=storage_problem)])
     teacher_dir(config)  # a missing or altered teacher artifact is refused here, not in the workers
     return {"input_shape": dataset.input_shape, "num_classes": num_classes, "deepspeed": ds, "file_source": file_source}
 
@@ -265,6 +268,7 @@ def train(config: TandemConfig, resume: str | None = None, callbacks: list | Non
         local_run = ray_handle.started and ray_handle.address == "local"
         if local_run:
             prestart_train_coordinator()
+        require_shared_storage(config)
         use_gpu = resolve_use_gpu(config)
         if resume:
             run_dir, resume_from = find_run_and_checkpoint(config, resume)

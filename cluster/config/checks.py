@@ -222,6 +222,34 @@ def _check_checkpoint_metric(sections: dict[str, Any]) -> list[Problem]:
     return ranking_problems("training.checkpoint.metric", checkpoint.metric, "training.checkpoint.mode", checkpoint.mode, "checkpoint")
 
 
+def _check_tracking_on_object_storage(sections: dict[str, Any]) -> list[Problem]:
+    # MLflow's default store is a sqlite file under cluster.storage and TensorBoard writes event
+    # files into the run folder: both need a local disk, which an object-store URI is not.
+    cluster, tracking = sections.get("cluster"), sections.get("tracking")
+    if cluster is None or tracking is None or "://" not in cluster.storage or cluster.storage.startswith("file://"):
+        return []
+    problems = []
+    if tracking.mlflow is not None and tracking.mlflow.tracking_uri is None:
+        problems.append(
+            Problem(
+                path="tracking.mlflow.tracking_uri",
+                value=None,
+                message=f"defaults to sqlite:///<cluster.storage>/mlflow.db, which cannot live in an object store ({cluster.storage}); "
+                "set it to your MLflow server (http://...) or a sqlite file on a local disk (the artifacts still go to the store)",
+            )
+        )
+    if tracking.tensorboard:
+        problems.append(
+            Problem(
+                path="tracking.tensorboard",
+                value=True,
+                message=f"TensorBoard writes event files into a local run folder, and cluster.storage is an object store "
+                f"({cluster.storage}); set tracking.tensorboard: false and track with MLflow, or use a shared mount for cluster.storage",
+            )
+        )
+    return problems
+
+
 CROSS_FIELD_CHECKS = (
     _check_checkpoint_metric,
     _check_node_group_refs,
@@ -231,6 +259,7 @@ CROSS_FIELD_CHECKS = (
     _check_tuning_paths,
     _check_predict_deployments,
     _check_direct_is_one_replica,
+    _check_tracking_on_object_storage,
 )
 
 

@@ -43,7 +43,8 @@ class RayHead:
     address: str  # the dashboard, where jobs are submitted: http://127.0.0.1:PORT
     temp_dir: Path
     gcs: str  # what a driver joins: RAY_ADDRESS=127.0.0.1:PORT
-    env: dict[str, str]  # a user's shell for this cluster: PATH with the venv, RAY_AUTH_MODE, RAY_AUTH_TOKEN
+    env: dict[str, str]  # a user's shell for this cluster: PATH with the venv, RAY_AUTH_MODE, RAY_AUTH_TOKEN, the S3 store's variables
+    cache: Path | None = None  # the head node's artifact cache (TANDEM_CACHE_DIR of its processes)
 
     def run(self, args: list[str], timeout: float, cwd: Path = ROOT, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
         """Run a command as the user would, with `timeout` as a hard bound."""
@@ -167,16 +168,18 @@ def start_head(env: dict[str, str], token: str, log: Path) -> tuple[subprocess.P
 
 
 @pytest.fixture(scope="session")
-def ray_head(tmp_path_factory) -> RayHead:
+def ray_head(tmp_path_factory, s3_store) -> RayHead:
     """One Ray head for the e2e tests (`serve deploy`, job submission), stopped at the end: a head
     costs seconds to start and more to stop on this 2-core machine, and each test cleans up its
-    own Serve app or job.
+    own Serve app or job. Its node has the S3 store's variables (tests/conftest.py `s3_store`), as
+    a cluster's nodes have their store's credentials, and an artifact cache of its own.
 
     A loaded machine can make the raylet miss `ray start`'s fixed 30 s registration window; the
     head is then started again, up to START_ATTEMPTS times, each time on fresh ports.
     """
     token = secrets.token_hex(32)
-    env = user_env(token)
+    cache = tmp_path_factory.mktemp("head-cache")
+    env = {**user_env(token), **s3_store.env, "TANDEM_CACHE_DIR": str(cache)}
     logs = tmp_path_factory.mktemp("ray-head")
     for attempt in range(1, START_ATTEMPTS + 1):
         try:
@@ -188,6 +191,7 @@ def ray_head(tmp_path_factory) -> RayHead:
             # Said, not hidden: the retry shows in pytest's warnings summary.
             said = f"the e2e Ray head failed to start (attempt {attempt} of {START_ATTEMPTS}), starting it again: {exc}"
             warnings.warn(said, RuntimeWarning, stacklevel=1)
+    head.cache = cache
     try:
         yield head
     finally:

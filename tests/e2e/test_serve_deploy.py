@@ -23,7 +23,7 @@ from cluster.artifacts import model_version
 from cluster.config import load_config
 from tests.e2e.conftest import free_ports
 from tests.e2e.test_console import start_in_terminal
-from tests.unit.artifact_helpers import copy_artifact, digits_val, exported_mlp
+from tests.unit.artifact_helpers import MLP_ARGS, copy_artifact, digits_val, exported_mlp, flip_byte, train_artifact
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1200)]
 
@@ -111,5 +111,50 @@ def test_serve_deploy_of_the_generated_config_serves_the_model_and_tandem_serve_
         assert "digits-b" not in apps, apps
         status, body = post_json(f"http://127.0.0.1:{port}/v1/predict", {"inputs": x[:4].tolist()})
         assert status == 200 and body["model_version"] == model_version(artifact), (status, body)
+    finally:
+        ray_head.run(["serve", "shutdown", "-y", "--address", ray_head.address], timeout=CLI_TIMEOUT_S)
+
+
+def test_tandem_serve_says_why_a_replica_cannot_start_and_exports_an_unexported_artifact_first(ray_head, tmp_path):
+    storage = tmp_path / "runs"
+    (port,) = free_ports(1)
+    config = load_config(
+        None,
+        [f"cluster.storage={storage}", "cluster.address=auto", f"serving.port={port}", f"model.args.hidden={MLP_ARGS['hidden']}"],
+    )
+    config_file = tmp_path / "tandem.yaml"
+    config_file.write_text(config.to_yaml())
+    env = {**ray_head.env, "RAY_ADDRESS": ray_head.gcs}
+    try:
+        # The int8 model altered after export: the driver finds every file listed, the replica's
+        # checksum refuses it, and its reason (not only "Deploying application failed") reaches
+        # the console that deployed it.
+        broken = copy_artifact(exported_mlp(), storage, run="run-broken")
+        flip_byte(broken / "model.int8.onnx")
+        done = ray_head.run(["tandem", "serve", str(config_file), "--from", str(broken)], timeout=READY_TIMEOUT_S, env=env)
+        assert done.returncode == 1, (done.stdout + done.stderr)[-4000:]
+        assert "could not start its replicas" in done.stderr and "cpu:" in done.stderr, done.stderr[-4000:]
+        assert "model.int8.onnx" in done.stderr and "sha256" in done.stderr, done.stderr[-4000:]
+
+        # Trained weights with no ONNX yet (what `tandem train` of an older Tandem left): `tandem
+        # serve` exports them under the parity gate first, then serves the int8 model.
+        fresh = train_artifact(storage / "digits" / "run-fresh" / "artifacts", args=MLP_ARGS, epochs=20)
+        log_path = tmp_path / "tandem-serve.log"
+        with open(log_path, "w") as log:
+            serving = start_in_terminal(["tandem", "serve", str(config_file), "--from", str(fresh)], log, env)
+        try:
+            deadline = time.monotonic() + READY_TIMEOUT_S
+            while "serving digits" not in log_path.read_text() and time.monotonic() < deadline:
+                assert serving.poll() is None, log_path.read_text()[-4000:]
+                time.sleep(1)
+            assert "exporting" in log_path.read_text(), log_path.read_text()[-4000:]
+            assert "model.int8.onnx" in json.loads((fresh / "manifest.json").read_text())["files"]
+            x, _ = digits_val()
+            status, body = post_json(f"http://127.0.0.1:{port}/v1/predict", {"inputs": x[:4].tolist()})
+            assert status == 200 and body["model_version"] == model_version(fresh), (status, body)
+            os.killpg(serving.pid, signal.SIGINT)
+            assert serving.wait(timeout=CLI_TIMEOUT_S) == 0, log_path.read_text()[-3000:]
+        finally:
+            serving.kill()
     finally:
         ray_head.run(["serve", "shutdown", "-y", "--address", ray_head.address], timeout=CLI_TIMEOUT_S)
