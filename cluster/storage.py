@@ -72,7 +72,9 @@ def store_env() -> dict[str, str]:
 
 
 @functools.lru_cache(maxsize=16)
-def _filesystem(scheme: str, netloc: str) -> Any:
+def _filesystem(scheme: str, netloc: str, env: tuple[tuple[str, str], ...]) -> Any:
+    """One pyarrow filesystem per store and per set of store variables (`env`, part of the cache
+    key so that a changed endpoint or key is used at once, never a client made for the old one)."""
     import pyarrow.fs as pafs
 
     filesystem, _ = pafs.FileSystem.from_uri(f"{scheme}://{netloc}")
@@ -148,7 +150,7 @@ class Location:
 
             return pafs.LocalFileSystem()
         parsed = urlparse(self.uri)
-        return _filesystem(parsed.scheme, parsed.netloc)
+        return _filesystem(parsed.scheme, parsed.netloc, tuple(sorted(store_env().items())))
 
     @property
     def path(self) -> Path:
@@ -375,6 +377,7 @@ def _fetch_blob(source: Location, sha256: str) -> Path:
     has none. Keyed by the content's hash, so a changed file is a new key, never a stale hit."""
     blobs = cache_dir() / "blobs"
     blob = blobs / sha256
+    blobs.mkdir(parents=True, exist_ok=True)
     with _locked(blobs / f".{sha256}.lock"):
         if blob.is_file():
             return blob
@@ -424,6 +427,7 @@ def fetch_folder(source: Location, manifest_name: str = "manifest.json") -> Path
     folder = cache_dir() / "artifacts" / key
     if (folder / manifest_name).is_file():
         return folder
+    cache_dir().mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=cache_dir(), prefix=".artifact-"))
     try:
         for name, entry in sorted((manifest.get("files") or {}).items()):

@@ -173,6 +173,7 @@ def test_the_readme_cluster_recipe_trains_on_the_cluster_and_serves_that_model(r
         output = recipe.stdout + recipe.stderr
         assert recipe.returncode == 0, f"the recipe stopped with {recipe.returncode}:\n{output[-8000:]}"
 
+        print(output[-5000:]); print(sorted(p.relative_to(storage).as_posix() for p in storage.rglob("*") if p.is_file())[:60])
         artifact = the_jobs_artifact(storage)
         answer = last_json_line(recipe.stdout)
         assert answer.get("model_version") == model_version(artifact), (answer, artifact)

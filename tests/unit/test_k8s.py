@@ -73,7 +73,11 @@ def gpu_and_cpu() -> TandemConfig:
     return load_config(None, GPU_CPU_GROUPS)
 
 
-CONFIGS = {"packaged": packaged, "gpu_and_cpu": gpu_and_cpu}
+def object_store() -> TandemConfig:
+    return load_config(None, ["cluster.storage=s3://tandem-runs/runs"])
+
+
+CONFIGS = {"packaged": packaged, "gpu_and_cpu": gpu_and_cpu, "object_store": object_store}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -212,6 +216,20 @@ def test_mlflow_credentials_reach_the_head_from_an_optional_secret_and_never_the
     assert "MLFLOW_TRACKING_PASSWORD" not in json.dumps(manifests)
     # Without tracking, no secret is asked for.
     assert "digits-mlflow" not in json.dumps(render_manifests(packaged()))
+
+
+def test_object_store_credentials_reach_every_ray_pod_from_an_optional_secret():
+    manifests = render_manifests(object_store())
+    store = {"secretRef": {"name": "digits-store", "optional": True}}
+    for name in ("raycluster.yaml", "rayjob-train.yaml", "rayservice.yaml"):
+        spec = manifests[name]["spec"]
+        cluster = spec.get("rayClusterSpec") or spec.get("rayClusterConfig") or spec
+        pods = [cluster["headGroupSpec"], *cluster["workerGroupSpecs"]]
+        for pod in pods:
+            assert store in pod["template"]["spec"]["containers"][0]["envFrom"], name
+    assert "AWS_SECRET_ACCESS_KEY" not in json.dumps(manifests)
+    # A shared mount needs no store credentials.
+    assert "digits-store" not in json.dumps(render_manifests(packaged()))
 
 
 def test_auth_disabled_renders_no_secret_reference():

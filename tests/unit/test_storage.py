@@ -1,0 +1,134 @@
+"""The storage layer (cluster/storage.py) against a real S3-compatible server (moto's, on loopback):
+the same operations on a local folder and a bucket, the per-node artifact cache keyed by sha256,
+and the checks that name a store Tandem cannot use before anything starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import uuid
+from pathlib import Path
+
+import pytest
+
+from cluster.artifacts import read_manifest, save_model_artifact
+from cluster.config import ConfigError, load_config
+from cluster.storage import StorageError, downloads, fetch_folder, location, publish_folder, reachable_problem
+from tests.conftest import _free_port
+
+TANDEM = [str(Path(sys.executable).parent / "tandem")]
+
+
+@pytest.fixture
+def store_env(s3_store, tmp_path, monkeypatch):
+    """This process as a user's shell with the store's variables and an artifact cache of its own."""
+    for name, value in s3_store.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path / "cache"))
+    return s3_store
+
+
+def bucket_prefix(s3_store) -> str:
+    return f"s3://{s3_store.bucket}/unit-{uuid.uuid4().hex[:8]}"
+
+
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_the_same_operations_on_a_folder_and_a_bucket(where, store_env, tmp_path):
+    root = location(tmp_path / "runs" if where == "local" else bucket_prefix(store_env))
+    run = root / "digits" / "run-1"
+    (run / "config.yaml").put_text("name: digits\n")
+    (run / "metrics.jsonl").append_line('{"epoch": 1}')
+    (run / "metrics.jsonl").append_line('{"epoch": 2}')
+    (run / "artifacts" / "manifest.json").put_json({"files": {}})
+    assert (run / "config.yaml").read_text() == "name: digits\n"
+    assert (run / "metrics.jsonl").read_text().splitlines() == ['{"epoch": 1}', '{"epoch": 2}']
+    assert sorted(c.name for c in run.children()) == ["artifacts", "config.yaml", "metrics.jsonl"]
+    assert (run / "artifacts").is_dir() and (run / "config.yaml").is_file() and not (run / "missing").exists()
+    assert (run / "config.yaml").size() == len("name: digits\n")
+    run.delete_tree()
+    assert not (run / "config.yaml").exists()
+
+
+def artifact_in_bucket(s3_store, tmp_path: Path, weights: bytes) -> tuple[Path, object]:
+    """A small artifact published to the bucket (manifest last) from a local staging folder."""
+    import torch
+
+    local = tmp_path / f"stage-{uuid.uuid4().hex[:6]}"
+    model = torch.nn.Linear(4, 2)
+    with torch.no_grad():
+        model.weight.fill_(weights[0])
+    spec = {"builder": "training.models:mlp", "args": {"hidden": []}, "input_shape": [4], "num_classes": 2}
+    save_model_artifact(local, model.state_dict(), spec)
+    target = location(bucket_prefix(s3_store)) / "digits" / "run-1" / "artifacts"
+    publish_folder(local, target)
+    return local, target
+
+
+def test_the_cache_downloads_each_file_once_per_node_and_a_changed_artifact_is_fetched_anew(store_env, tmp_path):
+    local, target = artifact_in_bucket(store_env, tmp_path, b"\x01")
+    first = fetch_folder(target)
+    again = fetch_folder(target)  # a second replica, or a restarted one, on the same node
+    assert first == again and read_manifest(first) == read_manifest(local)
+    assert sorted(d["uri"] for d in downloads()) == sorted(str(target / name) for name in read_manifest(local)["files"])
+
+    # The artifact replaced in place (a new export, a new training of the same run): a new
+    # manifest is a new cache folder, never the stale one.
+    changed, _ = artifact_in_bucket(store_env, tmp_path, b"\x02")
+    publish_folder(changed, target)
+    fresh = fetch_folder(target)
+    assert fresh != first
+    assert (fresh / "model.pt").read_bytes() == (changed / "model.pt").read_bytes()
+    assert len(downloads()) == 2 * len(read_manifest(local)["files"])
+
+
+def test_a_file_altered_in_the_bucket_is_refused_not_cached(store_env, tmp_path):
+    local, target = artifact_in_bucket(store_env, tmp_path, b"\x03")
+    data = bytearray((local / "model.pt").read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    (target / "model.pt").put_bytes(bytes(data))  # the manifest still records the old sha256
+    with pytest.raises(StorageError, match="fails its checksum"):
+        fetch_folder(target)
+    assert not list((Path(os.environ["TANDEM_CACHE_DIR"]) / "blobs").glob("[0-9a-f]*"))
+
+
+def test_reachable_problem_names_a_missing_bucket_and_a_store_that_does_not_answer(store_env, monkeypatch):
+    assert reachable_problem(location(bucket_prefix(store_env))) is None
+    assert "does not exist" in reachable_problem(location("s3://no-such-bucket-tandem/runs"))
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{_free_port()}")
+    problem = reachable_problem(location(bucket_prefix(store_env)))
+    assert "cannot be reached" in problem and "AWS_ENDPOINT_URL" in problem, problem
+
+
+def test_validate_refuses_a_missing_bucket_naming_cluster_storage(s3_store, tmp_path):
+    env = {**os.environ, **s3_store.env}
+    done = subprocess.run(
+        [*TANDEM, "validate", "--set", "cluster.storage=s3://no-such-bucket-tandem/runs"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert done.returncode == 2, done.stdout + done.stderr
+    assert "cluster.storage" in done.stderr and "does not exist" in done.stderr, done.stderr
+    ok = subprocess.run(
+        [*TANDEM, "validate", "--set", f"cluster.storage=s3://{s3_store.bucket}/runs"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert ok.returncode == 0, ok.stdout + ok.stderr
+
+
+def test_tracking_that_needs_a_local_disk_is_refused_on_object_storage():
+    with pytest.raises(ConfigError) as refused:
+        load_config(None, ["cluster.storage=s3://tandem-runs/runs", "tracking={mlflow: {}, tensorboard: true}"])
+    paths = {p.path for p in refused.value.problems}
+    assert paths == {"tracking.mlflow.tracking_uri", "tracking.tensorboard"}, refused.value
+    # An MLflow server of its own is fine: only the default sqlite file needs a local disk.
+    load_config(None, ["cluster.storage=s3://tandem-runs/runs", "tracking={mlflow: {tracking_uri: 'http://mlflow:5000'}}"])
+    assert json.dumps(load_config(None, ["cluster.storage=/mnt/tandem", "tracking={mlflow: {}}"]).to_dict())
