@@ -72,6 +72,10 @@ def test_the_cache_downloads_each_file_once_per_node_and_a_changed_artifact_is_f
     again = fetch_folder(target)  # a second replica, or a restarted one, on the same node
     assert first == again and read_manifest(first) == read_manifest(local)
     assert sorted(d["uri"] for d in downloads()) == sorted(str(target / name) for name in read_manifest(local)["files"])
+    # The same bytes under another key (the artifact copied to another run): found by sha256.
+    copy = location(bucket_prefix(store_env)) / "digits" / "run-2" / "artifacts"
+    publish_folder(local, copy)
+    assert fetch_folder(copy) != first and len(downloads()) == len(read_manifest(local)["files"])
 
     # The artifact replaced in place (a new export, a new training of the same run): a new
     # manifest is a new cache folder, never the stale one.
