@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import Deployment, RuntimeEnv, TandemConfig
-from cluster.storage import Location, StorageError, location
+from cluster.storage import CACHE_ENV, Location, StorageError, cache_dir, location
 
 logger = logging.getLogger("tandem.cluster")
 NODE_GROUP_CAPACITY = 1000
@@ -144,7 +144,10 @@ def _start_simulated_cluster(config: TandemConfig) -> tuple[Any, dict[str, list[
     for name, group in config.cluster.node_groups.items():
         count = max(1, group.replicas if group.replicas is not None else group.min_replicas)
         for _ in range(count):
-            node = cluster.add_node(num_cpus=group.cpus, resources=node_group_resources(name))
+            # Each node its own artifact cache, as separate machines have (cluster/storage.py):
+            # what one node downloaded, another must download again.
+            cache = {CACHE_ENV: str(cache_dir() / "simulated-nodes" / f"{name}-{len(nodes.get(name, []))}")}
+            node = cluster.add_node(num_cpus=group.cpus, resources=node_group_resources(name), env_vars=cache)
             nodes.setdefault(name, []).append(node.node_id)
     cluster.wait_for_nodes()
     return cluster, nodes

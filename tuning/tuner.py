@@ -273,6 +273,7 @@ def tune(config: TandemConfig, resume: bool | str | Path = False, callbacks: lis
     from tuning.pbt import remove_handoffs
 
     space = check_tuning(config)
+    storage = local_storage(config, "tandem tune")  # before Ray starts: tuning on an object store is refused here
     with connect(config):
         use_gpu = resolve_use_gpu(config)
         n_trials = count_trials(space, config.tuning.samples, config.tuning.search.name)
@@ -281,7 +282,7 @@ def tune(config: TandemConfig, resume: bool | str | Path = False, callbacks: lis
             run_dir = find_tuning_run(config, resume)
             check_same_search(config, run_dir)
         else:
-            run_dir = new_run_dir(local_storage(config, "tandem tune"), config.name, prefix=TUNE_PREFIX).path
+            run_dir = new_run_dir(storage, config.name, prefix=TUNE_PREFIX).path
             atomic_write_text(run_dir / "config.yaml", config.to_yaml())
         print(
             f"[tandem] tuning run {run_dir}: {n_trials} trial(s), {config.tuning.scheduler.name} + {config.tuning.search.name}; "

@@ -122,7 +122,12 @@ class ClusterConfig(Strict):
     address: str = Field(
         "local", description="'local' (start Ray here), 'auto' (join RAY_ADDRESS or a running head) or 'ray://host:10001'."
     )
-    storage: str = Field("./runs", description="Local path or URI where runs, checkpoints and artifacts are written.")
+    storage: str = Field(
+        "./runs",
+        description="Where runs, checkpoints and artifacts are written: a folder (on a cluster of more than one node, one every node "
+        "mounts at this path) or an object-store URI such as s3://bucket/runs, with credentials from the environment (AWS_*, "
+        "AWS_ENDPOINT_URL for an S3-compatible store), never from here.",
+    )
     node_groups: dict[str, NodeGroup] = Field(
         default_factory=lambda: {"cpu": NodeGroup(cpus=2, memory="8Gi")},
         description="Node groups: Ray custom resources locally and KubeRay worker groups on Kubernetes.",

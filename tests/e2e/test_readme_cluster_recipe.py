@@ -126,6 +126,7 @@ def bash(script: str, cwd: Path, env: dict[str, str], stdin: str, timeout: float
 def assert_port_free(port: int) -> None:
     # The README's curl names the packaged config's port; another server there would answer instead of the recipe's app.
     with socket.socket() as probe:
+        probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # a closed connection's TIME_WAIT is no server
         try:
             probe.bind(("0.0.0.0", port))
         except OSError as exc:
@@ -173,7 +174,6 @@ def test_the_readme_cluster_recipe_trains_on_the_cluster_and_serves_that_model(r
         output = recipe.stdout + recipe.stderr
         assert recipe.returncode == 0, f"the recipe stopped with {recipe.returncode}:\n{output[-8000:]}"
 
-        print(output[-5000:]); print(sorted(p.relative_to(storage).as_posix() for p in storage.rglob("*") if p.is_file())[:60])
         artifact = the_jobs_artifact(storage)
         answer = last_json_line(recipe.stdout)
         assert answer.get("model_version") == model_version(artifact), (answer, artifact)

@@ -136,3 +136,17 @@ def test_tracking_that_needs_a_local_disk_is_refused_on_object_storage():
     # An MLflow server of its own is fine: only the default sqlite file needs a local disk.
     load_config(None, ["cluster.storage=s3://tandem-runs/runs", "tracking={mlflow: {tracking_uri: 'http://mlflow:5000'}}"])
     assert json.dumps(load_config(None, ["cluster.storage=/mnt/tandem", "tracking={mlflow: {}}"]).to_dict())
+
+
+def test_tune_and_profile_on_an_object_store_are_refused_before_ray_starts_naming_cluster_storage(store_env):
+    # Tuning and profile reports still keep their state on a folder (a shared mount): said at once,
+    # with the fix, not after Ray and the trials started (unit tests refuse ray.init: tests/conftest.py).
+    from profiling.subject import find_subject
+    from tuning.tuner import tune
+
+    config = load_config(
+        None, ["tuning={space: {training.optimizer.lr: {loguniform: [0.001, 0.01]}}}", f"cluster.storage={bucket_prefix(store_env)}"]
+    )
+    for verb in (lambda: tune(config), lambda: find_subject(config, None)):
+        with pytest.raises(StorageError, match="cluster.storage: .* does not write to an object store yet"):
+            verb()
