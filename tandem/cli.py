@@ -34,8 +34,8 @@ app = typer.Typer(
 # markup=False, emoji=False: what these print holds user text (config values, paths, error
 # messages); "[/]", "[a-z]" or ":x:" in it must print as written, not as Rich markup or an emoji.
 # Both write to the real terminal, also while a long verb sends everything else to its log.
-console = Console(file=terminal_out, markup=False, emoji=False)
-err = Console(file=terminal_err, markup=False, emoji=False)
+console = Console(file=terminal_out, markup=False, emoji=False, soft_wrap=True)  # a path is one line in a log too
+err = Console(file=terminal_err, markup=False, emoji=False, soft_wrap=True)
 VERBOSE = {"on": False}
 
 
