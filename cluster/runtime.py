@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.config import Deployment, RuntimeEnv, TandemConfig
-from cluster.storage import CACHE_ENV, Location, StorageError, cache_dir, location
+from cluster.storage import CACHE_ENV, Location, StorageError, atomic_write_bytes, cache_dir, location
 
 logger = logging.getLogger("tandem.cluster")
 NODE_GROUP_CAPACITY = 1000
@@ -255,8 +255,7 @@ def nodes_missing_storage(root: Location) -> list[str]:
         return []
     token = secrets.token_hex(8)
     marker = root.path / f".tandem-shared-{token}"
-    marker.parent.mkdir(parents=True, exist_ok=True)
-    marker.write_text(token)
+    atomic_write_bytes(marker, token.encode())
 
     @ray.remote(num_cpus=0, max_retries=0)
     def reads_marker(path: str) -> bool:
