@@ -40,6 +40,7 @@ EXPORTING = "[tandem] exporting"
 SERVING = "serving digits"
 TIMEOUT_S = 900
 PHASES = ("train_s", "export_s", "serve_ready_s")
+REPLICAS = 2
 
 
 def load() -> str:
@@ -79,7 +80,7 @@ def start_moto(log: Path) -> tuple[subprocess.Popen, dict[str, str]]:
             time.sleep(0.3)
 
 
-def timed_lines(cmd: list[str], env: dict[str, str], cwd: Path, stop_at: str | None = None) -> tuple[dict[str, float], list[str]]:
+def timed_lines(cmd: list[str], env: dict[str, str], cwd: Path, stop_at: str | None = None) -> tuple[dict[str, float], int]:
     """Seconds from the command's start to the first line holding each of EXPORTING, SERVING, and
     to its exit; with `stop_at`, SIGINT (Ctrl-C) once that line shows."""
     started = time.monotonic()
@@ -97,16 +98,19 @@ def timed_lines(cmd: list[str], env: dict[str, str], cwd: Path, stop_at: str | N
     marks["exit"] = time.monotonic() - started
     if proc.returncode != 0 or (stop_at and stop_at not in marks):
         raise SystemExit(f"{' '.join(cmd[1:3])} failed ({proc.returncode}):\n{''.join(tail)}")
-    return marks, tail
+    return marks, proc.pid
 
 
-def downloaded_by_process(cache: Path) -> dict[str, int]:
+def downloaded_by_process(cache: Path, driver_pid: int, replicas: int) -> dict[str, int]:
+    """Bytes the node's cache downloaded for the driver (`tandem serve`, which checks the artifact
+    is servable first) and for each replica (0 for one that found every file in the cache)."""
     log = cache / "downloads.jsonl"
-    by_pid: dict[str, int] = {}
+    by_pid: dict[int, int] = {}
     for line in log.read_text().splitlines() if log.is_file() else []:
         record = json.loads(line)
-        by_pid[str(record["pid"])] = by_pid.get(str(record["pid"]), 0) + record["bytes"]
-    return by_pid
+        by_pid[record["pid"]] = by_pid.get(record["pid"], 0) + record["bytes"]
+    others = sorted((b for pid, b in by_pid.items() if pid != driver_pid), reverse=True)
+    return {"driver": by_pid.get(driver_pid, 0), **{f"replica {i + 1}": b for i, b in enumerate((others + [0] * replicas)[:replicas])}}
 
 
 def one_run(arm: str, folder: Path, store_env: dict[str, str], run_id: str) -> dict[str, Any]:
@@ -116,18 +120,18 @@ def one_run(arm: str, folder: Path, store_env: dict[str, str], run_id: str) -> d
     if arm == "s3":
         env.update(store_env)
     sets = ["--set", f"cluster.storage={storage}"]
-    trained, _ = timed_lines([str(VENV_BIN / "tandem"), "train", *sets], env, folder)
+    trained, _pid = timed_lines([str(VENV_BIN / "tandem"), "train", *sets], env, folder)
     if EXPORTING not in trained:
         raise SystemExit("tandem train did not export at its end")
     # The driver's own download of the artifact (export) is not a replica's: a fresh cache for serving.
     env["TANDEM_CACHE_DIR"] = str(folder / "serve-cache")
-    serve_sets = [*sets, "--set", f"serving.port={free_port()}", "--set", "serving.deployments[0].autoscaling.min_replicas=2"]
-    served, _ = timed_lines([str(VENV_BIN / "tandem"), "serve", *serve_sets], env, folder, stop_at=SERVING)
+    serve_sets = [*sets, "--set", f"serving.port={free_port()}", "--set", f"serving.deployments[0].autoscaling.min_replicas={REPLICAS}"]
+    served, driver_pid = timed_lines([str(VENV_BIN / "tandem"), "serve", *serve_sets], env, folder, stop_at=SERVING)
     return {
         "train_s": round(trained[EXPORTING], 2),
         "export_s": round(trained["exit"] - trained[EXPORTING], 2),
         "serve_ready_s": round(served[SERVING], 2),
-        "serve_downloads_bytes_by_process": downloaded_by_process(folder / "serve-cache"),
+        "serve_downloads_bytes": downloaded_by_process(folder / "serve-cache", driver_pid, REPLICAS),
     }
 
 
@@ -158,10 +162,9 @@ def table(result: dict[str, Any]) -> str:
                             strict=True):  # fmt: skip
         local, s3 = arms["local"][phase], arms["s3"][phase]
         lines.append(f"| {label} | {local:.1f} | {s3:.1f} | {s3 / local:.2f}x |")
-    lines.append(
-        f"| bytes downloaded by the serving node (per process) | {result['serve_downloads']['local']} | "
-        f"{result['serve_downloads']['s3']} | |"
-    )
+    for who in result["serve_downloads"]["s3"]:
+        local, s3 = result["serve_downloads"]["local"][who], result["serve_downloads"]["s3"][who]
+        lines.append(f"| bytes the node's cache downloaded for the {who} | {local:,} | {s3:,} | |")
     lines.append(f"\n{result['repeats']} runs per arm; load average at start {result['load_average']['start']}, at end "
                  f"{result['load_average']['end']}.")  # fmt: skip
     return "\n".join(lines) + "\n"
@@ -175,6 +178,10 @@ def main(argv: list[str]) -> None:
     with tempfile.TemporaryDirectory(prefix="tandem-storage-bench-") as root:
         server, store_env = start_moto(Path(root) / "moto.log")
         try:
+            # The first `tandem` of a session pays cold caches (imports, Ray's files): a warm-up run, not timed.
+            warm = Path(root) / "warm-up"
+            warm.mkdir()
+            one_run("local", warm, store_env, "warm-up")
             for i in range(repeats):
                 for arm in runs:
                     folder = Path(root) / f"{arm}-{i}"
@@ -191,7 +198,7 @@ def main(argv: list[str]) -> None:
         "repeats": repeats,
         "arms": medians,
         "ratios_s3_to_local": {p: round(medians["s3"][p] / medians["local"][p], 3) for p in PHASES},
-        "serve_downloads": {arm: rs[-1]["serve_downloads_bytes_by_process"] or "none (read in place)" for arm, rs in runs.items()},
+        "serve_downloads": {arm: rs[-1]["serve_downloads_bytes"] for arm, rs in runs.items()},
         "runs": runs,
         "load_average": {"start": load_start, "end": load()},
         "machine": f"{os.cpu_count()} CPUs",

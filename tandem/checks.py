@@ -286,8 +286,32 @@ def storage_reachable(config: TandemConfig) -> list[Finding]:
     gets this shell's store variables: `tandem submit`)."""
     from cluster.storage import location, reachable_problem
 
-    problem = reachable_problem(location(config.cluster.storage))
-    return [Finding("error", "cluster.storage", problem)] if problem else []
+    root = location(config.cluster.storage)
+    problem = reachable_problem(root)
+    if problem:
+        return [Finding("error", "cluster.storage", problem)]
+    if root.scheme == "s3" and not has_aws_credentials():
+        return [
+            Finding(
+                "warning",
+                "cluster.storage",
+                f"{root} answered, but this shell has no AWS credentials (AWS_ACCESS_KEY_ID, AWS_PROFILE, "
+                "AWS_WEB_IDENTITY_TOKEN_FILE or ~/.aws/credentials), so `tandem submit` gives the job none: the bucket must "
+                "allow anonymous access or the nodes need their own (an instance role, the store's variables where `ray start` runs)",
+            )
+        ]
+    return []
+
+
+def has_aws_credentials() -> bool:
+    """Whether this shell names AWS credentials the way boto3 and pyarrow look for them (an instance
+    role cannot be seen from here, hence a warning, not an error)."""
+    import os
+    from pathlib import Path
+
+    named = ("AWS_ACCESS_KEY_ID", "AWS_PROFILE", "AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI")
+    files = (os.environ.get("AWS_SHARED_CREDENTIALS_FILE") or Path.home() / ".aws" / "credentials",)
+    return any(os.environ.get(name) for name in named) or any(Path(f).is_file() for f in files)
 
 
 def names_fit_kubernetes(config: TandemConfig) -> list[Finding]:

@@ -150,3 +150,22 @@ def test_tune_and_profile_on_an_object_store_are_refused_before_ray_starts_namin
     for verb in (lambda: tune(config), lambda: find_subject(config, None)):
         with pytest.raises(StorageError, match="cluster.storage: .* does not write to an object store yet"):
             verb()
+
+
+def test_check_for_submit_names_a_missing_bucket_and_warns_of_a_shell_without_credentials(store_env, monkeypatch, tmp_path):
+    from tandem.checks import predeploy_checks
+
+    def storage_findings(storage: str) -> list:
+        return [f for f in predeploy_checks(load_config(None, [f"cluster.storage={storage}"]), "submit") if f.path == "cluster.storage"]
+
+    assert storage_findings(bucket_prefix(store_env)) == []
+    (missing,) = storage_findings("s3://no-such-bucket-tandem/runs")
+    assert missing.level == "error" and "does not exist" in missing.message
+    # The job gets this shell's variables: with none, say so (the nodes may still have an instance role).
+    monkeypatch.delenv("AWS_ACCESS_KEY_ID")
+    monkeypatch.delenv("AWS_SECRET_ACCESS_KEY")
+    monkeypatch.setenv("HOME", str(tmp_path))
+    findings = storage_findings(bucket_prefix(store_env))
+    # moto answers unsigned requests, so the bucket is reachable: a warning, not an error.
+    assert [f.level for f in findings] == ["warning"], findings
+    assert "no AWS credentials" in findings[0].message, findings
