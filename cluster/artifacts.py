@@ -29,7 +29,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.errors import TandemError
-from cluster.storage import Location, atomic_write_bytes, fetch_folder, location, publish_folder
+from cluster.storage import Location, atomic_write_bytes, fetch_folder, location, publish_folder, sha256_file
 
 MANIFEST = "manifest.json"
 MODEL_FILE = "model.pt"
@@ -38,14 +38,6 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 class ArtifactError(TandemError, RuntimeError):
     """An artifact is missing, altered or unsafe; the message names the file and the fix."""
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()
 
 
 def atomic_write_text(path: Path, text: str) -> None:

@@ -386,7 +386,7 @@ def _fetch_blob(source: Location, sha256: str) -> Path:
         os.close(fd)
         try:
             source.download_file(Path(tmp))
-            actual = _sha256_of(Path(tmp))
+            actual = sha256_file(Path(tmp))
             if actual != sha256:
                 raise StorageError(
                     f"{source.uri} fails its checksum on download: sha256 {actual} but its manifest records {sha256}; the file was "
@@ -403,7 +403,7 @@ def _fetch_blob(source: Location, sha256: str) -> Path:
         return blob
 
 
-def _sha256_of(path: Path) -> str:
+def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:
         for chunk in iter(lambda: handle.read(1 << 20), b""):

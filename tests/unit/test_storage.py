@@ -105,26 +105,17 @@ def test_reachable_problem_names_a_missing_bucket_and_a_store_that_does_not_answ
     assert "cannot be reached" in problem and "AWS_ENDPOINT_URL" in problem, problem
 
 
-def test_validate_refuses_a_missing_bucket_naming_cluster_storage(s3_store, tmp_path):
+def validate_with_storage(s3_store, storage: str, cwd: Path) -> subprocess.CompletedProcess:
     env = {**os.environ, **s3_store.env}
-    done = subprocess.run(
-        [*TANDEM, "validate", "--set", "cluster.storage=s3://no-such-bucket-tandem/runs"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    command = [*TANDEM, "validate", "--set", f"cluster.storage={storage}"]
+    return subprocess.run(command, cwd=cwd, env=env, capture_output=True, text=True, timeout=120)
+
+
+def test_validate_refuses_a_missing_bucket_naming_cluster_storage(s3_store, tmp_path):
+    done = validate_with_storage(s3_store, "s3://no-such-bucket-tandem/runs", tmp_path)
     assert done.returncode == 2, done.stdout + done.stderr
     assert "cluster.storage" in done.stderr and "does not exist" in done.stderr, done.stderr
-    ok = subprocess.run(
-        [*TANDEM, "validate", "--set", f"cluster.storage=s3://{s3_store.bucket}/runs"],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    ok = validate_with_storage(s3_store, f"s3://{s3_store.bucket}/runs", tmp_path)
     assert ok.returncode == 0, ok.stdout + ok.stderr
 
 
