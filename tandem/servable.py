@@ -27,15 +27,26 @@ def missing_for_serving(config: TandemConfig, manifest: dict[str, Any]) -> list[
     return sorted(name for name in needed if name not in listed)
 
 
-def ensure_exported(config: TandemConfig, where: Location | Path | str) -> dict[str, Any]:
-    """Export the artifact when the deployments need a file it lacks; return its manifest."""
+def ensure_exported(config: TandemConfig, where: Location | Path | str, gate_refuses: bool = False) -> dict[str, Any]:
+    """Export the artifact when the deployments need a file it lacks; return its manifest.
+
+    After training (`gate_refuses` False) a crossed parity gate is said, not raised: the run did
+    train, and its artifact stays as it was, unservable as configured until the gate passes, which
+    `tandem serve` and `tandem predict` (`gate_refuses` True) then refuse with the same reason.
+    """
     from serving.optimize.export import export
+    from serving.optimize.parity import ParityGateError
 
     where = location(where)
     missing = missing_for_serving(config, read_manifest(local_artifact(where)))
     if missing:
         print(f"[tandem] exporting {where} for serving (it has no {', '.join(missing)} yet), under export.gate", flush=True)
-        export(config, source=str(where))
+        try:
+            export(config, source=str(where))
+        except ParityGateError as exc:
+            if gate_refuses:
+                raise
+            print(f"[tandem] trained, but not servable as configured: {exc}", flush=True)
     return read_manifest(local_artifact(where))
 
 
@@ -46,5 +57,5 @@ def servable_artifact(config: TandemConfig, ref: str) -> Location:
     from cluster.runtime import storage_root
 
     where = resolve_artifact(ref, storage_root(config), config.name)
-    ensure_exported(config, where)
+    ensure_exported(config, where, gate_refuses=True)
     return where
