@@ -1,12 +1,16 @@
 # The two commands of the README: `make demo` and `make test`. Each creates .venv when missing and
-# installs the project with the pins of constraints.txt (torch first: a bare torch would be CUDA).
+# installs the project with the pins of constraints.txt, torch first and exactly, from PyTorch's CPU
+# index (PyPI's torch is the multi-GB CUDA build on Linux; `make TORCH_INDEX=...` picks another).
+# --retries 1: where that index is unreachable (an offline mirror with the wheel in its find-links),
+# pip falls back at once instead of retrying for a minute.
 PY      := .venv/bin/python
 PIP     := .venv/bin/pip
 STAMP   := .venv/.installed
 BENCH_STAMP := .venv/.installed-bench
+TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
 export RAY_USAGE_STATS_ENABLED := 0
 
-.PHONY: demo test test-fast lint bench reliability clean install gpu-wheels gpu-check
+.PHONY: demo test test-fast lint docs bench reliability clean install gpu-wheels gpu-check
 
 $(PY):
 	python3 -m venv .venv
@@ -14,7 +18,7 @@ $(PY):
 
 # Reinstall only when the pins or the project metadata change: a second run is fast.
 $(STAMP): $(PY) constraints.txt pyproject.toml
-	$(PIP) install -q -c constraints.txt "$$(grep '^torch==' constraints.txt)"
+	$(PIP) install -q --retries 1 -c constraints.txt --index-url $(TORCH_INDEX) "$$(grep '^torch==' constraints.txt)"
 	$(PIP) install -q -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
@@ -31,6 +35,10 @@ test-fast: $(STAMP)
 
 lint: $(STAMP)
 	.venv/bin/ruff check .
+
+# The docs site (docs/, mkdocs.yml) into site/; strict: a broken link or a page missing from the nav fails.
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 .venv/bin/mkdocs build --strict -d site/
 
 # The benchmarks' peers too (the `bench` extra: LitServe), with the same pins.
 $(BENCH_STAMP): $(STAMP)
@@ -56,12 +64,13 @@ gpu-wheels: $(STAMP)
 		-d $(GPU_WHEELS) $$($(PY) -m tests.gpu.gpu_check --wheel-pins)
 	$(PY) -m tests.gpu.gpu_check --check-wheels $(GPU_WHEELS)
 
-# The CUDA paths in one run (README, "Checking the GPU paths"); without CUDA it says so and exits 0.
+# The CUDA paths in one run (docs/guides/gpu.md, "Checking the GPU paths"); without CUDA it says so and exits 0.
 # `make gpu-check GPU_CHECK_ARGS=--dry-run` runs the checks on the CPU. The GPU machine has no
 # .venv: its own python3 runs the checks there.
 GPU_PY = $(if $(wildcard $(PY)),$(PY),python3)
 gpu-check:
 	$(GPU_PY) -m tests.gpu.gpu_check --wheels $(GPU_WHEELS) $(GPU_CHECK_ARGS)
 
+# Deletes the virtual environment, the caches and runs/: every model trained under the default storage.
 clean:
-	rm -rf .venv .cache runs
+	rm -rf .venv .cache runs site

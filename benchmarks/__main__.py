@@ -31,7 +31,7 @@ def main(argv: list[str]) -> None:
     if argv:
         run(argv[0], argv[1:])
         return
-    # The reliability suite is `make reliability`'s (README): a test run, not a benchmark.
+    # The reliability suite is `make reliability`'s (docs/contributing.md): a test run, not a benchmark.
     for name in [n for n in available() if n != "reliability"]:
         print(f"== benchmarks.{name}", flush=True)
         run(name, [])

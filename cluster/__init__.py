@@ -8,6 +8,7 @@ Where things go:
 - artifacts.py  run folders, manifests, checksums, atomic writes, loading a model artifact, versions
 - tracking.py   experiment tracking (MLflow runs, TensorBoard event files), logged from the driver
 - console.py    the long verbs' terminal: Tandem's lines on screen, everything else in the run's log
+- tables.py     rich tables that stay readable in a log: one record per row where the table would be cut
 - example.yaml  the packaged example (`tandem run` with no argument)
 
 May import: nothing of Tandem's other packages (tests/unit/test_layering.py checks it). Every other

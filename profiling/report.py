@@ -297,12 +297,14 @@ def write_html(data: dict[str, Any], path: Path) -> None:
 def _rich_table(title: str, header: list[str], rows: list[list[str]]) -> Any:
     from rich.table import Table
 
+    from cluster.tables import readable
+
     table = Table(title=title, title_justify="left", show_lines=False)
     for column in header:
         table.add_column(column)
     for row in rows:
         table.add_row(*[str(c) for c in row])
-    return table
+    return readable(table)  # in a log: records, not cells cut to "…"
 
 
 def summary(data: dict[str, Any], out_dir: Path | None = None) -> Any:

@@ -11,8 +11,8 @@ Shape of the application
 - One deployment (the common case): the model deployment *is* the FastAPI ingress. It decodes and
   validates the request, looks in the cache, queues the examples in its adaptive batcher
   (serving/batching.py) and answers. There is no router hop, and a router with one choice
-  decides nothing (the hop's cost is measured by the serving benchmark's router-hop arm, in the
-  README).
+  decides nothing (the hop's cost is measured by the serving benchmark's router-hop arm, in
+  docs/benchmarks.md).
 - Several deployments: an "Ingress" deployment (FastAPI) validates, looks in the cache and routes
   each request through a DeploymentHandle to a model deployment chosen by serving/router.py
   (spillover, round_robin, least_loaded); a deployment that refuses (queue full, batcher shedding)
@@ -23,14 +23,14 @@ Shape of the application
 The HTTP path (`serving.http_path`, default "haproxy")
 ------------------------------------------------------
 Ray Serve's default path (HTTP proxy actor -> router -> replica) costs several times the server
-CPU per request of a plain FastAPI server (figures in the README). Ray 2.60's throughput-optimized mode
+CPU per request of a plain FastAPI server (figures in docs/benchmarks.md). Ray 2.60's throughput-optimized mode
 (`RAY_SERVE_THROUGHPUT_OPTIMIZED=1`: direct ingress, user code and router on the main loop, gRPC
 between deployments) lets the ingress replica serve HTTP on its own port, skipping the proxy.
 - "haproxy": direct ingress with Ray's HAProxy mode (`RAY_SERVE_ENABLE_HA_PROXY=1`) in front:
   HAProxy listens on serving.host:port and balances over the ingress replicas' own ports, so the
   URL is stable across autoscaling and rollouts (HAProxy retries a refused connection while a
   replica drains). HAProxy in front costs some throughput and latency against a client on the
-  replica's own port (the README's serving benchmark has the figures); the stable URL is worth
+  replica's own port (docs/benchmarks.md's serving benchmark has the figures); the stable URL is worth
   that by default, and "direct" is there when one replica is enough.
 - "direct": direct ingress without HAProxy; Serve's proxy stays on serving.port, and `serve()`
   returns the one ingress replica's own port. Fastest, for one replica (benchmarks, sidecars).

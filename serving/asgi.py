@@ -64,7 +64,7 @@ def register_replica(server: Any) -> None:
 class HotPath:
     """ASGI middleware: POST /v1/predict and POST /v2/models/{name}[/versions/{v}]/infer go straight
     to the replica's handlers, past FastAPI's routing, dependency solving and per-route wrappers
-    (py-spy under load: about a third of the replica's CPU; README, "Serving hot path"). The same
+    (py-spy under load: about a third of the replica's CPU; docs/benchmarks.md, "Serving hot path"). The same
     handlers serve FastAPI's declared routes, which every other request, and these before a
     replica is registered, still take; the OpenAPI document keeps describing them."""
 

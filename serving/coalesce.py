@@ -5,7 +5,7 @@ Why: a DeploymentHandle call costs the ingress and the model replica about a mil
 each (serialization, Ray's actor call, Serve's replica choice), whatever its size, while the
 model replica's batcher would have put those requests in one forward anyway. Sending every HTTP
 request as its own call made the router shape cost several times the single-deployment shape per
-request (README, "Serving hot path").
+request (docs/benchmarks.md, "Serving hot path").
 
 How: at most `max_in_flight` calls per deployment are outstanding (the router: one per
 replica). A request that finds a free slot is sent at once (at low load nothing waits); one that

@@ -115,7 +115,7 @@ def derived_max_ongoing_requests(serving: ServingConfig, deployment: Deployment)
     """Per-replica max_ongoing_requests: explicit, or enough for 4 full batches in flight.
 
     Ray's default (5) is far below a batch; the router then retries with backoff and bursts stall
-    for seconds while the replica idles (see the README). Four batches keep one running, one
+    for seconds while the replica idles (see docs/benchmarks.md). Four batches keep one running, one
     filling and two queued.
     """
     return deployment.max_ongoing_requests or max(4 * serving.batching.max_batch_size, 64)

@@ -5,7 +5,7 @@
 - submit.py     `tandem submit` / `tandem jobs`: stages as Ray jobs on a running cluster
 - k8s.py        `tandem k8s`: KubeRay RayCluster / RayJob / RayService manifests
 - checks.py     pre-deploy checks for job submission and Kubernetes
-- reference.py  the README's config reference, generated from the config models
+- reference.py  docs' config reference and benchmark tables, generated
 
 May import: every package (this is the top layer); nothing imports it.
 """

@@ -2,9 +2,10 @@
 
 `predeploy_checks(config, target)` returns `Finding`s: an "error" means the deployment cannot work
 (a replica that can never be placed), a "warning" names a cost or a trap (twice the GPUs during a
-RayService upgrade, cold starts, a Ray version mismatch). `tandem check` prints them all,
-`tandem k8s` (target "kubernetes") and `tandem submit` (target "submit") print theirs and stop on
-errors. Each check is one small function that names the config fields and the numbers.
+RayService upgrade, cold starts, a Ray version mismatch). `tandem check` prints them all (or one
+target's, `--for submit|kubernetes`), `tandem k8s` (target "kubernetes") and `tandem submit` (target
+"submit") print theirs and stop on errors. Each check is one small function that names the config
+fields and the numbers.
 """
 
 from __future__ import annotations

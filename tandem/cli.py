@@ -1,10 +1,11 @@
 """The `tandem` command line: one verb per stage, each a few lines over a library function.
 
-Every verb takes CONFIG as an optional first argument (the packaged example when omitted) and
-`--set path=value` overrides. A config problem prints every problem and exits 2; any other known
-failure prints one line and exits 1; neither prints a traceback. The long verbs (train, tune,
-run) show Tandem's lines and send Ray's and DeepSpeed's output to the run folder's console.log
-(cluster/console.py); `tandem -v VERB` shows everything.
+Every verb but `jobs` (which talks to a cluster, not about a config) takes CONFIG as an optional
+first argument (the packaged example when omitted) and `--set path=value` overrides. A config
+problem prints every problem and exits 2; any other known failure prints one line and exits 1;
+neither prints a traceback. The long verbs (train, tune, run) show Tandem's lines and send Ray's and
+DeepSpeed's output to the run folder's console.log (cluster/console.py); `tandem -v VERB` shows
+everything.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 import typer
 from rich.console import Console
@@ -24,6 +25,7 @@ from rich.text import Text
 from cluster.config import ConfigError, TandemConfig, load_config
 from cluster.console import quiet_terminal, terminal_err, terminal_out
 from cluster.errors import TandemError
+from tandem.submit import STAGES
 
 app = typer.Typer(
     help="Tandem: train, tune, optimize and serve a PyTorch model on one Ray cluster, from one config file.",
@@ -280,7 +282,9 @@ def serve_config(
         typer.Option(
             "--for",
             help="local: `serve deploy` on this machine (the config's host); cluster: a remote head or pods (every interface, "
-            "address auto), what the RayService embeds.",
+            "address auto). The RayService's serveConfigV2 is the cluster file plus, with serving.http_path: haproxy, the "
+            "shedding settings of Tandem's image (RAY_SERVE_HAPROXY_BINARY_PATH, TANDEM_HAPROXY_SERVER_MAXCONN, "
+            "TANDEM_HAPROXY_QUEUE_MS), which a file for any cluster leaves out: it cannot know where tandem-haproxy is.",
         ),
     ] = "local",
 ) -> None:
@@ -370,7 +374,7 @@ AddressOpt = Annotated[str | None, typer.Option("--address", help="Ray dashboard
 @friendly_errors
 def submit(
     config: ConfigArg = None,
-    stage: Annotated[str, typer.Argument(help="train | tune | export | serve | run")] = "train",
+    stage: Annotated[str, typer.Argument(help=" | ".join(STAGES))] = "train",
     set_: SetOpt = None,
     address: AddressOpt = None,
     no_follow: Annotated[bool, typer.Option("--no-follow", help="Return after submitting instead of streaming the logs.")] = False,
@@ -382,12 +386,27 @@ def submit(
     raise typer.Exit(code)
 
 
+def default_k8s_folder(cfg: TandemConfig) -> Path:
+    """Named after the config, so that rendering in this repo never overwrites its committed k8s/
+    (the packaged example's --draft rendering), and two configs never share a folder."""
+    return Path(f"k8s-{cfg.name}")
+
+
 @app.command()
 @friendly_errors
 def k8s(
     config: ConfigArg = None,
     set_: SetOpt = None,
-    out: Annotated[Path, typer.Option("--out", help="Folder for the manifests.")] = Path("k8s"),
+    out: Annotated[
+        Path | None,
+        typer.Option(
+            "--out",
+            help="Folder for the manifests: one folder per step (train/ or tune/, serve/, predict/, cluster/), each applied "
+            "with `kubectl apply -k`; what an earlier rendering wrote there is replaced, other files are left alone. "
+            "Default: k8s-NAME (the config's name) in the current folder.",
+            show_default=False,
+        ),
+    ] = None,
     draft: Annotated[
         bool, typer.Option("--draft", help="Render even with Ray's stock image or pod-local storage (reported as warnings).")
     ] = False,
@@ -399,6 +418,7 @@ def k8s(
     from tandem.k8s_files import write_manifests
 
     cfg = load(config, set_)
+    out = out or default_k8s_folder(cfg)
     findings = predeploy_checks(cfg, "kubernetes")
     if draft:
         findings = [dataclasses.replace(f, level="warning") if f.path in DRAFT_FIELDS else f for f in findings]
@@ -409,13 +429,28 @@ def k8s(
         console.print(f"wrote {path}")
 
 
+# tandem/checks.py's Target, spelled out here so that `tandem --help` need not import the checks
+# (and numpy with them); tests/unit/test_cli.py keeps the two equal.
+CheckTarget = Literal["all", "submit", "kubernetes"]
+
+
 @app.command()
 @friendly_errors
-def check(config: ConfigArg = None, set_: SetOpt = None) -> None:
-    """Pre-deploy checks for job submission and Kubernetes (exit 1 on an error)."""
+def check(
+    config: ConfigArg = None,
+    set_: SetOpt = None,
+    for_: Annotated[
+        CheckTarget,
+        typer.Option(
+            "--for",
+            help="submit: before `tandem submit` to a running Ray cluster; kubernetes: before `tandem k8s` and `kubectl apply`; all: both.",
+        ),
+    ] = "all",
+) -> None:
+    """Pre-deploy checks (exit 1 on an error): `--for submit` before `tandem submit`, `--for kubernetes` before `tandem k8s`."""
     from tandem.checks import format_findings, has_errors, predeploy_checks
 
-    findings = predeploy_checks(load(config, set_))
+    findings = predeploy_checks(load(config, set_), for_)
     console.print(format_findings(findings), soft_wrap=True)
     raise typer.Exit(1 if has_errors(findings) else 0)
 

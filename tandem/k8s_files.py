@@ -12,7 +12,22 @@ from pathlib import Path
 
 from cluster.artifacts import atomic_write_text
 from cluster.config import TandemConfig
+from serving.settings import IMAGE_FRONT_BINARY, serve_env
 from tandem.k8s import AUTH_TOKEN_KEY, CONFIG_FILE, CONFIG_MOUNT, HEADER_MARK, SERVING_TOKEN_KEY, dump_yaml, render_steps, resource_names
+
+
+def settings_only_the_image_has(config: TandemConfig) -> list[str]:
+    """What the RayService's serveConfigV2 adds to `tandem serve-config --for cluster`: settings that
+    name Tandem's image's tandem-haproxy, which a Serve config file for any cluster cannot know."""
+    anywhere = serve_env(config.serving)
+    return [name for name in serve_env(config.serving, front_binary=IMAGE_FRONT_BINARY) if name not in anywhere]
+
+
+def serve_config_note(config: TandemConfig) -> list[str]:
+    added = settings_only_the_image_has(config)
+    written = "`tandem serve-config --for cluster` writes for this config"
+    what = [f"{written}, plus HAProxy's shedding in Tandem's image:", f"{', '.join(added)}."] if added else [f"{written}."]
+    return ["Step 2, once step 1's job has succeeded: `kubectl apply -k serve/`. serveConfigV2 is what", *what]
 
 
 def file_notes(config: TandemConfig) -> dict[str, list[str]]:
@@ -36,9 +51,8 @@ def file_notes(config: TandemConfig) -> dict[str, list[str]]:
         "rayjob-train.yaml": ["Step 1: training on its own cluster, deleted after the job: `kubectl apply -k train/`."] + token,
         "rayjob-tune.yaml": ["Step 1 (instead of train/): hyperparameter search on its own cluster: `kubectl apply -k tune/`."] + token,
         "rayjob-predict.yaml": ["After step 1: offline batch inference on its own cluster: `kubectl apply -k predict/`."] + token,
-        "rayservice.yaml": [
-            "Step 2, once step 1's job has succeeded: `kubectl apply -k serve/`. serveConfigV2 is what",
-            "`tandem serve-config --for cluster` writes for this config.",
+        "rayservice.yaml": serve_config_note(config)
+        + [
             f"It serves serving.artifact ({config.serving.artifact}) from cluster.storage, the storage every pod shares.",
         ]
         + token

@@ -21,6 +21,7 @@ from rich.table import Table
 from cluster.config import TandemConfig
 from cluster.console import terminal_out
 from cluster.runtime import connect
+from cluster.tables import Readable, readable
 from serving.loadgen import LoadResult, load_from_process
 
 console = Console(file=terminal_out)  # the real terminal, also while `tandem run` is quiet
@@ -77,7 +78,7 @@ def served_agreement(url: str, artifact_dir: Path, config: TandemConfig, example
     return float((np.asarray(answer["predictions"]) == local).mean()), str(answer.get("model_version"))
 
 
-def summary_table(summary: RunSummary) -> Table:
+def summary_table(summary: RunSummary) -> Readable:
     table = Table(title="tandem run", show_header=False)
     m = summary.train_metrics
     table.add_row("artifact", str(summary.artifact_dir))
@@ -99,7 +100,7 @@ def summary_table(summary: RunSummary) -> Table:
     table.add_row("latency", f"p50 {load.p50_ms:.1f} ms, p99 {load.p99_ms:.1f} ms, {load.requests_per_s:.0f} req/s")
     table.add_row("endpoint", summary.url)
     table.add_row("stage times", ", ".join(f"{k} {v:.0f}s" for k, v in summary.timings_s.items()))
-    return table
+    return readable(table)  # in a log: one "name: value" line per row
 
 
 def run_lifecycle(

@@ -28,8 +28,8 @@ from cluster.errors import TandemError
 from cluster.runtime import runtime_env
 from cluster.storage import is_uri, store_env
 from cluster.tracking import job_env
-from tandem.checks import format_findings, has_errors, predeploy_checks
 
+# The verbs a job may run; `tandem submit --help` names them from here.
 STAGES = ("train", "tune", "export", "serve", "run", "validate", "predict")
 TERMINAL = ("SUCCEEDED", "FAILED", "STOPPED")
 POLL_S = 1.0
@@ -141,6 +141,10 @@ def submit(
     `overrides` are the user's --set values: they were applied to `config` already and are passed
     on to the job, which loads the same file with the same overrides.
     """
+    # Imported here: the checks load the manifest and Serve config code (numpy with it), which
+    # `tandem --help` should not pay for to name STAGES.
+    from tandem.checks import format_findings, has_errors, predeploy_checks
+
     out = out or sys.stdout
     if stage not in STAGES:
         raise SubmitError(f"stage '{stage}' is not one of {', '.join(STAGES)}")

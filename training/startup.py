@@ -1,7 +1,7 @@
 """What Tandem changes in Ray Train's start-up, and why: seconds of every small run.
 
 A one-epoch `tandem train` of the packaged example used to spend most of its time starting
-(benchmarks/startup.py, the README's start-up table). Each change below keeps Ray Train,
+(benchmarks/startup.py, the start-up table of docs/benchmarks.md). Each change below keeps Ray Train,
 DeepSpeed, checkpoints and resume as they are; `TANDEM_RAY_TRAIN_DEFAULTS=1` turns them all off
 (Ray Train as it comes: the benchmark's other arm, and a way out if one is ever suspected).
 

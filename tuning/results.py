@@ -143,9 +143,11 @@ def format_value(value: Any) -> str:
 def results_table(trials: list[TrialSummary], best: TrialSummary | None, metric: str, mode: str, title: str) -> Any:
     from rich.table import Table
 
+    from cluster.tables import readable
+
     paths = list(trials[0].params) if trials else []
     table = Table(title=title, title_justify="left")
-    table.add_column("", width=1)
+    table.add_column("best")  # named: in a log each trial prints as "header: value" lines (cluster/tables.py)
     table.add_column("trial")
     for path in paths:
         table.add_column(path, justify="right")
@@ -164,7 +166,7 @@ def results_table(trials: list[TrialSummary], best: TrialSummary | None, metric:
             str(t.epochs_trained),
             f"[{styles.get(t.status, 'white')}]{status}[/]",
         )
-    return table
+    return readable(table)
 
 
 def print_table(trials: list[TrialSummary], best: TrialSummary | None, metric: str, mode: str, title: str) -> None:

@@ -1,6 +1,6 @@
 """The pydantic models of every config section: what each field means, its default and its range.
 
-Every model forbids unknown keys and documents each field (the README's config reference is
+Every model forbids unknown keys and documents each field (docs/reference/configuration.md is
 generated from these descriptions). Checks across sections live in checks.py, loading in loading.py.
 """
 

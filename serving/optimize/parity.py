@@ -151,8 +151,11 @@ def _size(nbytes: int) -> str:
 
 
 def format_report(report: dict[str, dict[str, Any]], title: str = "parity against model.pt (held-out split)") -> Any:
-    """A rich Table: one row per artifact, latency columns per batch size with speedups."""
+    """A rich Table: one row per artifact, latency columns per batch size with speedups; in a log,
+    one record per artifact (cluster/tables.py), as 80 columns cut every cell of the table."""
     from rich.table import Table
+
+    from cluster.tables import readable
 
     sizes = sorted({int(s) for entry in report.values() for s in entry.get("latency_ms", {})})
     table = Table(title=title)
@@ -174,4 +177,4 @@ def format_report(report: dict[str, dict[str, Any]], title: str = "parity agains
         ]
         cells += [f"{latency[str(s)]:.3f} ({speedup.get(str(s), 0):.2f})" if str(s) in latency else "-" for s in sizes]
         table.add_row(*cells)
-    return table
+    return readable(table)

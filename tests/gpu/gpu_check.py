@@ -92,7 +92,7 @@ class Skip(RuntimeError):
 @dataclass(frozen=True)
 class Check:
     name: str
-    means: str  # what the line's figures are and what PASS requires (printed by --list, in the README)
+    means: str  # what the line's figures are and what PASS requires (printed by --list, in docs/guides/gpu.md)
     run: Callable[[Context], str]  # returns the figures; raises CheckFailed, Skip or anything else (FAIL)
 
 

@@ -570,7 +570,7 @@ def test_the_scan_catches_what_it_looks_for(tmp_path):
 NON_ARTIFACT_WRITES = {
     "training/loop.py": "the test-only fault-injection marker",
     "serving/loadgen.py": "a temp file of inputs handed to the load-generator subprocess",
-    "tandem/reference.py": "a developer tool that rewrites README.md in the checkout",
+    "tandem/reference.py": "a developer tool that rewrites README.md and docs/ in the checkout",
     "cluster/console.py": "the long verbs' console.log, appended line by line while they run, and the terminal's duplicated descriptors",
     "serving/haproxy_front.py": "HAProxy's configuration copy, written atomically by itself (standard library only: it runs on every "
     "HAProxy start)",

@@ -117,3 +117,40 @@ def test_jobs_without_a_job_id_or_with_an_unknown_action_prints_its_usage_and_ex
         assert done.returncode == 1, done.stdout + done.stderr
         assert "error usage: tandem jobs list | tandem jobs status|logs|stop JOB_ID" in done.stderr
         assert "Traceback" not in done.stdout + done.stderr
+
+
+def test_check_for_submit_leaves_out_the_kubernetes_checks_that_fail_the_packaged_example():
+    submit = tandem("check", "--for", "submit")
+    assert submit.returncode == 0, submit.stdout + submit.stderr
+    assert "cluster.image" not in submit.stdout and "relative" in submit.stdout  # storage: a submitted job's warning
+    kubernetes = tandem("check", "--for", "kubernetes")
+    assert kubernetes.returncode == 1 and "error: cluster.image:" in kubernetes.stdout
+    assert "relative" not in kubernetes.stdout
+    everything = tandem("check")
+    assert everything.returncode == 1 and "error: cluster.image:" in everything.stdout and "relative" in everything.stdout
+    wrong = tandem("check", "--for", "k8s")
+    assert wrong.returncode == 2 and "Traceback" not in wrong.stderr
+    assert "--for submit" in tandem("check", "--help").stdout
+
+
+def test_check_for_takes_exactly_the_checks_targets():
+    from typing import get_args
+
+    from tandem.checks import Target
+    from tandem.cli import CheckTarget
+
+    assert set(get_args(CheckTarget)) == set(get_args(Target))
+
+
+def test_submit_help_names_every_stage_it_accepts():
+    from tandem.submit import STAGES
+
+    help_text = " ".join(tandem("submit", "--help").stdout.replace("│", " ").split())
+    assert " | ".join(STAGES) in help_text
+
+
+def test_k8s_writes_beside_the_user_by_default_never_into_the_repos_k8s_folder(tmp_path):
+    done = tandem("k8s", "--draft", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert sorted(p.name for p in (tmp_path / "k8s-digits").iterdir()) == ["cluster", "serve", "train"]
+    assert not (tmp_path / "k8s").exists()

@@ -288,6 +288,19 @@ def test_rayservice_embeds_exactly_the_serve_config():
     assert "TANDEM_TOKEN" in env
 
 
+def test_rayservice_note_names_what_serve_config_v2_adds_to_the_cluster_file():
+    service = render_files(packaged())["serve/rayservice.yaml"]
+    header = service.split("apiVersion:", 1)[0]
+    kcfg = kubernetes_config(packaged())
+    file_settings = build_serve_config(kcfg, kcfg.serving.artifact)["controller_options"]["runtime_env"]["env_vars"]
+    service_settings = yaml.safe_load(serve_config_yaml(kcfg))["controller_options"]["runtime_env"]["env_vars"]
+    added = [name for name in service_settings if name not in file_settings]
+    assert added == ["RAY_SERVE_HAPROXY_BINARY_PATH", "TANDEM_HAPROXY_SERVER_MAXCONN", "TANDEM_HAPROXY_QUEUE_MS"]
+    assert ", ".join(added) in header.replace("\n# ", " ")
+    proxy = render_files(load_config(None, ["serving.http_path=proxy"]))["serve/rayservice.yaml"]  # Ray's own proxy
+    assert "writes for this config.\n" in proxy and "HAPROXY" not in proxy.split("apiVersion:", 1)[0]
+
+
 def test_image_comes_from_the_config():
     manifests = render_manifests(load_config(None, ["cluster.image=registry.example.com/tandem:0.1.0"]))
     images = re.findall(r'"image": "([^"]+)"', json.dumps(manifests))

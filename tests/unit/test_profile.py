@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import subprocess
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -25,6 +24,7 @@ from cluster.artifacts import atomic_save_torch, write_manifest
 from cluster.config import ConfigError, load_config
 from profiling.measure import forward_flops, probe_serve_app, served_latency, training_flops
 from profiling.profile import ProfileReport, profile, write_atomically
+from tests.conftest import run_chromium
 from tests.unit.artifact_helpers import MLP_ARGS, train_artifact
 from training.ds_config import zero_memory_formula
 from training.models import mlp, parameter_count
@@ -363,50 +363,7 @@ def test_an_unreachable_serve_url_fails_before_measuring():
 # the HTML in a real browser
 # ---------------------------------------------------------------------------------------------
 
-CHROMIUM_FLAGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-    "--no-first-run",
-]
-
-
-@pytest.fixture(scope="session")
-def chromium() -> str:
-    """Debian's chromium; installed here only as root with apt, in CI or with TANDEM_INSTALL_CHROMIUM=1.
-
-    Without it the test skips, except in CI (CI=true): there the HTML check is part of the run, so
-    a chromium that is missing or whose install failed fails the test with apt-get's own words."""
-    path = shutil.which("chromium")
-    in_ci = os.environ.get("CI") == "true"
-    allowed = in_ci or os.environ.get("TANDEM_INSTALL_CHROMIUM") == "1"
-    why = "chromium not installed (apt-get install chromium)"
-    if path is None and allowed and shutil.which("apt-get") and os.geteuid() == 0:
-        env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-        steps = []
-        for command, timeout in ((["apt-get", "update", "-qq"], 600), (["apt-get", "install", "-y", "-qq", "chromium"], 1200)):
-            try:
-                done = subprocess.run(command, env=env, timeout=timeout, capture_output=True, text=True)
-                steps.append(f"$ {' '.join(command)} -> exit {done.returncode}\n{(done.stdout + done.stderr)[-1500:]}")
-            except subprocess.TimeoutExpired:
-                steps.append(f"$ {' '.join(command)} -> timed out after {timeout} s")
-        path = shutil.which("chromium")
-        why = "apt-get could not install chromium:\n" + "\n".join(steps)
-    elif path is None and in_ci:
-        why += f"; CI cannot install it (apt-get {'found' if shutil.which('apt-get') else 'missing'}, uid {os.geteuid()})"
-    if path is None:
-        if in_ci:
-            pytest.fail(f"CI=true and {why}", pytrace=False)
-        pytest.skip(why)
-    return path
-
-
-def run_chromium(chromium: str, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
-    command = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}", *args]
-    return subprocess.run(command, capture_output=True, text=True, timeout=120)
+# The `chromium` fixture: tests/conftest.py
 
 
 def test_html_report_renders_with_every_plot_in_headless_chromium(trained, chromium, tmp_path):
