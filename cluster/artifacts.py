@@ -111,25 +111,16 @@ def write_manifest(folder: Path, info: dict[str, Any]) -> dict[str, Any]:
     return manifest
 
 
-def _load_manifest_json(path: Path) -> dict[str, Any]:
+def _load_manifest_json(path: Path | Location) -> dict[str, Any]:
+    """A manifest file, local or in an object store, as a dict (not yet checked entry by entry)."""
     try:
         manifest = json.loads(path.read_bytes())
+    except FileNotFoundError:
+        raise ArtifactError(f"{path} does not exist; train a model first (tandem train) or point at an artifacts folder") from None
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ArtifactError(f"{path} is not valid JSON ({exc}); the artifact is damaged, export or train again") from None
     if not isinstance(manifest, dict):
         raise ArtifactError(f"{path} is not a JSON object; the artifact is damaged, export or train again")
-    return manifest
-
-
-def _load_manifest_bytes(where: Location) -> dict[str, Any]:
-    try:
-        manifest = json.loads(where.read_bytes())
-    except FileNotFoundError:
-        raise ArtifactError(f"{where} does not exist; train a model first (tandem train) or point at an artifacts folder") from None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ArtifactError(f"{where} is not valid JSON ({exc}); the artifact is damaged, export or train again") from None
-    if not isinstance(manifest, dict):
-        raise ArtifactError(f"{where} is not a JSON object; the artifact is damaged, export or train again")
     return manifest
 
 
@@ -214,7 +205,7 @@ def model_version(artifact: Path | Location | dict[str, Any]) -> str:
 
     artifact: an artifacts folder, or its manifest already read."""
     if isinstance(artifact, Location) and artifact.remote:
-        artifact = _load_manifest_bytes(artifact / MANIFEST)
+        artifact = _load_manifest_json(artifact / MANIFEST)
     manifest = artifact if isinstance(artifact, dict) else read_manifest(Path(str(artifact)))
     entry = manifest.get("files", {}).get(MODEL_FILE)
     if entry is None:
@@ -272,7 +263,7 @@ def find_latest_artifact(storage: Location, name: str) -> Location:
     candidates = [run / "artifacts" for run in base.children() if (run / "artifacts" / MANIFEST).is_file()]
     if not candidates:
         raise ArtifactError(f"no trained artifact under {base}; run `tandem train` first or pass --from RUN")
-    return max(candidates, key=lambda folder: ((folder / MANIFEST).mtime(), folder.parent.name))
+    return max(candidates, key=lambda folder: ((folder / MANIFEST).stat()[0], folder.parent.name))
 
 
 def resolve_artifact(ref: str | Path | Location, storage: Location, name: str) -> Location:

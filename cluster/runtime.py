@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.config import Deployment, RuntimeEnv, TandemConfig
-from cluster.storage import CACHE_ENV, Location, StorageError, atomic_write_bytes, cache_dir, location
+from cluster.config import ConfigError, Deployment, Problem, RuntimeEnv, TandemConfig
+from cluster.storage import CACHE_ENV, Location, StorageError, atomic_write_bytes, cache_dir, location, reachable_problem
 
 logger = logging.getLogger("tandem.cluster")
 NODE_GROUP_CAPACITY = 1000
@@ -228,6 +228,14 @@ def storage_root(config: TandemConfig) -> Location:
     return location(config.cluster.storage)
 
 
+def require_reachable_storage(config: TandemConfig) -> None:
+    """Refuse, naming cluster.storage, an object store whose bucket is missing or that refuses or
+    does not answer; checked once per verb before Ray starts (a folder needs no request)."""
+    problem = reachable_problem(storage_root(config))
+    if problem:
+        raise ConfigError([Problem(path="cluster.storage", value=config.cluster.storage, message=problem)])
+
+
 def local_storage(config: TandemConfig, verb: str) -> Path:
     """The storage folder for a verb that keeps its state on a local or mounted disk only."""
     root = storage_root(config)
@@ -250,8 +258,10 @@ def nodes_missing_storage(root: Location) -> list[str]:
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    if root.remote:
+        return []
     nodes = [n for n in ray.nodes() if n.get("Alive")]
-    if root.remote or len(nodes) < 2:
+    if len(nodes) < 2:
         return []
     token = secrets.token_hex(8)
     marker = root.path / f".tandem-shared-{token}"

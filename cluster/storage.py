@@ -204,13 +204,6 @@ class Location:
         # An object store has no folders, only keys with a common prefix.
         return self._info().type == pafs.FileType.Directory or bool(self.children())
 
-    def mtime(self) -> float:
-        info = self._info()
-        return info.mtime.timestamp() if info.mtime is not None else 0.0
-
-    def size(self) -> int:
-        return int(self._info().size or 0)
-
     def read_bytes(self) -> bytes:
         if not self.remote:
             return Path(self.uri).read_bytes()
@@ -239,6 +232,25 @@ class Location:
         except OSError as exc:
             raise StorageError(f"{self.uri} cannot be listed ({_short(exc)}); {CREDENTIALS_HINT}") from None
         return [self / info.base_name for info in sorted(infos, key=lambda i: i.base_name)]
+
+    def files_below(self) -> list[Location]:
+        """Every file under this folder, at any depth, sorted (one listing request in an object store)."""
+        import pyarrow.fs as pafs
+
+        if not self.remote:
+            return [Location(str(p)) for p in sorted(Path(self.uri).rglob("*")) if p.is_file()]
+        try:
+            infos = self.filesystem.get_file_info(pafs.FileSelector(self.fs_path, allow_not_found=True, recursive=True))
+        except OSError as exc:
+            raise StorageError(f"{self.uri} cannot be listed ({_short(exc)}); {CREDENTIALS_HINT}") from None
+        prefix = f"{self.scheme}://"
+        return sorted((Location(prefix + info.path) for info in infos if info.type == pafs.FileType.File), key=str)
+
+    def stat(self) -> tuple[int, int]:
+        """(modification time in ns, size in bytes), from one request."""
+        info = self._info()
+        mtime = int(info.mtime.timestamp() * 1e9) if info.mtime is not None else 0
+        return mtime, int(info.size or 0)
 
     # writes -----------------------------------------------------------------------------------
     def put_bytes(self, data: bytes) -> None:

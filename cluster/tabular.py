@@ -124,7 +124,7 @@ def _store_files(spec: str, what: str) -> list[Any]:
 
     where = location(spec)
     try:
-        files = [where] if where.is_file() else [f for f in _walk(where) if not f.name.startswith((".", "_"))]
+        files = [where] if where.is_file() else [f for f in where.files_below() if not f.name.startswith((".", "_"))]
     except StorageError as exc:
         raise InputFilesError(f"{what} {spec}: {exc}") from None
     if not files:
@@ -136,13 +136,6 @@ def _store_files(spec: str, what: str) -> list[Any]:
             "or copy it to a local folder"
         )
     return sorted(str(f) for f in files)
-
-
-def _walk(where: Any) -> list[Any]:
-    found = []
-    for child in where.children():
-        found.extend([child] if child.is_file() else _walk(child))
-    return found
 
 
 def _suffix(path: Any) -> str:
@@ -332,8 +325,7 @@ def _parquet_file(path: str) -> Any:
     from cluster.storage import is_uri, location
 
     if is_uri(path):
-        where = location(path)
-        return _open_parquet(str(path), int(where.mtime() * 1e9), where.size())
+        return _open_parquet(str(path), *location(path).stat())
     stat = os.stat(path)
     return _open_parquet(str(path), stat.st_mtime_ns, stat.st_size)
 

@@ -154,9 +154,9 @@ class Tracker:
                     self._log_remote_file(path, folder)
                     continue
                 path = Path(str(path))
-                if Path(path).is_dir():
-                    self._mlflow(f"artifact {path}", lambda c, p=path: c.log_artifacts(self.run_id, str(p), Path(p).name))
-                elif Path(path).is_file():
+                if path.is_dir():
+                    self._mlflow(f"artifact {path}", lambda c, p=path: c.log_artifacts(self.run_id, str(p), p.name))
+                elif path.is_file():
                     self._mlflow(f"artifact {path}", lambda c, p=path: c.log_artifact(self.run_id, str(p), folder))
 
     def _log_remote_file(self, where: Location, folder: str | None) -> None:
@@ -191,11 +191,7 @@ def _mlflow_client_of(uri: str) -> Any:
 
 def _tensorboard_writer(folder: Path | Location, where: str) -> Any:
     """A TensorBoard writer for `folder`/tensorboard, or None with a warning."""
-    if location(folder).remote:
-        # The event writer appends to local files; `tandem validate` says so before a run starts.
-        logger.warning("TensorBoard event files need a local or mounted cluster.storage; %s writes none to %s", where, folder)
-        return None
-    folder = location(folder).path
+    folder = location(folder).path  # local: TensorBoard on an object store is refused when the config is read
     try:
         from tensorboardX import SummaryWriter
 
@@ -317,7 +313,7 @@ def follow_metrics(path: Path | Location, tracker: Tracker, skip_existing: bool 
     done = threading.Event()
     # Byte offset of the first line not yet logged: each poll reads only what was appended.
     path = location(path)
-    offset = [path.size() if skip_existing and path.exists() else 0]
+    offset = [path.stat()[1] if skip_existing and path.exists() else 0]
 
     def drain() -> None:
         for line in _new_lines(path, offset):

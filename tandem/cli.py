@@ -114,9 +114,11 @@ def validate(config: ConfigArg = None, set_: SetOpt = None) -> None:
     cfg = load(config, set_)
     # What `tandem train` checks on the driver before Ray starts: the data loads, the model builds
     # and takes the data's shape, the DeepSpeed JSON has no conflicting override.
+    from cluster.runtime import require_reachable_storage
     from training.trainer import preflight
 
     preflight(cfg)
+    require_reachable_storage(cfg)  # a missing bucket or refused credentials (one request; nothing for a folder)
     if cfg.tuning is not None:
         # The search space's paths and values, the scheduler's settings and every model/data value
         # it can sample: what `tandem tune` checks before any trial, without starting Ray.

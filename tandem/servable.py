@@ -38,15 +38,17 @@ def ensure_exported(config: TandemConfig, where: Location | Path | str, gate_ref
     from serving.optimize.parity import ParityGateError
 
     where = location(where)
-    missing = missing_for_serving(config, read_manifest(local_artifact(where)))
-    if missing:
-        print(f"[tandem] exporting {where} for serving (it has no {', '.join(missing)} yet), under export.gate", flush=True)
-        try:
-            export(config, source=str(where))
-        except ParityGateError as exc:
-            if gate_refuses:
-                raise
-            print(f"[tandem] trained, but not servable as configured: {exc}", flush=True)
+    manifest = read_manifest(local_artifact(where))
+    missing = missing_for_serving(config, manifest)
+    if not missing:
+        return manifest
+    print(f"[tandem] exporting {where} for serving (it has no {', '.join(missing)} yet), under export.gate", flush=True)
+    try:
+        export(config, source=str(where))
+    except ParityGateError as exc:
+        if gate_refuses:
+            raise
+        print(f"[tandem] trained, but not servable as configured: {exc}", flush=True)
     return read_manifest(local_artifact(where))
 
 

@@ -199,3 +199,15 @@ def chromium() -> str:
 def run_chromium(chromium: str, args: list[str], tmp_path: Path) -> subprocess.CompletedProcess:
     command = [chromium, *CHROMIUM_FLAGS, f"--user-data-dir={tmp_path / 'chromium-profile'}", *args]
     return subprocess.run(command, capture_output=True, text=True, timeout=120)
+
+
+def screenshot(chromium: str, url: str, width: int, height: int, tmp_path: Path) -> tuple[Path, tuple[int, int], int]:
+    """A headless screenshot of `url` once it has loaded: (its file, its size, how many colours it
+    holds; a blank or unstyled page has few)."""
+    from PIL import Image
+
+    shot = tmp_path / "screenshot.png"
+    window = [f"--window-size={width},{height}", "--hide-scrollbars", "--virtual-time-budget=10000"]
+    run_chromium(chromium, [*window, f"--screenshot={shot}", url], tmp_path)
+    with Image.open(shot) as image:
+        return shot, image.size, len(image.convert("RGB").getcolors(maxcolors=1 << 20) or range(1 << 20))

@@ -20,7 +20,7 @@ from typing import Any
 
 from cluster.artifacts import ArtifactError, new_run_dir, save_model_artifact, sha256_file
 from cluster.config import TandemConfig
-from cluster.runtime import storage_root
+from cluster.runtime import require_reachable_storage, storage_root
 from cluster.storage import native
 
 
@@ -93,6 +93,7 @@ def import_weights(config: TandemConfig, weights: Path) -> ImportResult:
     from training.trainer import preflight
 
     preflight(config)  # the data source and the module build, or a ConfigError naming the field
+    require_reachable_storage(config)
     dataset = load_dataset(config)
     model = build_model(config, dataset.input_shape, dataset.num_classes)
     state = read_state_dict(weights)

@@ -28,8 +28,8 @@ from cluster.artifacts import ArtifactError, model_version, new_run_dir, save_mo
 from cluster.config import ConfigError, Problem, TandemConfig, looks_like_files
 from cluster.console import move_log
 from cluster.errors import TrainingFailedError
-from cluster.runtime import connect, pin_to_group, require_shared_storage, storage_root
-from cluster.storage import Location, location, native, reachable_problem
+from cluster.runtime import connect, pin_to_group, require_reachable_storage, require_shared_storage, storage_root
+from cluster.storage import Location, location, native
 from cluster.tracking import follow_metrics, track_run
 from training.ds_config import deepspeed_config
 from training.startup import controller_env, prestart_train_coordinator, skipped_callbacks, trainer_class
@@ -108,9 +108,6 @@ def preflight(config: TandemConfig) -> dict[str, Any]:
             ]
         )
     ds = deepspeed_config(config, config.training.workers)  # raises on override conflicts
-    storage_problem = reachable_problem(storage_root(config))  # a missing bucket or refused credentials, before Ray starts
-    if storage_problem:
-        raise ConfigError([Problem(path="cluster.storage", value=config.cluster.storage, message=storage_problem)])
     teacher_dir(config)  # a missing or altered teacher artifact is refused here, not in the workers
     return {"input_shape": dataset.input_shape, "num_classes": num_classes, "deepspeed": ds, "file_source": file_source}
 
@@ -263,6 +260,7 @@ def find_run_and_checkpoint(config: TandemConfig, resume: str) -> tuple[Location
 def train(config: TandemConfig, resume: str | None = None, callbacks: list | None = None) -> TrainResult:
     """Train the configured model; returns the run folder, the artifact folder and final metrics."""
     checks = preflight(config)
+    require_reachable_storage(config)
     with connect(config) as ray_handle:
         # A local Ray started here for this run: see training/startup.py.
         local_run = ray_handle.started and ray_handle.address == "local"
@@ -288,12 +286,7 @@ def train(config: TandemConfig, resume: str | None = None, callbacks: list | Non
         except BaseException:
             tracker.finish("FAILED")
             raise
-        tracker.set_tags(
-            {
-                "tandem.model_version": model_version(json.loads((result.artifact_dir / "manifest.json").read_bytes())),
-                "tandem.run_dir": str(run_dir),
-            }
-        )
+        tracker.set_tags({"tandem.model_version": model_version(result.artifact_dir), "tandem.run_dir": str(run_dir)})
         tracker.log_files([result.artifact_dir / "manifest.json", run_dir / "deepspeed.json", run_dir / "config.yaml"])
         tracker.finish()
         return result

@@ -226,6 +226,7 @@ def _check_tracking_on_object_storage(sections: dict[str, Any]) -> list[Problem]
     # MLflow's default store is a sqlite file under cluster.storage and TensorBoard writes event
     # files into the run folder: both need a local disk, which an object-store URI is not.
     cluster, tracking = sections.get("cluster"), sections.get("tracking")
+    # cluster/storage.py's is_uri, which this package sits below.
     if cluster is None or tracking is None or "://" not in cluster.storage or cluster.storage.startswith("file://"):
         return []
     problems = []

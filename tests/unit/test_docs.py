@@ -201,9 +201,7 @@ def markdown_headings(page: Path) -> list[str]:
 def test_pages_render_in_headless_chromium_with_their_headings_and_the_theme(built_site, chromium, page, tmp_path):
     import html
 
-    from PIL import Image
-
-    from tests.conftest import run_chromium
+    from tests.conftest import run_chromium, screenshot
 
     url = (built_site / page / "index.html").as_uri()
     dom = run_chromium(chromium, ["--virtual-time-budget=10000", "--dump-dom", url], tmp_path).stdout
@@ -212,10 +210,6 @@ def test_pages_render_in_headless_chromium_with_their_headings_and_the_theme(bui
     for heading in markdown_headings(DOCS / f"{page}.md"):
         assert heading in rendered, (heading, rendered)
     assert 'class="md-header' in dom and "md-nav" in dom, "Material's header and navigation were not rendered"
-    shot = tmp_path / "page.png"
-    run_chromium(
-        chromium, ["--window-size=1200,1600", "--hide-scrollbars", "--virtual-time-budget=10000", f"--screenshot={shot}", url], tmp_path
-    )
-    with Image.open(shot) as image:
-        assert image.size == (1200, 1600)
-        assert len(image.convert("RGB").getcolors(maxcolors=1 << 20) or range(1 << 20)) > 100, "the screenshot shows a rendered page"
+    _, size, colours = screenshot(chromium, url, 1200, 1600, tmp_path)
+    assert size == (1200, 1600)
+    assert colours > 100, "the screenshot shows a rendered page"

@@ -24,7 +24,7 @@ from cluster.artifacts import atomic_save_torch, write_manifest
 from cluster.config import ConfigError, load_config
 from profiling.measure import forward_flops, probe_serve_app, served_latency, training_flops
 from profiling.profile import ProfileReport, profile, write_atomically
-from tests.conftest import run_chromium
+from tests.conftest import run_chromium, screenshot
 from tests.unit.artifact_helpers import MLP_ARGS, train_artifact
 from training.ds_config import zero_memory_formula
 from training.models import mlp, parameter_count
@@ -367,8 +367,6 @@ def test_an_unreachable_serve_url_fails_before_measuring():
 
 
 def test_html_report_renders_with_every_plot_in_headless_chromium(trained, chromium, tmp_path):
-    from PIL import Image
-
     report = trained[0]
     page = report.html_path.as_uri()
     # --virtual-time-budget lets the page finish loading (and its load handler run) before the DOM is dumped.
@@ -376,12 +374,8 @@ def test_html_report_renders_with_every_plot_in_headless_chromium(trained, chrom
     assert 'data-images="loaded"' in dom, dom[-2000:]
     assert f'data-images-loaded="{len(report.plot_paths)}"' in dom
     assert "[images loaded]" in dom
-    shot = tmp_path / "screenshot.png"
-    run_chromium(
-        chromium, ["--window-size=1200,2400", "--hide-scrollbars", "--virtual-time-budget=10000", f"--screenshot={shot}", page], tmp_path
-    )
-    with Image.open(shot) as image:
-        assert image.size == (1200, 2400)
-        assert len(image.convert("RGB").getcolors(maxcolors=1 << 20) or range(1 << 20)) > 200, "the screenshot shows text and plots"
+    shot, size, colours = screenshot(chromium, page, 1200, 2400, tmp_path)
+    assert size == (1200, 2400)
+    assert colours > 200, "the screenshot shows text and plots"
     if os.environ.get("TANDEM_KEEP_SCREENSHOT"):
         shutil.copy(shot, os.environ["TANDEM_KEEP_SCREENSHOT"])

@@ -46,7 +46,7 @@ def test_the_same_operations_on_a_folder_and_a_bucket(where, store_env, tmp_path
     assert (run / "metrics.jsonl").read_text().splitlines() == ['{"epoch": 1}', '{"epoch": 2}']
     assert sorted(c.name for c in run.children()) == ["artifacts", "config.yaml", "metrics.jsonl"]
     assert (run / "artifacts").is_dir() and (run / "config.yaml").is_file() and not (run / "missing").exists()
-    assert (run / "config.yaml").size() == len("name: digits\n")
+    assert (run / "config.yaml").stat()[1] == len("name: digits\n")
     run.delete_tree()
     assert not (run / "config.yaml").exists()
 
