@@ -341,6 +341,17 @@ def location(where: str | os.PathLike | Location) -> Location:
     return Location(str(Path(text).expanduser().resolve()))
 
 
+def location_of(filesystem: Any, fs_path: str) -> Location:
+    """The Location of a path on a pyarrow filesystem, as Ray hands them out (a Result's or a
+    Checkpoint's `filesystem` and `path`): the inverse of Location.filesystem and .fs_path."""
+    kind = filesystem.type_name
+    if kind == "local":
+        return location(fs_path)
+    if kind not in ("s3", "gcs"):
+        raise StorageError(f"{fs_path} is on a {kind} filesystem; Tandem's storage is a folder, s3:// or gs://")
+    return Location(f"{'gs' if kind == 'gcs' else kind}://{fs_path.lstrip('/')}")
+
+
 def native(where: Location) -> Path | Location:
     """A local Location as the Path callers of Tandem's API expect; a URI stays a Location."""
     return where if where.remote else Path(where.uri)

@@ -56,7 +56,7 @@ def _train_or_tune(config: TandemConfig, use_tune: bool) -> tuple[Path, dict[str
         from tuning.tuner import tune
 
         result = tune(config)
-        return Path(result.artifact_dir), dict(result.best_metrics)
+        return result.artifact_dir, dict(result.best_metrics)
     from training.trainer import train
 
     result = train(config)

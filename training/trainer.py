@@ -312,11 +312,12 @@ def fit(trainer: Any, run_dir: Location) -> Any:
             signal.signal(signal.SIGINT, previous)
 
 
-def consolidate(config: TandemConfig, run_dir: Location | Path, result: Any) -> TrainResult:
+def consolidate(config: TandemConfig, run_dir: Location | Path, result: Any, extra: dict[str, Any] | None = None) -> TrainResult:
     """Turn the final checkpoint's consolidated fp32 weights into artifacts/model.pt + manifest.json.
 
     On an object store the checkpoint is read through Ray's Checkpoint (a local copy for the
-    block) and the artifact is published with its manifest last (save_model_artifact)."""
+    block) and the artifact is published with its manifest last (save_model_artifact).
+    extra: more manifest entries (a tuning run's lineage)."""
     from cluster.artifacts import load_state_dict, write_manifest
     from training.loop import CONSOLIDATED
 
@@ -352,6 +353,7 @@ def consolidate(config: TandemConfig, run_dir: Location | Path, result: Any) -> 
                     "workers": config.training.workers,
                     "precision": config.training.precision,
                 },
+                **(extra or {}),
             },
         )
     print(f"[tandem] artifact {run_dir / 'artifacts'} (version {manifest['version']})", flush=True)

@@ -27,7 +27,7 @@ from typing import Any
 
 from ray.tune import Callback
 
-from cluster.artifacts import atomic_write_json
+from cluster.storage import Location, location
 
 logger = logging.getLogger("tandem.tuning")
 SWEEP_EVERY_S = 5.0
@@ -103,8 +103,8 @@ class ReleaseOrphanedPlacementGroups(Callback):
 class TrackConcurrency(Callback):
     """Records the most trials RUNNING at once into a small JSON file (it survives a restore)."""
 
-    def __init__(self, path: Path):
-        self.path = Path(path)
+    def __init__(self, path: Location | Path):
+        self.path = location(path)
         self._peak: int | None = None  # read lazily: a restored tune continues the earlier peak
 
     def on_step_end(self, iteration: int, trials: list, **info: Any) -> None:
@@ -113,13 +113,15 @@ class TrackConcurrency(Callback):
         running = sum(1 for t in trials if t.status == "RUNNING")
         if running > self._peak:
             self._peak = running
-            # Atomic: a crash mid-write must not leave JSON that breaks the restored run's read_peak.
-            atomic_write_json(self.path, {"peak_running_trials": running})
+            # Whole or not at all: a crash mid-write must not leave JSON that breaks the restored run's read_peak.
+            self.path.put_json({"peak_running_trials": running})
 
 
-def read_peak(path: Path) -> int:
-    path = Path(path)
-    return json.loads(path.read_text())["peak_running_trials"] if path.exists() else 0
+def read_peak(path: Location | Path) -> int:
+    try:
+        return json.loads(location(path).read_text())["peak_running_trials"]
+    except FileNotFoundError:
+        return 0
 
 
 class TrialProgress(Callback):
@@ -153,8 +155,8 @@ class TrackTrials(Callback):
     restored tune opens new ones for the trials it continues.
     """
 
-    def __init__(self, config: dict[str, Any], space: Any, parent_run_id: str | None, experiment_dir: Path):
-        self.config, self.space, self.parent_run_id, self.experiment_dir = config, space, parent_run_id, Path(experiment_dir)
+    def __init__(self, config: dict[str, Any], space: Any, parent_run_id: str | None, experiment_dir: Location | Path):
+        self.config, self.space, self.parent_run_id, self.experiment_dir = config, space, parent_run_id, location(experiment_dir)
         self.trackers: dict[str, Any] = {}
 
     def __getstate__(self) -> dict[str, Any]:
@@ -167,7 +169,7 @@ class TrackTrials(Callback):
         if trial.trial_id not in self.trackers:
             config = validate_config(self.config)
             folder = self.experiment_dir / trial.trial_id
-            folder.mkdir(parents=True, exist_ok=True)
+            folder.make_dirs()
             parent = Tracker(run_id=self.parent_run_id)
             params = self.space.decode(trial.config)
             self.trackers[trial.trial_id] = open_tracker(

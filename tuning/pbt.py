@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from ray.tune import Checkpoint
 from ray.tune.schedulers import PopulationBasedTraining
 
 from cluster.artifacts import atomic_write_json
+from cluster.storage import Location, location, location_of
 
 logger = logging.getLogger(__name__)
 
@@ -44,24 +46,52 @@ def read_handoff(checkpoint_dir: str | Path | None) -> dict[str, Any] | None:
     return json.loads(path.read_text()) if path.is_file() else None
 
 
-def copy_for_exploiter(checkpoint: Checkpoint, donor_dir: Path, exploiter_id: str, donor_id: str, epoch: int) -> Checkpoint:
-    """A copy of the donor's checkpoint that only the exploiter uses, written whole before it is named."""
-    for superseded in donor_dir.parent.glob(f"*/{HANDOFF_PREFIX}{exploiter_id}"):
-        shutil.rmtree(superseded, ignore_errors=True)
+def checkpoint_at(folder: Location) -> Checkpoint:
+    """A Tune checkpoint of a folder in local storage or in an object store (with Tandem's filesystem
+    for the store, so an endpoint override reaches every reader of the checkpoint)."""
+    if folder.remote:
+        return Checkpoint(folder.fs_path, filesystem=folder.filesystem)
+    return Checkpoint.from_directory(folder.uri)
+
+
+def handoffs(experiment_dir: Location, exploiter_id: str = "") -> list[Location]:
+    """The handoff folders of the experiment (of one exploiter, when named)."""
+    return [
+        folder
+        for trial in experiment_dir.children()
+        if trial.is_dir()
+        for folder in trial.children()
+        if folder.name.startswith(f"{HANDOFF_PREFIX}{exploiter_id}") and not folder.name.endswith(".partial")
+    ]
+
+
+def copy_for_exploiter(checkpoint: Checkpoint, donor_dir: Location, exploiter_id: str, donor_id: str, epoch: int) -> Checkpoint:
+    """A copy of the donor's checkpoint that only the exploiter uses, written whole before it is named
+    (locally: renamed into place; in an object store: handoff.json, which names it, uploaded last)."""
+    for superseded in handoffs(donor_dir.parent, exploiter_id):
+        superseded.delete_tree()
     target = donor_dir / f"{HANDOFF_PREFIX}{exploiter_id}"
-    partial = target.with_name(target.name + ".partial")
+    record = {"donor": donor_id, "epoch": epoch, "source": checkpoint.path, "exploiter": exploiter_id}
+    if target.remote:
+        import pyarrow.fs as pafs
+
+        with tempfile.TemporaryDirectory(prefix="tandem-handoff-") as staging:
+            checkpoint.to_directory(staging)
+            pafs.copy_files(staging, target.fs_path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=target.filesystem)
+        (target / HANDOFF_RECORD).put_json(record)
+        return checkpoint_at(target)
+    partial = target.path.with_name(target.name + ".partial")
     shutil.rmtree(partial, ignore_errors=True)
     checkpoint.to_directory(str(partial))
-    record = {"donor": donor_id, "epoch": epoch, "source": checkpoint.path, "exploiter": exploiter_id}
     atomic_write_json(partial / HANDOFF_RECORD, record)
-    partial.rename(target)
-    return Checkpoint.from_directory(str(target))
+    partial.rename(target.path)
+    return checkpoint_at(target)
 
 
-def remove_handoffs(experiment_dir: Path) -> None:
+def remove_handoffs(experiment_dir: Location | Path | str) -> None:
     """Every handoff folder of a finished tune (the exploiters have trained on from them)."""
-    for folder in Path(experiment_dir).glob(f"*/{HANDOFF_PREFIX}*"):
-        shutil.rmtree(folder, ignore_errors=True)
+    for folder in handoffs(location(experiment_dir)):
+        folder.delete_tree()
 
 
 class HandoffPBT(PopulationBasedTraining):
@@ -78,5 +108,5 @@ class HandoffPBT(PopulationBasedTraining):
             return
         super()._exploit(tune_controller, trial, trial_to_clone)
         handed = trial.run_metadata.checkpoint_manager._latest_checkpoint_result
-        donor_dir = Path(trial_to_clone.path)
+        donor_dir = location_of(trial_to_clone.storage.storage_filesystem, trial_to_clone.path)
         handed.checkpoint = copy_for_exploiter(handed.checkpoint, donor_dir, trial.trial_id, trial_to_clone.trial_id, donor_epoch)

@@ -19,14 +19,14 @@ over trials is the search's cost; a PBT trial that exploits continues from the d
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import math
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
 from typing import Any
 
-from cluster.artifacts import atomic_write_bytes, atomic_write_json, atomic_write_text, sha256_file
+from cluster.storage import Location, location, location_of
 from tuning.segments import read_segments
 from tuning.space import SearchSpace
 
@@ -46,23 +46,26 @@ class TrialSummary:
     last_epoch: int
     metric: float | None
     best_metric: float | None
-    path: str
+    path: str  # the trial folder: a path, or a URI in an object store
     history: list[dict[str, float]] = field(default_factory=list)
     starts: int = 0
     exploited_from: list[str] = field(default_factory=list)
     error: str | None = None
     sampled: dict[str, Any] = field(default_factory=dict, repr=False)
-    checkpoint: str | None = None
+    checkpoint: str | None = None  # the last Tune checkpoint: a path, or a URI in an object store
+    reports: list[dict[str, Any]] = field(default_factory=list, repr=False)  # every report's metrics, in order
 
 
 def _finite(value: Any) -> float | None:
     return float(value) if isinstance(value, (int, float)) and math.isfinite(value) else None
 
 
-def summarize_result(result: Any, space: SearchSpace, metric: str, mode: str, epochs: int) -> TrialSummary:
-    """One Tune Result -> a TrialSummary (history from its reports, starts from segments.jsonl)."""
+def summarize_result(result: Any, space: SearchSpace, metric: str, mode: str, epochs: int, keep: tuple[str, ...] = ()) -> TrialSummary:
+    """One Tune Result -> a TrialSummary (history from its reports, starts from segments.jsonl).
+    keep: the metrics of each report to carry in `reports` (the training loop's own)."""
     frame = result.metrics_dataframe
     rows = [] if frame is None else frame.to_dict("records")
+    trial_dir = location_of(result.filesystem, result.path)
     history = [
         {"epoch": int(r["epoch"]), metric: _finite(r.get(metric)), "time": _finite(r.get("reported_at"))}
         for r in rows
@@ -76,20 +79,20 @@ def summarize_result(result: Any, space: SearchSpace, metric: str, mode: str, ep
         status = "completed"
     else:
         status = "stopped"
-    segments = read_segments(Path(result.path))
+    segments = read_segments(trial_dir)
     starts = [s for s in segments if s.get("event") == "start"]
-    trial_id = Path(result.path).name
+    trial_id = trial_dir.name
     sampled = {k: v for k, v in (result.config or {}).items() if k in space.paths}
     return TrialSummary(
         trial_id=trial_id,
         params=space.decode(sampled),
         status=status,
-        epochs_trained=max(len(history), trained_epochs(Path(result.path))),
+        epochs_trained=max(len(history), trained_epochs(trial_dir)),
         epochs_reported=len(history),
         last_epoch=last_epoch,
         metric=values[-1] if values else None,
         best_metric=(min(values) if mode == "min" else max(values)) if values else None,
-        path=str(result.path),
+        path=str(trial_dir),
         history=history,
         starts=len(starts),
         exploited_from=list(dict.fromkeys(s["from_trial"] for s in starts if s.get("from_trial") and s["from_trial"] != trial_id)),
@@ -97,17 +100,19 @@ def summarize_result(result: Any, space: SearchSpace, metric: str, mode: str, ep
         if result.error is None
         else f"{type(result.error).__name__}: {str(result.error).splitlines()[0] if str(result.error) else ''}",
         sampled=sampled,
-        checkpoint=result.checkpoint.path if result.checkpoint is not None else None,
+        checkpoint=None if result.checkpoint is None else str(location_of(result.checkpoint.filesystem, result.checkpoint.path)),
+        reports=[{k: r[k] for k in keep if _finite(r.get(k)) is not None} for r in rows],
     )
 
 
-def trained_epochs(trial_dir: Path) -> int:
+def trained_epochs(trial_dir: Location) -> int:
     """Epochs every Train run of the trial completed, from each run's metrics.jsonl.
 
     More than Tune received when a trial was stopped: its workers keep training while Tune
     decides, until the stop aborts the run. This is the search's real cost.
     """
-    return sum(len([line for line in p.read_text().splitlines() if line.strip()]) for p in Path(trial_dir).glob("train-*/metrics.jsonl"))
+    logs = [segment / "metrics.jsonl" for segment in trial_dir.children() if segment.name.startswith("train-")]
+    return sum(len([line for line in log.read_text().splitlines() if line.strip()]) for log in logs if log.is_file())
 
 
 def pick_best(trials: list[TrialSummary], mode: str) -> TrialSummary | None:
@@ -177,7 +182,7 @@ def print_table(trials: list[TrialSummary], best: TrialSummary | None, metric: s
     Console(file=terminal_out).print(results_table(trials, best, metric, mode, title))
 
 
-def write_csv(path: Path, trials: list[TrialSummary], metric: str, mode: str) -> None:
+def write_csv(path: Location, trials: list[TrialSummary], metric: str, mode: str) -> None:
     paths = list(trials[0].params) if trials else []
     buffer = io.StringIO()
     writer = csv.writer(buffer)
@@ -212,16 +217,17 @@ def write_csv(path: Path, trials: list[TrialSummary], metric: str, mode: str) ->
                 t.path,
             ]
         )
-    atomic_write_text(path, buffer.getvalue())
+    location(path).put_text(buffer.getvalue())
 
 
-def write_json(path: Path, trials: list[TrialSummary], best: TrialSummary | None, summary: dict[str, Any]) -> None:
+def write_json(path: Location, trials: list[TrialSummary], best: TrialSummary | None, summary: dict[str, Any]) -> None:
     rows = []
     for t in trials:
         row = asdict(t)
         row.pop("sampled")
+        row.pop("reports")
         rows.append(row)
-    atomic_write_json(path, {**summary, "best_trial": best.trial_id if best else None, "trials": rows})
+    location(path).put_json({**summary, "best_trial": best.trial_id if best else None, "trials": rows})
 
 
 # ---------------------------------------------------------------------------------------------
@@ -229,7 +235,7 @@ def write_json(path: Path, trials: list[TrialSummary], best: TrialSummary | None
 # ---------------------------------------------------------------------------------------------
 
 
-def plot_trials(path: Path, trials: list[TrialSummary], best: TrialSummary | None, metric: str, title: str) -> None:
+def plot_trials(path: Location, trials: list[TrialSummary], best: TrialSummary | None, metric: str, title: str) -> None:
     """The metric per epoch of every trial: stopped trials dashed, ending in an x; the best one bold."""
     import matplotlib
 
@@ -268,7 +274,7 @@ def plot_trials(path: Path, trials: list[TrialSummary], best: TrialSummary | Non
     buffer = io.BytesIO()
     fig.savefig(buffer, format="png")
     plt.close(fig)
-    atomic_write_bytes(path, buffer.getvalue())
+    location(path).put_bytes(buffer.getvalue())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -276,20 +282,19 @@ def plot_trials(path: Path, trials: list[TrialSummary], best: TrialSummary | Non
 # ---------------------------------------------------------------------------------------------
 
 
-def write_tuning_manifest(run_dir: Path, info: dict[str, Any], files: list[str]) -> dict[str, Any]:
+def write_tuning_manifest(run_dir: Location, info: dict[str, Any], files: list[str]) -> dict[str, Any]:
     """tuning_manifest.json: the search, its best trial, the artifact link and sha256 of each result file.
 
     Not named manifest.json: a folder holding manifest.json is read as an artifacts folder.
     """
-    run_dir = Path(run_dir)
-    manifest = {
-        "kind": "tuning",
-        **info,
-        "files": {
-            name: {"sha256": sha256_file(run_dir / name), "bytes": (run_dir / name).stat().st_size}
-            for name in files
-            if (run_dir / name).is_file()
-        },
-    }
-    atomic_write_json(run_dir / TUNING_MANIFEST, manifest)
+    run_dir = location(run_dir)
+    found = {}
+    for name in files:
+        try:
+            data = (run_dir / name).read_bytes()
+        except FileNotFoundError:
+            continue
+        found[name] = {"sha256": hashlib.sha256(data).hexdigest(), "bytes": len(data)}
+    manifest = {"kind": "tuning", **info, "files": found}
+    (run_dir / TUNING_MANIFEST).put_json(manifest)
     return manifest

@@ -43,7 +43,6 @@ import threading
 import time
 from collections.abc import Iterator
 from contextlib import ExitStack
-from pathlib import Path
 from typing import Any
 
 import ray
@@ -51,9 +50,10 @@ from ray.train import UserCallback
 from ray.train.v2._internal.execution.callback import ControllerCallback, TrainContextCallback
 
 from cluster.config import validate_config
+from cluster.storage import Location, location, location_of
 from cluster.tracking import scalar_metrics
-from tuning.pbt import read_handoff
-from tuning.segments import donor_trial, log_segment
+from tuning.pbt import checkpoint_at, read_handoff
+from tuning.segments import donor_trial, log_segment, read_segments
 from tuning.space import SearchSpace, trial_config
 
 SEGMENT_PREFIX = "train-"
@@ -106,8 +106,10 @@ class ForwardReports(UserCallback):
 
     def after_report(self, run_context, metrics, checkpoint):
         self.reports += 1
-        # Fire and forget: the controller's event loop must never wait on the trial.
-        self.channel.put.remote(("report", self.reports, scalar_metrics(metrics[0]), checkpoint.path if checkpoint is not None else None))
+        # Fire and forget: the controller's event loop must never wait on the trial. The checkpoint
+        # goes as a path or URI (its filesystem stays behind), so an object store's folder keeps its scheme.
+        where = location_of(checkpoint.filesystem, checkpoint.path).uri if checkpoint is not None else None
+        self.channel.put.remote(("report", self.reports, scalar_metrics(metrics[0]), where))
 
 
 class AnnounceController(ControllerCallback):
@@ -150,11 +152,11 @@ class _ActiveRun:
     def __init__(self) -> None:
         self.controller: Any = None
         self.channel: Any = None
-        self.trial_dir: Path | None = None
+        self.trial_dir: Location | None = None
         self.stopping = False
         self.reports = 0  # reports handed to Tune by this run
 
-    def reset(self, channel: Any, trial_dir: Path) -> None:
+    def reset(self, channel: Any, trial_dir: Location) -> None:
         self.controller, self.channel, self.trial_dir, self.stopping, self.reports = None, channel, trial_dir, False, 0
 
 
@@ -199,13 +201,13 @@ class StopTrainRunOnCleanup:
 # ---------------------------------------------------------------------------------------------
 
 
-def next_segment_dir(trial_dir: Path) -> Path:
-    """A fresh folder for this start's Train run: train-0, train-1, ..."""
-    taken = [
-        int(p.name[len(SEGMENT_PREFIX) :]) for p in Path(trial_dir).glob(f"{SEGMENT_PREFIX}*") if p.name[len(SEGMENT_PREFIX) :].isdigit()
-    ]
-    folder = Path(trial_dir) / f"{SEGMENT_PREFIX}{max(taken, default=-1) + 1}"
-    folder.mkdir(parents=True)
+def next_segment_dir(trial_dir: Location) -> Location:
+    """A fresh folder for this start's Train run: train-0, train-1, ... An object store shows a
+    folder only once a file is in it, so the names segments.jsonl recorded count as taken too."""
+    names = [p.name for p in trial_dir.children()] + [s.get("segment") or "" for s in read_segments(trial_dir)]
+    taken = [int(n[len(SEGMENT_PREFIX) :]) for n in names if n.startswith(SEGMENT_PREFIX) and n[len(SEGMENT_PREFIX) :].isdigit()]
+    folder = trial_dir / f"{SEGMENT_PREFIX}{max(taken, default=-1) + 1}"
+    folder.make_dirs()
     return folder
 
 
@@ -247,9 +249,10 @@ def run_trial(
     config = trial_config(validate_config(base), space, sampled, updates)
     # The trial's folder in the run's storage (not Tune's scratch working directory): Train runs,
     # their checkpoints and segments.jsonl stay beside Tune's own checkpoint copies.
-    trial_dir = Path(experiment_dir) / tune.get_context().get_trial_id()
-    trial_dir.mkdir(parents=True, exist_ok=True)
+    trial_dir = location(experiment_dir) / tune.get_context().get_trial_id()
+    trial_dir.make_dirs()
     start = tune.get_checkpoint()
+    start_uri = location_of(start.filesystem, start.path).uri if start is not None else None
     with ExitStack() as stack:
         # Local storage: the persisted folder itself; remote storage: a local copy for this start.
         resume_from = stack.enter_context(start.as_directory()) if start is not None else None
@@ -260,8 +263,8 @@ def run_trial(
                 "event": "start",
                 "segment": segment.name,
                 "params": space.decode(sampled),
-                "resume_from": start.path if start else None,
-                "from_trial": donor_trial(start.path if start else None),
+                "resume_from": start_uri,
+                "from_trial": donor_trial(start_uri),
                 # A PBT exploit's copy of the donor checkpoint names the donor's epoch.
                 "from_epoch": (read_handoff(resume_from) or {}).get("epoch"),
             },
@@ -276,7 +279,7 @@ def run_trial(
                 ACTIVE.controller = message[1]
                 continue
             _, index, metrics, checkpoint_path = message
-            checkpoint = tune.Checkpoint.from_directory(checkpoint_path) if checkpoint_path else None
+            checkpoint = checkpoint_at(location(checkpoint_path)) if checkpoint_path else None
             # Wall-clock time of the report: time-to-target across trials needs one clock.
             ACTIVE.reports = index
             tune.report({**metrics, "reported_at": time.time()}, checkpoint=checkpoint)

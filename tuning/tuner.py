@@ -25,11 +25,14 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
 
-from cluster.artifacts import ArtifactError, atomic_write_text, model_version, new_run_dir, write_manifest
-from cluster.config import ConfigError, Problem, TandemConfig, config_with, read_yaml
+import yaml
+
+from cluster.artifacts import ArtifactError, model_version, new_run_dir
+from cluster.config import ConfigError, Problem, TandemConfig, config_with
 from cluster.config.checks import REPORTED_METRICS
 from cluster.console import move_log
-from cluster.runtime import connect, local_storage
+from cluster.runtime import connect, require_reachable_storage, require_shared_storage, storage_root
+from cluster.storage import Location, location, native
 from tuning.resources import TRIAL_FUNCTION_CPU, TrialPlan, plan_trials
 from tuning.results import (
     RESULTS_CSV,
@@ -59,8 +62,10 @@ SEARCHED_SECTIONS = ("model", "data", "training", "tuning")
 
 @dataclass
 class TuneResult:
-    run_dir: Path
-    artifact_dir: Path
+    """run_dir and artifact_dir: Paths for local storage, Locations (URIs) in an object store."""
+
+    run_dir: Path | Location
+    artifact_dir: Path | Location
     best: TrialSummary
     trials: list[TrialSummary]
     plan: TrialPlan
@@ -68,10 +73,10 @@ class TuneResult:
     wall_s: float
     peak_running_trials: int
     best_metrics: dict[str, Any] = field(default_factory=dict)  # the artifact's: the best trial's last checkpoint
-    files: dict[str, Path] = field(default_factory=dict)
+    files: dict[str, Path | Location] = field(default_factory=dict)
 
     @property
-    def best_config_path(self) -> Path:
+    def best_config_path(self) -> Path | Location:
         return self.run_dir / "best_config.yaml"
 
 
@@ -119,26 +124,27 @@ def preflight_values(config: TandemConfig, space: SearchSpace) -> None:
 # ---------------------------------------------------------------------------------------------
 
 
-def find_tuning_run(config: TandemConfig, resume: bool | str | Path) -> Path:
-    """The tuning run to resume: the newest `tune-*` folder under <storage>/<name>, or the one named."""
+def find_tuning_run(config: TandemConfig, resume: bool | str | Path) -> Location:
+    """The tuning run to resume: the newest `tune-*` folder under <storage>/<name> (by its start
+    time, which names it), or the one named (a path or a URI)."""
     from ray.tune import Tuner
 
     if resume is True or resume == "latest":
-        base = local_storage(config, "tandem tune") / config.name
-        runs = sorted((p for p in base.glob(f"{TUNE_PREFIX}*") if (p / EXPERIMENT).is_dir()), key=lambda p: p.stat().st_mtime)
+        base = storage_root(config) / config.name
+        runs = [p for p in base.children() if p.name.startswith(TUNE_PREFIX) and (p / EXPERIMENT).is_dir()]
         if not runs:
             raise ArtifactError(f"no tuning run under {base} to resume; run `tandem tune` without --resume first")
-        run_dir = runs[-1]
+        run_dir = max(runs, key=lambda p: p.name)
     else:
-        run_dir = Path(resume).expanduser().resolve()
+        run_dir = location(resume)
     if not Tuner.can_restore(str(run_dir / EXPERIMENT)):
         raise ArtifactError(f"{run_dir} holds no Tune experiment state ({EXPERIMENT}/tuner.pkl); pass a tuning run folder (tune-*)")
     return run_dir
 
 
-def check_same_search(config: TandemConfig, run_dir: Path) -> None:
+def check_same_search(config: TandemConfig, run_dir: Location) -> None:
     """A resumed tune must search what it started with; where it runs (cluster, storage) may change."""
-    stored = read_yaml(run_dir / "config.yaml")
+    stored = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
     now = config.to_dict()
     changed = [k for k in SEARCHED_SECTIONS if stored.get(k) != now[k]]
     if changed:
@@ -164,7 +170,7 @@ def trial_name(trial: Any) -> str:
     return trial.trial_id
 
 
-def make_trainable(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_dir: Path) -> Any:
+def make_trainable(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_dir: Location) -> Any:
     """The trial function with its fixed arguments and its own (tiny) resource request."""
     from ray import tune
 
@@ -191,7 +197,7 @@ def checkpoints_to_keep(config: TandemConfig) -> int:
     return 2 * (scheduler.perturbation_interval + 1) if scheduler.name == "pbt" else 2
 
 
-def make_tuner(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_dir: Path, callbacks: list) -> Any:
+def make_tuner(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_dir: Location, callbacks: list) -> Any:
     from ray import tune
 
     tuning = config.tuning
@@ -211,7 +217,7 @@ def make_tuner(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_di
     )
     run_config = tune.RunConfig(
         name=EXPERIMENT,
-        storage_path=str(run_dir),
+        storage_path=str(run_dir),  # a folder or a URI: Tune keeps its experiment state and checkpoints there
         # Tune's copies of each trial's checkpoints: the last for the artifact and a restore. A PBT
         # donor's checkpoint is copied for its exploiter when the exploit is decided (tuning/pbt.py),
         # so retention never races a restart.
@@ -229,7 +235,7 @@ def make_tuner(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_di
     )
 
 
-def restore_tuner(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_dir: Path) -> Any:
+def restore_tuner(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_dir: Location) -> Any:
     from ray.tune import Tuner
 
     # Finished trials are kept as they are; unfinished and errored ones continue from their last
@@ -273,8 +279,9 @@ def tune(config: TandemConfig, resume: bool | str | Path = False, callbacks: lis
     from tuning.pbt import remove_handoffs
 
     space = check_tuning(config)
-    storage = local_storage(config, "tandem tune")  # before Ray starts: tuning on an object store is refused here
+    require_reachable_storage(config)  # before Ray starts
     with connect(config):
+        require_shared_storage(config)
         use_gpu = resolve_use_gpu(config)
         n_trials = count_trials(space, config.tuning.samples, config.tuning.search.name)
         plan = plan_trials(config, ray.nodes(), use_gpu, n_trials)
@@ -282,14 +289,15 @@ def tune(config: TandemConfig, resume: bool | str | Path = False, callbacks: lis
             run_dir = find_tuning_run(config, resume)
             check_same_search(config, run_dir)
         else:
-            run_dir = new_run_dir(storage, config.name, prefix=TUNE_PREFIX).path
-            atomic_write_text(run_dir / "config.yaml", config.to_yaml())
+            run_dir = new_run_dir(storage_root(config), config.name, prefix=TUNE_PREFIX)
+            (run_dir / "config.yaml").put_text(config.to_yaml())
         print(
             f"[tandem] tuning run {run_dir}: {n_trials} trial(s), {config.tuning.scheduler.name} + {config.tuning.search.name}; "
             f"{plan.describe()}",
             flush=True,
         )
-        move_log(run_dir)
+        if not run_dir.remote:  # on an object store the console log stays where it started (logs are not run state)
+            move_log(run_dir.path)
         tracker = reopen_tracker(config, run_dir) if resume else open_tracker(config, run_dir, run_dir.name, tensorboard=False)
         record_run(run_dir, tracker, config)
         try:
@@ -333,10 +341,11 @@ def track_best(config: TandemConfig, tracker: Any, result: TuneResult) -> None:
     reopen_tracker(config, result.run_dir / EXPERIMENT / result.best.trial_id).set_tags({"tandem.best": "true"})
 
 
-def report(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_dir: Path, grid: Any, wall_s: float, peak: int) -> TuneResult:
+def report(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_dir: Location, grid: Any, wall_s: float, peak: int) -> TuneResult:
     """Summaries, table, result files, the best trial's artifact and the tuning manifest."""
     tuning = config.tuning
-    trials = [summarize_result(r, space, tuning.metric, tuning.mode, config.training.epochs) for r in grid]
+    keep = ("epoch", "step", *REPORTED_METRICS, "world_size")
+    trials = [summarize_result(r, space, tuning.metric, tuning.mode, config.training.epochs, keep) for r in grid]
     best = pick_best(trials, tuning.mode)
     total_epochs = sum(t.epochs_trained for t in trials)
     summary = {
@@ -359,7 +368,7 @@ def report(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_dir: P
 
     best_trial_config = trial_config(config, space, best.sampled, plan.trial_updates())
     # To retrain the winner at full size: the user's config with the best values, not the trial's worker plan.
-    atomic_write_text(run_dir / "best_config.yaml", config_with(config, best.params).to_yaml())
+    (run_dir / "best_config.yaml").put_text(config_with(config, best.params).to_yaml())
     artifact_dir, best_metrics = consolidate_best(best_trial_config, run_dir, best)
     files["manifest"] = run_dir / TUNING_MANIFEST
     write_tuning_manifest(
@@ -382,8 +391,8 @@ def report(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_dir: P
     )
     print(f"[tandem] best trial {best.trial_id}: {tuning.metric} {best.metric:.4f} with {best.params}; results in {run_dir}", flush=True)
     return TuneResult(
-        run_dir=run_dir,
-        artifact_dir=artifact_dir,
+        run_dir=native(run_dir),
+        artifact_dir=native(artifact_dir),
         best=best,
         trials=trials,
         plan=plan,
@@ -396,8 +405,8 @@ def report(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_dir: P
 
 
 def write_results(
-    config: TandemConfig, run_dir: Path, trials: list[TrialSummary], best: TrialSummary | None, summary: dict[str, Any]
-) -> dict[str, Path]:
+    config: TandemConfig, run_dir: Location, trials: list[TrialSummary], best: TrialSummary | None, summary: dict[str, Any]
+) -> dict[str, Location]:
     """The table on stdout; results.csv, results.json and the plot in the run folder."""
     tuning = config.tuning
     title = (
@@ -412,25 +421,14 @@ def write_results(
     return files
 
 
-def consolidate_best(best_config: TandemConfig, run_dir: Path, best: TrialSummary) -> tuple[Path, dict[str, Any]]:
+def consolidate_best(best_config: TandemConfig, run_dir: Location, best: TrialSummary) -> tuple[Location, dict[str, Any]]:
     """The best trial's last checkpoint -> <run>/artifacts, through training's own consolidate()."""
-    from ray.tune import Checkpoint
-
     from training.trainer import consolidate
+    from tuning.pbt import checkpoint_at
 
     # consolidate() counts the run's epochs from metrics.jsonl: here the best trial's reports, in
     # order (after a PBT exploit they continue from the donor's epoch).
-    atomic_write_text(run_dir / "metrics.jsonl", "".join(json.dumps(h) + "\n" for h in reported_metrics(Path(best.path))))
-    result = consolidate(best_config, run_dir, SimpleNamespace(checkpoint=Checkpoint.from_directory(best.checkpoint)))
-    write_manifest(result.artifact_dir, {"lineage": {"tuning_run": str(run_dir), "trial_id": best.trial_id, "params": best.params}})
-    return result.artifact_dir, result.metrics
-
-
-def reported_metrics(trial_dir: Path) -> list[dict[str, Any]]:
-    """The training loop's metrics of every report of a trial, from Tune's result.json."""
-    path = trial_dir / "result.json"
-    if not path.exists():
-        return []
-    keep = ("epoch", "step", *REPORTED_METRICS, "world_size")
-    rows = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [{k: r[k] for k in keep if k in r} for r in rows]
+    (run_dir / "metrics.jsonl").put_text("".join(json.dumps(r) + "\n" for r in best.reports))
+    lineage = {"tuning_run": str(run_dir), "trial_id": best.trial_id, "params": best.params}
+    result = consolidate(best_config, run_dir, SimpleNamespace(checkpoint=checkpoint_at(location(best.checkpoint))), {"lineage": lineage})
+    return location(result.artifact_dir), result.metrics

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from cluster.artifacts import load_model, read_manifest, verify_artifact
+from cluster.artifacts import load_model, verify_artifact
 from cluster.config import ConfigError, config_with, load_config
 from tests.e2e.test_console import assert_no_chatter
 from tests.reliability.test_training_faults import VENV_BIN, stop_tagged, tandem_env, wait_for_no_tagged_processes
@@ -28,7 +28,7 @@ from training.trainer import read_history
 from tuning import tune
 from tuning.results import RESULTS_CSV, RESULTS_JSON, RESULTS_PNG, TUNING_MANIFEST
 from tuning.segments import read_segments
-from tuning.tuner import EXPERIMENT, TUNE_PREFIX
+from tuning.tuner import TUNE_PREFIX
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -228,29 +228,41 @@ def test_pbt_exploits_load_their_checkpoint_and_every_trial_finishes(ray_session
     verify_artifact(result.artifact_dir)
 
 
-def finished_trials_on_disk(experiment: Path) -> list[str]:
-    """Trials that Tune's newest experiment state file (what a resume reads) records as TERMINATED."""
-    states = sorted(experiment.glob("experiment_state-*.json"))
+def finished_trials_in_bucket(s3_store, experiment_prefix: str) -> list[str]:
+    """Trials that Tune's newest experiment state file in the bucket (what a resume reads) records as TERMINATED."""
+    states = sorted(k for k in s3_store.keys(experiment_prefix) if k.rsplit("/", 1)[-1].startswith("experiment_state-"))
+    if not states:
+        return []
     try:
-        trials = json.loads(states[-1].read_text())["trial_data"] if states else []
-    except (OSError, ValueError):  # being rewritten
+        body = s3_store.client().get_object(Bucket=s3_store.bucket, Key=states[-1])["Body"].read()
+        trials = json.loads(body)["trial_data"]
+    except ValueError:  # being rewritten
         return []
     return [state["trial_id"] for state in (json.loads(trial) for trial, _ in trials) if state["status"] == "TERMINATED"]
 
 
+def read_json_object(s3_store, key: str) -> dict:
+    return json.loads(s3_store.client().get_object(Bucket=s3_store.bucket, Key=key)["Body"].read())
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(SLOW_TUNE_TIMEOUT_S)
-def test_tandem_tune_killed_mid_search_resumes_without_rerunning_finished_trials(tmp_path, ray_tmp):
-    """`tandem tune` SIGKILLed (its whole process group) once Tune's state on disk records a finished
-    trial; `tandem tune --resume` continues that run folder, runs no finished trial again, completes.
+def test_tandem_tune_in_a_bucket_killed_mid_search_resumes_from_it_without_rerunning_finished_trials(tmp_path, ray_tmp, s3_store):
+    """An ASHA search with `cluster.storage: s3://...` (moto's server on loopback): `tandem tune`
+    SIGKILLed (its whole process group) once Tune's state in the bucket records a finished trial;
+    `tandem tune --resume` finds that run in the bucket, runs no finished trial again, and ends with
+    the best trial's artifact and the results there; nothing of the run is left in the working folder.
     The first run has TANDEM_VERBOSE=1 and shows Ray's output; the resumed one's console is quiet."""
-    storage, progress = tmp_path / "runs", tmp_path / "progress"
+    progress = tmp_path / "progress"
     progress.mkdir()
+    prefix = f"tune-{uuid.uuid4().hex[:8]}"
     config_path = tmp_path / "tandem.yaml"
     config = tiny(
-        storage,
-        "{max_concurrent_trials: 2, search: {name: grid}, space: {training.optimizer.lr: {grid: [1.0e-3, 1.0e-2, 3.0e-2]}}}",
-        "training.epochs=1",
+        Path("/unused"),
+        "{max_concurrent_trials: 2, scheduler: {name: asha, grace_period: 1, reduction_factor: 2}, search: {name: grid}, "
+        "space: {training.optimizer.lr: {grid: [1.0e-3, 1.0e-2, 3.0e-2]}}}",
+        "training.epochs=2",
+        f"cluster.storage=s3://{s3_store.bucket}/{prefix}",
     )
     config_path.write_text(config.to_yaml())
     tag, log = uuid.uuid4().hex, tmp_path / "first.log"
@@ -259,46 +271,59 @@ def test_tandem_tune_killed_mid_search_resumes_without_rerunning_finished_trials
         driver = subprocess.Popen(
             [str(VENV_BIN / "tandem"), "tune", str(config_path)],
             cwd=tmp_path,
-            env={**tandem_env(tag, progress, ray_tmp / "first"), "TANDEM_VERBOSE": "1"},
+            env={**tandem_env(tag, progress, ray_tmp / "first"), **s3_store.env, "TANDEM_VERBOSE": "1"},
             stdout=out,
             stderr=subprocess.STDOUT,
             start_new_session=True,
         )
+    experiment = f"{prefix}/{config.name}/"
     try:
-        deadline, finished, experiment = time.monotonic() + TUNE_RUN_TIMEOUT_S, [], None
+        deadline, finished = time.monotonic() + TUNE_RUN_TIMEOUT_S, []
         while not finished and driver.poll() is None and time.monotonic() < deadline:
-            experiment = next(storage.glob(f"{config.name}/{TUNE_PREFIX}*/{EXPERIMENT}"), None)
-            finished = finished_trials_on_disk(experiment) if experiment else []
-            time.sleep(0.2)
-        assert finished and driver.poll() is None, f"no finished trial on disk while the tune ran:\n{log.read_text()[-3000:]}"
+            finished = finished_trials_in_bucket(s3_store, experiment)
+            time.sleep(0.5)
+        assert finished and driver.poll() is None, f"no finished trial in the bucket while the tune ran:\n{log.read_text()[-3000:]}"
         os.killpg(driver.pid, signal.SIGKILL)
         driver.wait(timeout=30)
         leaked = wait_for_no_tagged_processes(tag, timeout_s=60)
         assert not leaked, f"processes of the killed tune still alive after 60 s: {leaked}"
     finally:
         stop_tagged(driver, tag)
-    assert len(finished_trials_on_disk(experiment)) < 3, "every trial finished before the kill: nothing left to resume"
+    assert len(finished_trials_in_bucket(s3_store, experiment)) < 3, "every trial finished before the kill: nothing left to resume"
     assert "(RayTrainWorker pid=" in log.read_text(), log.read_text()[-3000:]  # TANDEM_VERBOSE=1: the workers' own lines
 
     resumed = subprocess.run(
         [str(VENV_BIN / "tandem"), "tune", str(config_path), "--resume"],
         cwd=tmp_path,
-        # Quiet (no TANDEM_VERBOSE); a wide terminal, so Rich does not fold the long tmp paths it prints.
-        env={**{k: v for k, v in tandem_env(tag, progress, ray_tmp / "resumed").items() if k != "TANDEM_VERBOSE"}, "COLUMNS": "400"},
+        # Quiet (no TANDEM_VERBOSE); a wide terminal, so Rich does not fold the long URIs it prints.
+        env={
+            **{k: v for k, v in tandem_env(tag, progress, ray_tmp / "resumed").items() if k != "TANDEM_VERBOSE"},
+            **s3_store.env,
+            "COLUMNS": "400",
+        },
         capture_output=True,
         text=True,
         timeout=TUNE_RUN_TIMEOUT_S,
         start_new_session=True,
     )
     assert resumed.returncode == 0, (resumed.stdout + resumed.stderr)[-5000:]
-    (run_dir,) = storage.glob(f"{config.name}/{TUNE_PREFIX}*")  # resume continued the same run folder
-    assert f"results: {run_dir}" in resumed.stdout, resumed.stdout[-3000:]
+    keys = s3_store.keys(experiment)
+    (run,) = {k.split("/")[2] for k in keys if k.split("/")[2].startswith(TUNE_PREFIX)}  # resume continued the same run
+    run_key = f"{experiment}{run}"
+    assert f"results: s3://{s3_store.bucket}/{run_key}" in resumed.stdout, resumed.stdout[-3000:]
     assert_no_chatter(resumed.stdout + resumed.stderr)
-    results = json.loads((run_dir / RESULTS_JSON).read_text())
+    results = read_json_object(s3_store, f"{run_key}/{RESULTS_JSON}")
     trials = {t["trial_id"]: t for t in results["trials"]}
-    assert len(trials) == 3 and all(t["status"] == "completed" for t in trials.values()), results["trials"]
+    assert len(trials) == 3 and {t["status"] for t in trials.values()} <= {"completed", "stopped"}, results["trials"]
+    assert "completed" in {t["status"] for t in trials.values()}, results["trials"]
     for trial_id in finished:
         assert trials[trial_id]["starts"] == 1, f"{trial_id} finished before the kill but ran again"
-    assert read_manifest(run_dir / "artifacts")["lineage"]["trial_id"] == results["best_trial"]
+    manifest = read_json_object(s3_store, f"{run_key}/artifacts/manifest.json")
+    assert manifest["lineage"]["trial_id"] == results["best_trial"]
+    tuning_manifest = read_json_object(s3_store, f"{run_key}/{TUNING_MANIFEST}")
+    assert {RESULTS_CSV, RESULTS_JSON, RESULTS_PNG, "best_config.yaml"} <= set(tuning_manifest["files"]), tuning_manifest
+    # The bucket holds every byte of run state: the working folder has the config and logs only.
+    left = sorted(str(p.relative_to(tmp_path)) for p in tmp_path.rglob("*") if p.is_file())
+    assert all(name == "tandem.yaml" or name.endswith(".log") or name.startswith("progress/") for name in left), left
     leaked = wait_for_no_tagged_processes(tag, timeout_s=60)
     assert not leaked, f"processes of the resumed tune still alive after it exited: {leaked}"

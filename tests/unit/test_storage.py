@@ -129,18 +129,31 @@ def test_tracking_that_needs_a_local_disk_is_refused_on_object_storage():
     assert json.dumps(load_config(None, ["cluster.storage=/mnt/tandem", "tracking={mlflow: {}}"]).to_dict())
 
 
-def test_tune_and_profile_on_an_object_store_are_refused_before_ray_starts_naming_cluster_storage(store_env):
-    # Tuning and profile reports still keep their state on a folder (a shared mount): said at once,
-    # with the fix, not after Ray and the trials started (unit tests refuse ray.init: tests/conftest.py).
-    from profiling.subject import find_subject
-    from tuning.tuner import tune
+@pytest.mark.parametrize("where", ["local", "bucket"])
+def test_a_pbt_handoff_is_a_whole_copy_that_a_later_exploit_replaces_and_the_end_of_the_tune_removes(where, store_env, tmp_path):
+    from ray.tune import Checkpoint
 
-    config = load_config(
-        None, ["tuning={space: {training.optimizer.lr: {loguniform: [0.001, 0.01]}}}", f"cluster.storage={bucket_prefix(store_env)}"]
-    )
-    for verb in (lambda: tune(config), lambda: find_subject(config, None)):
-        with pytest.raises(StorageError, match="cluster.storage: .* does not write to an object store yet"):
-            verb()
+    from tuning.pbt import HANDOFF_RECORD, copy_for_exploiter, handoffs, read_handoff, remove_handoffs
+
+    experiment = location(tmp_path / "trials") if where == "local" else location(bucket_prefix(store_env)) / "trials"
+    donor_checkpoint = tmp_path / "donor-checkpoint"
+    (donor_checkpoint / "epoch-0002").mkdir(parents=True)
+    (donor_checkpoint / "latest").write_text("epoch-0002")
+    (donor_checkpoint / "epoch-0002" / "shard.pt").write_bytes(os.urandom(2048))
+    for donor in ("t0", "t1"):
+        (experiment / donor / "segments.jsonl").put_text("{}\n")  # the trial folders exist
+    checkpoint = Checkpoint.from_directory(str(donor_checkpoint))
+
+    first = copy_for_exploiter(checkpoint, experiment / "t0", "t2", "t0", 2)
+    assert [h.name for h in handoffs(experiment)] == ["pbt-handoff-t2"]
+    with first.as_directory() as copy:  # what the exploiter starts from: every file, and the record naming the donor
+        assert (Path(copy) / "epoch-0002" / "shard.pt").read_bytes() == (donor_checkpoint / "epoch-0002" / "shard.pt").read_bytes()
+        assert read_handoff(copy)["donor"] == "t0" and (Path(copy) / HANDOFF_RECORD).is_file()
+    # A later exploit of the same trial from another donor replaces the first copy.
+    copy_for_exploiter(checkpoint, experiment / "t1", "t2", "t1", 3)
+    assert [str(h) for h in handoffs(experiment)] == [str(experiment / "t1" / "pbt-handoff-t2")]
+    remove_handoffs(experiment)
+    assert handoffs(experiment) == [] and (experiment / "t0" / "segments.jsonl").is_file()
 
 
 def test_check_for_submit_names_a_missing_bucket_and_warns_of_a_shell_without_credentials(store_env, monkeypatch, tmp_path):
