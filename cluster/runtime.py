@@ -236,17 +236,6 @@ def require_reachable_storage(config: TandemConfig) -> None:
         raise ConfigError([Problem(path="cluster.storage", value=config.cluster.storage, message=problem)])
 
 
-def local_storage(config: TandemConfig, verb: str) -> Path:
-    """The storage folder for a verb that keeps its state on a local or mounted disk only."""
-    root = storage_root(config)
-    if root.remote:
-        raise StorageError(
-            f"cluster.storage: {verb} keeps its run state on a local or mounted folder and does not write to an object store yet "
-            f"({root}); run it with --set cluster.storage=/a/shared/mount"
-        )
-    return root.path
-
-
 def nodes_missing_storage(root: Location) -> list[str]:
     """The alive Ray nodes that do not see the local `root` folder as this driver does (each one's
     IP), found by a marker file this driver writes and a zero-CPU task on each node reads.

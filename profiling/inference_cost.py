@@ -13,9 +13,10 @@ import numpy as np
 import torch
 import yaml
 
-from cluster.artifacts import MODEL_FILE, load_model
+from cluster.artifacts import MANIFEST, MODEL_FILE, load_model, local_artifact
 from cluster.config import TandemConfig
-from cluster.runtime import local_storage
+from cluster.runtime import storage_root
+from cluster.storage import Location, location
 from profiling.measure import (
     WEIGHT_BYTES,
     activation_bytes_per_example,
@@ -42,6 +43,7 @@ class Candidate:
     model: torch.nn.Module
     weight_format: str
     file: str | None = None
+    folder: Path | None = None  # the local artifact folder `file` is in (its manifest gives the file's size)
 
 
 def untrained_candidates(model: torch.nn.Module, input_shape: tuple[int, ...], num_classes: int) -> list[Candidate]:
@@ -53,8 +55,11 @@ def untrained_candidates(model: torch.nn.Module, input_shape: tuple[int, ...], n
     return [Candidate("torch-fp32", torch_engine("fp32"), model, "fp32"), Candidate("torch-bf16", torch_engine("bf16"), model, "bf16")]
 
 
-def artifact_candidates(folder: Path, prefix: str = "") -> tuple[list[Candidate], list[str]]:
-    """Every engine an artifact folder can run, and a note for each ONNX file it lacks."""
+def artifact_candidates(folder: Path, prefix: str = "", where: Path | Location | None = None) -> tuple[list[Candidate], list[str]]:
+    """Every engine an artifact folder can run, and a note for each ONNX file it lacks.
+
+    folder: the artifact's files on this machine; where: the artifact the notes name (default
+    folder; a stored artifact's URI rather than this node's cache)."""
     model, manifest = load_model(folder)
     files = manifest.get("files", {})
     specs = [
@@ -69,34 +74,47 @@ def artifact_candidates(folder: Path, prefix: str = "") -> tuple[list[Candidate]
     for label, name, kwargs, weight_format in specs:
         if name not in files:
             if name in (ONNX_FILE, INT8_FILE):
-                notes.append(f"{prefix}{label}: {folder / name} is absent; run `tandem export` for this row")
+                notes.append(f"{prefix}{label}: {(where or folder) / name} is absent; run `tandem export` for this row")
             continue
         counted = load_model(folder, name)[0] if name == PRUNED_FILE else model
         candidates.append(
             Candidate(
-                prefix + label, lambda kwargs=kwargs: load_engine(folder, threads=ENGINE_THREADS, **kwargs), counted, weight_format, name
+                prefix + label,
+                lambda kwargs=kwargs: load_engine(folder, threads=ENGINE_THREADS, **kwargs),
+                counted,
+                weight_format,
+                name,
+                folder,
             )
         )
     return candidates, notes
 
 
-def distilled_students(config: TandemConfig, teacher: Path) -> list[Path]:
-    """Artifacts of runs under storage that were distilled from `teacher` (training.distill.teacher), newest last."""
+def distilled_students(config: TandemConfig, teacher: Path | Location) -> list[Location]:
+    """Artifacts of runs under storage that were distilled from `teacher` (training.distill.teacher), newest last.
+
+    One listing of `<storage>/<name>/` and one read of each run's config.yaml, in a folder or an object store alike."""
     found = []
-    teacher = teacher.resolve()
-    for config_file in (local_storage(config, "tandem profile") / config.name).glob("*/config.yaml"):
-        try:
-            distill = ((yaml.safe_load(config_file.read_text()) or {}).get("training") or {}).get("distill") or {}
-        except yaml.YAMLError:
-            continue
+    teacher = location(teacher)
+    for run in (storage_root(config) / config.name).children():
+        distill = distill_section(run / "config.yaml")
         named = distill.get("teacher")
         if not named or named == "latest":  # 'latest' meant whatever was newest then: not traceable
             continue
-        named = Path(named).expanduser().resolve()
-        student = config_file.parent / "artifacts"
-        if teacher in (named, named / "artifacts") and (student / "manifest.json").exists():
+        named = location(named)
+        student = run / "artifacts"
+        if teacher in (named, named / "artifacts") and (student / MANIFEST).is_file():
             found.append(student)
-    return sorted(found, key=lambda p: (p / "manifest.json").stat().st_mtime)
+    return sorted(found, key=lambda folder: (folder / MANIFEST).stat()[0])
+
+
+def distill_section(config_file: Location) -> dict[str, Any]:
+    """training.distill of a run's config.yaml; empty for an entry that is not a run folder or a file that is not YAML."""
+    try:
+        distill = ((yaml.safe_load(config_file.read_text()) or {}).get("training") or {}).get("distill") or {}
+    except (FileNotFoundError, NotADirectoryError, yaml.YAMLError):
+        return {}
+    return distill if isinstance(distill, dict) else {}
 
 
 def engine_candidates(config: TandemConfig, subject: Subject, train_set: ArrayDataset) -> tuple[list[Candidate], list[str]]:
@@ -107,10 +125,10 @@ def engine_candidates(config: TandemConfig, subject: Subject, train_set: ArrayDa
             "latency and FLOPs do not depend on the weights. Run `tandem train` and `tandem export` for ONNX, int8 and pruned rows"
         ]
         return untrained_candidates(model, train_set.input_shape, int(config.model.args.get("num_classes", train_set.num_classes))), notes
-    candidates, notes = artifact_candidates(subject.artifact_dir)
+    candidates, notes = artifact_candidates(subject.local_dir, where=subject.artifact_dir)
     students = distilled_students(config, subject.artifact_dir)
     if students:
-        more, more_notes = artifact_candidates(students[-1], prefix="distilled-")
+        more, more_notes = artifact_candidates(local_artifact(students[-1]), prefix="distilled-", where=students[-1])
         candidates += [c for c in more if "bf16" not in c.label and "pruned" not in c.label]
         notes += [f"distilled student: {students[-1]}"] + more_notes
     return candidates, notes
@@ -181,14 +199,7 @@ def profile_inference(
     engines = []
     with torch_threads(ENGINE_THREADS):  # TorchEngine sets the process's threads; restore them after
         for candidate in candidates:
-            folder = None
-            if candidate.file:
-                folder = (
-                    subject.artifact_dir
-                    if not candidate.label.startswith("distilled-")
-                    else distilled_students(config, subject.artifact_dir)[-1]
-                )
-            engines.append(profile_engine(candidate, folder, val_set.x, machine, plan))
+            engines.append(profile_engine(candidate, candidate.folder if candidate.file else None, val_set.x, machine, plan))
     if any(e["weight_format"] == "int8" for e in engines):
         notes.append("int8 rows are compared with the fp32 peak (no int8 peak is measured)")
     if any(e["label"].startswith("pruned") for e in engines):

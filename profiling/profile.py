@@ -29,6 +29,14 @@ the config is profiled, with torch rows only, and the report says so. Everything
 before anything is written; the report is then built in a hidden temp folder beside its target
 and renamed into place, so a failing profile leaves no partial report (and an earlier report
 stays until the new one is complete).
+
+On an object store (cluster.storage or --out a URI such as s3://bucket/runs) the subject is read
+from the store (its artifact through this node's cache, its run's metrics.jsonl and config.yaml
+in place) and the report goes to the same place in the store: built in a local temp folder,
+given a manifest.json (kind "profile", the sha256 of every file), then published file by file
+with the manifest last (cluster.storage.publish_folder). A failed profile publishes nothing; a
+reader that goes by the manifest (cluster.storage.fetch_folder) gets the old report or the new
+one, whole, as it does for an artifact. Nothing is written under the local working folder.
 """
 
 from __future__ import annotations
@@ -43,8 +51,10 @@ from typing import Any
 
 import torch
 
+from cluster.artifacts import write_manifest
 from cluster.config import TandemConfig
-from cluster.runtime import local_storage
+from cluster.runtime import storage_root
+from cluster.storage import Location, location, native, publish_folder
 from profiling.advice import compare, recommendations
 from profiling.inference_cost import (
     profile_inference,
@@ -67,26 +77,29 @@ from training.data import split
 
 @dataclass
 class ProfileReport:
-    """Where the report was written and what it says (`data` is profile.json)."""
+    """Where the report was written and what it says (`data` is profile.json).
 
-    out_dir: Path
+    out_dir: a Path for a local folder, a Location (URI) in an object store; the paths below
+    follow it (a Location reads with .read_bytes(), .exists())."""
+
+    out_dir: Path | Location
     data: dict[str, Any]
 
     @property
-    def json_path(self) -> Path:
+    def json_path(self) -> Path | Location:
         return self.out_dir / "profile.json"
 
     @property
-    def html_path(self) -> Path:
+    def html_path(self) -> Path | Location:
         return self.out_dir / "profile.html"
 
     @property
-    def html(self) -> Path:
+    def html(self) -> Path | Location:
         """The same file as html_path; tandem/cli.py's `tandem profile` prints it under this name."""
         return self.html_path
 
     @property
-    def plot_paths(self) -> dict[str, Path]:
+    def plot_paths(self) -> dict[str, Path | Location]:
         return {name: self.out_dir / filename for name, filename in self.data["plots"].items()}
 
     def summary(self) -> Any:
@@ -95,14 +108,30 @@ class ProfileReport:
         return summary(self.data, self.out_dir)
 
 
-def target_dir(config: TandemConfig, subject: Subject, out_dir: str | Path | None) -> Path:
+def target_dir(config: TandemConfig, subject: Subject, out_dir: str | Path | Location | None) -> Location:
+    """The report folder: out_dir, else beside the subject's artifact, else under storage; a path or a URI."""
     if out_dir is not None:
-        return Path(out_dir).expanduser().resolve()
+        return location(out_dir)
     if subject.run_dir is not None:
-        return subject.run_dir / REPORT_DIR
+        return location(subject.run_dir) / REPORT_DIR
     if subject.artifact_dir is not None:
-        return subject.artifact_dir.parent / REPORT_DIR
-    return local_storage(config, "tandem profile") / config.name / f"{REPORT_DIR}-untrained"
+        return location(subject.artifact_dir).parent / REPORT_DIR
+    return storage_root(config) / config.name / f"{REPORT_DIR}-untrained"
+
+
+def write_report(target: Location, build: Callable[[Path], None]) -> None:
+    """A local folder: write_atomically. An object store: `build` fills a local temp folder, which
+    gets a manifest and is published file by file with the manifest last (publish_folder), so a
+    failing build publishes nothing and the manifest only ever lists files already complete."""
+    if not target.remote:
+        write_atomically(target.path, build)
+        return
+    if target.is_file():
+        raise ProfileError(f"{target} exists and is not a folder; pass another out_dir (--out)")
+    with tempfile.TemporaryDirectory(prefix="tandem-profile-") as staging:
+        build(Path(staging))
+        write_manifest(Path(staging), {"kind": "profile"})
+        publish_folder(Path(staging), target)
 
 
 def write_atomically(target: Path, build: Callable[[Path], None]) -> None:
@@ -138,15 +167,16 @@ def write_atomically(target: Path, build: Callable[[Path], None]) -> None:
 def profile(
     config: TandemConfig,
     source: str | Path | None = None,
-    out_dir: str | Path | None = None,
+    out_dir: str | Path | Location | None = None,
     serve_url: str | None = None,
     quick: bool = False,
 ) -> ProfileReport:
     """Measure training and inference of the configured model here; write profile.json, profile.html and PNG plots.
 
-    source: 'latest', a run folder or an artifacts folder (None: the latest artifact, else the
-    untrained model); out_dir: default `<run>/profile/`; serve_url: a running Tandem Serve app,
-    measured at concurrency 1 and 32; quick: fewer repetitions and batch sizes.
+    source: 'latest', a run folder or an artifacts folder, a path or a URI (None: the latest
+    artifact, else the untrained model); out_dir: a folder or an object-store URI, default
+    `<run>/profile/`; serve_url: a running Tandem Serve app, measured at concurrency 1 and 32;
+    quick: fewer repetitions and batch sizes.
     """
     plan = plan_for(quick)
     subject = find_subject(config, source)
@@ -192,8 +222,8 @@ def profile(
         write_json(data, folder / "profile.json")
         write_html(data, folder / "profile.html")
 
-    write_atomically(target, build)
-    return ProfileReport(out_dir=target, data=data)
+    write_report(target, build)
+    return ProfileReport(out_dir=native(target), data=data)
 
 
 def peak_notes(machine: dict[str, Any]) -> list[str]:

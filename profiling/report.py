@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from cluster.artifacts import atomic_write_json, atomic_write_text
+from cluster.storage import Location, location
 from profiling.plots import human_bytes, human_flops, human_seconds
 
 CAPTIONS = {
@@ -307,7 +308,7 @@ def _rich_table(title: str, header: list[str], rows: list[list[str]]) -> Any:
     return readable(table)  # in a log: records, not cells cut to "…"
 
 
-def summary(data: dict[str, Any], out_dir: Path | None = None) -> Any:
+def summary(data: dict[str, Any], out_dir: Path | Location | None = None) -> Any:
     """The report as rich renderables, for `console.print`."""
     from rich.console import Group
     from rich.text import Text
@@ -340,5 +341,5 @@ def summary(data: dict[str, Any], out_dir: Path | None = None) -> Any:
     if data["notes"]:
         parts.append(Text("Notes\n" + "\n".join(f"- {n}" for n in data["notes"]), style="yellow"))
     if out_dir is not None:
-        parts.append(Text(f"report: {Path(out_dir) / 'profile.html'}", style="bold green"))
+        parts.append(Text(f"report: {location(out_dir) / 'profile.html'}", style="bold green"))
     return Group(*parts)

@@ -6,9 +6,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from cluster.artifacts import ArtifactError, find_latest_artifact, load_model, resolve_artifact
+from cluster.artifacts import ArtifactError, find_latest_artifact, load_model, local_artifact, resolve_artifact
 from cluster.config import ConfigError, Problem, TandemConfig
-from cluster.runtime import local_storage
+from cluster.runtime import require_reachable_storage, storage_root
+from cluster.storage import Location, StorageError, location, native
 from training.data import ArrayDataset, load_dataset
 from training.trainer import preflight
 
@@ -48,11 +49,16 @@ def plan_for(quick: bool) -> Plan:
 
 @dataclass
 class Subject:
-    """The trained artifact and its run folder, or neither (the untrained model from the config)."""
+    """The trained artifact and its run folder, or neither (the untrained model from the config).
 
-    artifact_dir: Path | None
-    run_dir: Path | None
+    artifact_dir and run_dir are where they live: Paths for local storage, Locations (URIs) in an
+    object store, as in training's TrainResult. local_dir holds the artifact's verified files on
+    this machine: artifact_dir itself when local, this node's cached copy of a stored one."""
+
+    artifact_dir: Path | Location | None
+    run_dir: Path | Location | None
     manifest: dict[str, Any] = field(default_factory=dict)
+    local_dir: Path | None = None
 
     @property
     def trained(self) -> bool:
@@ -61,28 +67,40 @@ class Subject:
 
 def find_subject(config: TandemConfig, source: str | Path | None) -> Subject:
     """source None: the latest artifact under storage when there is one, else the untrained model."""
-    storage = local_storage(config, "tandem profile")
+    require_reachable_storage(config)  # a missing bucket or refused credentials, named before minutes of measuring
+    storage = storage_root(config)
     if source is None:
         try:
-            folder = find_latest_artifact(storage, config.name).path
+            where = find_latest_artifact(storage, config.name)
         except ArtifactError:
             return Subject(None, None)
     else:
-        folder = resolve_artifact(source, storage, config.name).path
+        where = resolve_artifact(source, storage, config.name)
+    folder = local_artifact(where)  # a stored artifact: its files fetched once per node, checked against its manifest
     _, manifest = load_model(folder)  # verifies model.pt's sha256 before anything is measured
-    return Subject(folder, run_folder_of(folder, manifest), manifest)
+    return Subject(native(where), run_folder_of(where, manifest), manifest, folder)
 
 
-def run_folder_of(artifact_dir: Path, manifest: dict[str, Any]) -> Path | None:
+def run_folder_of(artifact_dir: Location, manifest: dict[str, Any]) -> Path | Location | None:
     """The run folder of an artifact (where metrics.jsonl and config.yaml live), if it has one.
 
     The artifact's own parent first: the manifest's run_dir is where the run was trained, and a
     copied or moved run would otherwise send the report (and the metrics read) to the original.
     """
-    for candidate in (artifact_dir.parent, manifest.get("run_dir")):
-        if candidate and ((Path(candidate) / "metrics.jsonl").exists() or (Path(candidate) / "config.yaml").exists()):
-            return Path(candidate)
+    if is_run_folder(artifact_dir.parent):
+        return native(artifact_dir.parent)
+    recorded = manifest.get("run_dir")
+    try:
+        if recorded and is_run_folder(location(recorded)):
+            return native(location(recorded))
+    except StorageError:  # trained in a store this shell cannot reach: the record is a hint, not a requirement
+        pass
     return None
+
+
+def is_run_folder(folder: Location) -> bool:
+    """A folder `tandem train` made: it has the run's metrics or its config (an artifacts folder alone has neither)."""
+    return (folder / "metrics.jsonl").exists() or (folder / "config.yaml").exists()
 
 
 def checked_dataset(config: TandemConfig, subject: Subject) -> ArrayDataset:

@@ -195,7 +195,7 @@ def measured_state_bytes(subject: Subject, config: TandemConfig) -> dict[str, An
     stage = int(settings.get("zero_stage", config.training.deepspeed.zero_stage))
     precision = settings.get("precision", config.training.precision)
     optimizer = settings.get("optimizer", config.training.optimizer.name)
-    model, _ = load_model(subject.artifact_dir) if subject.artifact_dir else (None, None)
+    model, _ = load_model(subject.local_dir) if subject.local_dir else (None, None)
     params = parameter_count(model) if model is not None else None
     formula = zero_memory_formula(params, workers, stage, precision, optimizer) if params else None
     return {

@@ -338,7 +338,7 @@ def profile(
     config: ConfigArg = None,
     set_: SetOpt = None,
     from_: Annotated[str | None, typer.Option("--from", help="A run or artifacts folder, or 'latest' (default: latest if any).")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="Report folder (default: <run>/profile).")] = None,
+    out: Annotated[str | None, typer.Option("--out", help="Report folder or object-store URI (default: <run>/profile).")] = None,
     url: Annotated[str | None, typer.Option("--url", help="A running Tandem endpoint, for served latency.")] = None,
     quick: Annotated[bool, typer.Option("--quick", help="Fewer repetitions and batch sizes.")] = False,
 ) -> None:

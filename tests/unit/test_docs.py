@@ -1,7 +1,7 @@
 """The docs site (docs/, mkdocs.yml) builds in strict mode, every page is in its nav, and what its
 snippets name exists: `tandem` verbs and flags in the CLI, config fragments in the schema, Python
-imports in the code. Blocks that need a cluster, a registry or a GPU are not run here; these checks
-are what keeps their text from drifting."""
+imports in the code. tests/e2e/test_docs_snippets.py runs the blocks; for those a page marks as not
+runnable here (a Kubernetes cluster, a registry, a GPU) these checks are what keeps the text from drifting."""
 
 from __future__ import annotations
 

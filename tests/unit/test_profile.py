@@ -1,16 +1,19 @@
 """`tandem profile` on the digits MLP: the report, its counts and formulas, its plots, its HTML, its failures.
 
 Real torch and onnxruntime, a real loopback HTTP server for the served figures, a real headless
-Chromium for the HTML; no Ray. Every profile runs with quick=True (small matrices, three batch
-sizes, short budgets): the figures are rough, the structure and the counts are exact.
+Chromium for the HTML, a real S3 server on loopback (moto) for a run and its report in a bucket;
+no Ray. Every profile runs with quick=True (small matrices, three batch sizes, short budgets):
+the figures are rough, the structure and the counts are exact.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
 import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -19,11 +22,14 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from cluster.artifacts import atomic_save_torch, write_manifest
 from cluster.config import ConfigError, load_config
+from cluster.storage import downloads, fetch_folder, location
 from profiling.measure import forward_flops, probe_serve_app, served_latency, training_flops
-from profiling.profile import ProfileReport, profile, write_atomically
+from profiling.plots import PLOTS
+from profiling.profile import ProfileReport, profile, write_atomically, write_report
 from tests.conftest import run_chromium, screenshot
 from tests.unit.artifact_helpers import MLP_ARGS, train_artifact
 from training.ds_config import zero_memory_formula
@@ -379,3 +385,91 @@ def test_html_report_renders_with_every_plot_in_headless_chromium(trained, chrom
     assert colours > 200, "the screenshot shows text and plots"
     if os.environ.get("TANDEM_KEEP_SCREENSHOT"):
         shutil.copy(shot, os.environ["TANDEM_KEEP_SCREENSHOT"])
+
+
+# ---------------------------------------------------------------------------------------------
+# cluster.storage in an object store (moto's S3 server on loopback: tests/conftest.py s3_store)
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def in_store(s3_store, tmp_path, monkeypatch) -> tuple[object, str, Path]:
+    """This process as a user's shell with the store's variables, an artifact cache of its own and
+    an empty working folder; returns the store, a fresh s3:// prefix and that working folder."""
+    for name, value in s3_store.env.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("TANDEM_CACHE_DIR", str(tmp_path / "cache"))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    return s3_store, f"s3://{s3_store.bucket}/unit-profile-{uuid.uuid4().hex[:8]}", work
+
+
+def upload_runs(storage: Path, bucket_storage: str) -> None:
+    """The `trained` fixture's runs as training into the bucket leaves them (its local report left
+    out); the student's config names its teacher by the teacher's URI, as it would have been trained."""
+    for file in sorted(p for p in storage.rglob("*") if p.is_file() and "profile" not in p.relative_to(storage).parts):
+        (location(bucket_storage) / file.relative_to(storage).as_posix()).put_bytes(file.read_bytes())
+    student = location(bucket_storage) / "digits" / "20260101-010000" / "config.yaml"
+    config = yaml.safe_load(student.read_text())
+    config["training"]["distill"]["teacher"] = f"{bucket_storage}/digits/20260101-000000/artifacts"
+    student.put_text(yaml.safe_dump(config))
+
+
+def test_a_run_in_an_object_store_is_profiled_from_it_and_its_report_published_there(trained, in_store):
+    store, storage, work = in_store
+    _, run = trained
+    local_before = sorted((p, p.stat().st_mtime_ns) for p in run.parents[1].rglob("*"))
+    upload_runs(run.parents[1], storage)
+    source = f"{storage}/digits/20260101-000000"
+
+    report = profile(load_config(None, [f"cluster.storage={storage}"]), source=source, quick=True)
+
+    # Read from the store: the artifact through this node's cache, the run's metrics and config in place, the student by listing.
+    assert f"{source}/artifacts/model.pt" in {d["uri"] for d in downloads()}
+    data = report.data
+    assert data["source"]["artifact_dir"] == f"{source}/artifacts" and data["source"]["run_dir"] == source
+    labels = {e["label"] for e in data["inference"]["engines"]}
+    assert {"onnx-int8", "pruned-onnx-fp32", "distilled-torch-fp32"} <= labels
+    assert data["training"]["run"]["epochs_logged"] == 2 and data["zero"]["run"]["stage"] == 2
+    # Written to the store, beside the run, with the manifest that publishes it.
+    assert report.out_dir == location(f"{source}/profile") and report.html_path.exists()
+    prefix = source.removeprefix(f"s3://{store.bucket}/") + "/profile/"
+    published = ["manifest.json", "profile.html", "profile.json", *PLOTS.values()]
+    assert sorted(store.keys(prefix)) == sorted(prefix + name for name in published)
+    client = store.client()
+
+    def read(name: str) -> bytes:
+        return client.get_object(Bucket=store.bucket, Key=prefix + name)["Body"].read()
+
+    assert json.loads(read("profile.json")) == json.loads(json.dumps(data, default=str))
+    page = read("profile.html").decode()
+    assert page.rstrip().endswith("</html>") and all(f'src="{name}"' in page for name in PLOTS.values())
+    manifest = json.loads(read("manifest.json"))
+    assert manifest["kind"] == "profile" and set(manifest["files"]) == {"profile.html", "profile.json", *PLOTS.values()}
+    for name, entry in manifest["files"].items():
+        assert hashlib.sha256(read(name)).hexdigest() == entry["sha256"], name
+    assert all(read(name)[:8] == PNG_SIGNATURE for name in PLOTS.values())
+    assert (fetch_folder(report.out_dir) / "profile.html").read_text() == page, "a reader going by the manifest gets it whole"
+    assert list(work.iterdir()) == [], "nothing written under the working folder"
+    assert sorted((p, p.stat().st_mtime_ns) for p in run.parents[1].rglob("*")) == local_before, "nor beside the local run"
+
+
+def test_a_report_that_fails_while_building_publishes_nothing_to_the_store(in_store):
+    store, storage, work = in_store
+    target = location(f"{storage}/profile")
+    prefix = target.uri.removeprefix(f"s3://{store.bucket}/") + "/"
+
+    def half_written(folder: Path) -> None:
+        (folder / "latency.png").write_bytes(PNG_SIGNATURE)
+        raise RuntimeError("plotting failed")
+
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        write_report(target, half_written)
+    assert store.keys(prefix) == []
+    write_report(target, lambda folder: (folder / "profile.json").write_text('{"n": 1}'))
+    with pytest.raises(RuntimeError, match="plotting failed"):
+        write_report(target, half_written)
+    assert sorted(store.keys(prefix)) == [prefix + "manifest.json", prefix + "profile.json"], "the earlier report, as it was"
+    assert (target / "profile.json").read_text() == '{"n": 1}'
+    assert list(work.iterdir()) == []
