@@ -18,6 +18,13 @@ waiting ones are decided with what the rung has, so a search never waits for eve
 
 The price is a restart (a new Train run from the trial's checkpoint) for each promoted waiting
 trial, at most `min_results - 1` per rung. `rung_min_results: 1` is Ray's ASHA unchanged.
+
+A driver that dies loses nothing: `saved_state()` (every rung's recorded results, the waiting and
+promoted trials, the stop count) goes into Tune's experiment state with each snapshot
+(tuning/housekeeping.py `SchedulerState`) and `restore_state()` puts it back on `--resume`. Tune
+itself pickles the scheduler only as it was when the search started, so a restored ASHA would
+otherwise judge the rest of the search against empty rungs (ray-project/ray#30838). A trial that
+waited at a rung comes back PENDING; it stays waiting until its rung decides.
 """
 
 from __future__ import annotations
@@ -42,6 +49,29 @@ class PatientASHA(AsyncHyperBandScheduler):
         self.max_concurrent = max_concurrent  # live trials the searcher allows (paused ones count)
         self.waiting: dict[str, float] = {}  # trial id -> the milestone it waits at (trial PAUSED)
         self.promoted: set[str] = set()  # waiting trials that made the cut: resume them first
+
+    def saved_state(self) -> dict[str, Any]:
+        """What a resumed search needs: the rungs (one bracket, shared by every trial's entry), the
+        trials waiting at a rung, the promoted ones and the stop count."""
+        return {
+            "brackets": self._brackets,
+            "trial_info": self._trial_info,
+            "num_stopped": self._num_stopped,
+            "waiting": dict(self.waiting),
+            "promoted": set(self.promoted),
+        }
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        self._brackets, self._trial_info, self._num_stopped = state["brackets"], state["trial_info"], state["num_stopped"]
+        self.waiting, self.promoted = dict(state["waiting"]), set(state["promoted"])
+
+    def rungs(self) -> dict[str, dict[str, float]]:
+        """Each rung's recorded results by trial (the metric as reported, not ASHA's signed score)."""
+        return {f"{m:g}": {t: self._metric_op * score for t, score in recorded.items()} for m, recorded in sorted(self._brackets[0]._rungs)}
+
+    def _can_arrive(self, trial: Trial) -> bool:
+        """Running, or pending and not one that waits at a rung (after a resume it is PENDING, not PAUSED)."""
+        return trial.status == Trial.RUNNING or (trial.status == Trial.PENDING and trial.trial_id not in self.waiting)
 
     def on_trial_result(self, tune_controller: Any, trial: Trial, result: dict) -> str:
         self.promoted.discard(trial.trial_id)  # it runs again
@@ -72,7 +102,7 @@ class PatientASHA(AsyncHyperBandScheduler):
         """A trial running or pending now, or one the searcher can still start once this one pauses
         (the searcher counts paused trials as live): else waiting would only cost a restart."""
         trials = tune_controller.get_trials()
-        if any(t is not trial and t.status in (Trial.PENDING, Trial.RUNNING) for t in trials):
+        if any(t is not trial and self._can_arrive(t) for t in trials):
             return True
         live = sum(t.status not in (Trial.TERMINATED, Trial.ERROR) for t in trials)
         return len(trials) < self.samples and (self.max_concurrent is None or live < self.max_concurrent)
@@ -96,7 +126,7 @@ class PatientASHA(AsyncHyperBandScheduler):
 
     def _decide_if_nothing_can_arrive(self, tune_controller: Any) -> None:
         trials = tune_controller.get_trials()
-        if not self.waiting or any(t.status in (Trial.PENDING, Trial.RUNNING) for t in trials):
+        if not self.waiting or any(self._can_arrive(t) for t in trials):
             return
         for milestone in sorted(set(self.waiting.values())):
             recorded = next(r for m, r in self._brackets[0]._rungs if m == milestone)
@@ -113,10 +143,10 @@ class PatientASHA(AsyncHyperBandScheduler):
         self._decide_if_nothing_can_arrive(tune_controller)
         trials = tune_controller.get_trials()
         for trial in trials:
-            if trial.status == Trial.PAUSED and trial.trial_id in self.promoted:
+            if trial.status in (Trial.PAUSED, Trial.PENDING) and trial.trial_id in self.promoted:
                 return trial
         for trial in trials:
-            if trial.status == Trial.PENDING:
+            if trial.status == Trial.PENDING and trial.trial_id not in self.waiting:
                 return trial
         return None
 

@@ -124,6 +124,44 @@ def read_peak(path: Location | Path) -> int:
         return 0
 
 
+class SchedulerState(Callback):
+    """The trial scheduler's own state, saved with every snapshot of Tune's experiment state and
+    restored with it on `--resume`; and `scheduler.json` in the run folder when the search ends.
+
+    Tune pickles the scheduler once, as it was when the search started, and its snapshots hold the
+    searcher's and the callbacks' states but not the scheduler's (ray-project/ray#30838): a restored
+    ASHA would judge the rest of the search against empty rungs, a restored PBT would forget its
+    population. The scheduler and this callback are pickled together (tuner.pkl), so after a
+    restore this callback still holds the scheduler Tune runs. A scheduler with no state (FIFO)
+    saves nothing.
+    """
+
+    def __init__(self, scheduler: Any, summary: Location | Path):
+        self.scheduler, self.summary = scheduler, location(summary)
+        self.restored = False
+
+    def get_state(self) -> dict[str, Any] | None:
+        saved = getattr(self.scheduler, "saved_state", None)
+        return {"scheduler": type(self.scheduler).__name__, "state": saved()} if saved else None
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        self.scheduler.restore_state(state["state"])
+        self.restored = True
+        logger.info("restored the %s state of the interrupted search", state["scheduler"])
+
+    def on_experiment_end(self, trials: list, **info: Any) -> None:
+        rungs = getattr(self.scheduler, "rungs", None)
+        self.summary.put_json(
+            {
+                "scheduler": type(self.scheduler).__name__,
+                "restored": self.restored,
+                "stopped_early": getattr(self.scheduler, "_num_stopped", None),
+                "perturbations": getattr(self.scheduler, "_num_perturbations", None),
+                "rungs": rungs() if rungs else None,
+            }
+        )
+
+
 class TrialProgress(Callback):
     """One "[tandem] trial k/N ..." line per trial that ends (the epochs go to the trial's files)."""
 

@@ -15,6 +15,11 @@ results, so nothing is deleted while it runs:
   them when the tune ends;
 - an exploit whose donor checkpoint is at or past the final epoch is skipped: the trial keeps
   training its own configuration.
+
+The population's state (each trial's last score, result, checkpoint and perturbation clock, and
+the exploit counts) goes into Tune's experiment state with each snapshot (`saved_state`, through
+tuning/housekeeping.py `SchedulerState`) and comes back on `--resume`, keyed by trial id: Ray's PBT
+keys it by Trial objects, which a restore creates anew, so it would otherwise start from nothing.
 """
 
 from __future__ import annotations
@@ -94,12 +99,40 @@ def remove_handoffs(experiment_dir: Location | Path | str) -> None:
         folder.delete_tree()
 
 
+def _restorable(state: dict[str, Any]) -> dict[str, Any]:
+    """A trial's PBT state without a checkpoint save still in flight (a handle into this driver's
+    Ray, meaningless after a restart): that trial is exploitable again from its next checkpoint."""
+    from ray.tune.execution.tune_controller import _FutureTrainingResult
+
+    pending = isinstance(state.get("last_checkpoint"), _FutureTrainingResult)
+    return {**state, "last_checkpoint": None} if pending else dict(state)
+
+
 class HandoffPBT(PopulationBasedTraining):
     """PopulationBasedTraining with the exploited checkpoint copied for the exploiter (see module doc)."""
 
     def __init__(self, *, final_epoch: int, **kwargs: Any):
         super().__init__(**kwargs)
         self.final_epoch = final_epoch
+        self.restored: dict[str, dict[str, Any]] = {}  # trial id -> its state from before a resume
+
+    def saved_state(self) -> dict[str, Any]:
+        return {
+            "trials": {trial.trial_id: _restorable(vars(state)) for trial, state in self._trial_state.items()},
+            "num_checkpoints": self._num_checkpoints,
+            "num_perturbations": self._num_perturbations,
+        }
+
+    def restore_state(self, state: dict[str, Any]) -> None:
+        """Tune restores the scheduler's state before it adds the restored trials: each trial's
+        own state is put back as it is added (on_trial_add)."""
+        self.restored = dict(state["trials"])
+        self._num_checkpoints, self._num_perturbations = state["num_checkpoints"], state["num_perturbations"]
+
+    def on_trial_add(self, tune_controller: Any, trial: Any) -> None:
+        super().on_trial_add(tune_controller, trial)
+        for name, value in self.restored.pop(trial.trial_id, {}).items():
+            setattr(self._trial_state[trial], name, value)
 
     def _exploit(self, tune_controller: Any, trial: Any, trial_to_clone: Any) -> None:
         donor_epoch = int(self._trial_state[trial_to_clone].last_result.get(self._time_attr, 0))

@@ -54,6 +54,10 @@ from tuning.space import SearchSpace, count_trials, param_space, parse_space, pr
 TUNE_PREFIX = "tune-"
 EXPERIMENT = "trials"
 PEAK_FILE = ".peak_running_trials.json"
+SCHEDULER_FILE = "scheduler.json"  # the scheduler's final state: each ASHA rung's results, PBT's counts
+# Written when a tuning run starts: its scheduler's state goes into Tune's snapshots (SchedulerState),
+# so a resume restores it. A run without it was started by a Tandem that did not save it.
+RUN_RECORD = "tuning_run.json"
 # Tune snapshots its experiment state every >= 10 s by default; an interrupted tune then forgets
 # trials that finished in the last 10 s and runs them again. The state of a Tandem tune is small.
 EXPERIMENT_SNAPSHOT_S = "2"
@@ -142,6 +146,29 @@ def find_tuning_run(config: TandemConfig, resume: bool | str | Path) -> Location
     return run_dir
 
 
+def check_restorable(config: TandemConfig, run_dir: Location) -> None:
+    """Refuse a resume whose scheduler state would be lost: Tune would go on as if the scheduler had
+    seen nothing (an ASHA with empty rungs judges the rest against nothing), which is not the search
+    that was started."""
+    name = config.tuning.scheduler.name
+    if name == "median":
+        reason = "median stopping keeps its trials' results by Tune's trial objects, which a resume creates anew"
+    elif name in ("asha", "pbt") and not (run_dir / RUN_RECORD).is_file():
+        reason = f"{run_dir} was started by a Tandem that did not save the {name} scheduler's state"
+    else:
+        return
+    raise ConfigError(
+        [
+            Problem(
+                path="tuning.scheduler.name",
+                value=name,
+                message=f"--resume cannot restore this search's scheduler ({reason}) and would continue it as if nothing had been "
+                "decided; start a new tune without --resume",
+            )
+        ]
+    )
+
+
 def check_same_search(config: TandemConfig, run_dir: Location) -> None:
     """A resumed tune must search what it started with; where it runs (cluster, storage) may change."""
     stored = yaml.safe_load((run_dir / "config.yaml").read_text()) or {}
@@ -200,13 +227,16 @@ def checkpoints_to_keep(config: TandemConfig) -> int:
 def make_tuner(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_dir: Location, callbacks: list) -> Any:
     from ray import tune
 
+    from tuning.housekeeping import SchedulerState
+
     tuning = config.tuning
+    scheduler = build_trial_scheduler(config, space, plan.max_concurrent)
     tune_config = tune.TuneConfig(
         metric=tuning.metric,
         mode=tuning.mode,
         num_samples=1 if tuning.search.name == "grid" else tuning.samples,
         search_alg=build_search(config, plan.max_concurrent),
-        scheduler=build_trial_scheduler(config, space, plan.max_concurrent),
+        scheduler=scheduler,
         # The searchers enforce plan.max_concurrent themselves (BasicVariantGenerator(max_concurrent),
         # ConcurrencyLimiter); Tune ignores max_concurrent_trials for a basic generator, with a warning.
         max_concurrent_trials=None,
@@ -224,7 +254,7 @@ def make_tuner(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_di
         checkpoint_config=tune.CheckpointConfig(num_to_keep=checkpoints_to_keep(config)),
         # Worker failures are retried inside the Train run (training.max_failures).
         failure_config=tune.FailureConfig(max_failures=0),
-        callbacks=callbacks,
+        callbacks=[*callbacks, SchedulerState(scheduler, run_dir / SCHEDULER_FILE)],
         verbose=1,
     )
     return tune.Tuner(
@@ -239,7 +269,8 @@ def restore_tuner(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run
     from ray.tune import Tuner
 
     # Finished trials are kept as they are; unfinished and errored ones continue from their last
-    # Tune checkpoint. Tune restores the scheduler, the searcher and the callbacks it pickled.
+    # Tune checkpoint. Tune restores the searcher and the callbacks from its last snapshot, and the
+    # scheduler's state through the SchedulerState callback (tuning/housekeeping.py).
     return Tuner.restore(
         str(run_dir / EXPERIMENT), trainable=make_trainable(config, space, plan, run_dir), resume_unfinished=True, resume_errored=True
     )
@@ -288,9 +319,11 @@ def tune(config: TandemConfig, resume: bool | str | Path = False, callbacks: lis
         if resume:
             run_dir = find_tuning_run(config, resume)
             check_same_search(config, run_dir)
+            check_restorable(config, run_dir)
         else:
             run_dir = new_run_dir(storage_root(config), config.name, prefix=TUNE_PREFIX)
             (run_dir / "config.yaml").put_text(config.to_yaml())
+            (run_dir / RUN_RECORD).put_json({"scheduler_state_saved": True})
         print(
             f"[tandem] tuning run {run_dir}: {n_trials} trial(s), {config.tuning.scheduler.name} + {config.tuning.search.name}; "
             f"{plan.describe()}",
@@ -387,7 +420,7 @@ def report(config: TandemConfig, space: SearchSpace, plan: TrialPlan, run_dir: L
             "config_hash": config.config_hash(),
             "trials": {t.trial_id: {"status": t.status, "epochs_trained": t.epochs_trained, "metric": t.metric} for t in trials},
         },
-        ["config.yaml", "best_config.yaml", "metrics.jsonl", RESULTS_CSV, RESULTS_JSON, RESULTS_PNG],
+        ["config.yaml", "best_config.yaml", "metrics.jsonl", RESULTS_CSV, RESULTS_JSON, RESULTS_PNG, SCHEDULER_FILE],
     )
     print(f"[tandem] best trial {best.trial_id}: {tuning.metric} {best.metric:.4f} with {best.params}; results in {run_dir}", flush=True)
     return TuneResult(

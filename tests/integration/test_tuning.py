@@ -28,7 +28,7 @@ from training.trainer import read_history
 from tuning import tune
 from tuning.results import RESULTS_CSV, RESULTS_JSON, RESULTS_PNG, TUNING_MANIFEST
 from tuning.segments import read_segments
-from tuning.tuner import TUNE_PREFIX
+from tuning.tuner import SCHEDULER_FILE, TUNE_PREFIX
 
 pytestmark = pytest.mark.integration
 ROOT = Path(__file__).resolve().parents[2]
@@ -320,6 +320,10 @@ def test_tandem_tune_in_a_bucket_killed_mid_search_resumes_from_it_without_rerun
         assert trials[trial_id]["starts"] == 1, f"{trial_id} finished before the kill but ran again"
     manifest = read_json_object(s3_store, f"{run_key}/artifacts/manifest.json")
     assert manifest["lineage"]["trial_id"] == results["best_trial"]
+    # ASHA's rungs came back with the search: every trial reached epoch 1, so rung 1 holds all three,
+    # those decided before the kill (which never report again) included.
+    scheduler = read_json_object(s3_store, f"{run_key}/{SCHEDULER_FILE}")
+    assert scheduler["restored"] and set(scheduler["rungs"]["1"]) == set(trials), scheduler
     tuning_manifest = read_json_object(s3_store, f"{run_key}/{TUNING_MANIFEST}")
     assert {RESULTS_CSV, RESULTS_JSON, RESULTS_PNG, "best_config.yaml"} <= set(tuning_manifest["files"]), tuning_manifest
     # The bucket holds every byte of run state: the working folder has the config and logs only.
