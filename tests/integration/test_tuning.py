@@ -228,6 +228,25 @@ def test_pbt_exploits_load_their_checkpoint_and_every_trial_finishes(ray_session
     verify_artifact(result.artifact_dir)
 
 
+def test_resume_refuses_a_scheduler_whose_state_it_cannot_restore_naming_the_field(tmp_path):
+    """Rather than go on as if nothing had been decided: median stopping (Ray keeps its results by
+    trial objects), and an ASHA run started without the record that its state is saved."""
+    from cluster.storage import location
+    from tuning.tuner import RUN_RECORD, check_restorable
+
+    run = location(tmp_path / "tune-20261207-000000")
+    run.make_dirs()
+    space = "space: {training.optimizer.lr: {grid: [1.0e-3, 1.0e-2]}}, search: {name: grid}"
+    for name in ("median", "asha"):
+        with pytest.raises(ConfigError) as refused:
+            check_restorable(tiny(tmp_path, f"{{scheduler: {{name: {name}}}, {space}}}"), run)
+        (problem,) = refused.value.problems
+        assert problem.path == "tuning.scheduler.name" and "start a new tune" in problem.message, problem
+    (run / RUN_RECORD).put_json({"scheduler_state_saved": True})
+    for name in ("asha", "fifo"):
+        check_restorable(tiny(tmp_path, f"{{scheduler: {{name: {name}}}, {space}}}"), run)
+
+
 def finished_trials_in_bucket(s3_store, experiment_prefix: str) -> list[str]:
     """Trials that Tune's newest experiment state file in the bucket (what a resume reads) records as TERMINATED."""
     states = sorted(k for k in s3_store.keys(experiment_prefix) if k.rsplit("/", 1)[-1].startswith("experiment_state-"))
