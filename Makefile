@@ -5,6 +5,8 @@
 # pip falls back at once instead of retrying for a minute.
 PY      := .venv/bin/python
 PIP     := .venv/bin/pip
+# setuptools' notice on every editable install ("be careful with folders ... same name"): chatter in `make demo`.
+QUIET_BUILD := PYTHONWARNINGS=ignore::UserWarning
 STAMP   := .venv/.installed
 BENCH_STAMP := .venv/.installed-bench
 TORCH_INDEX ?= https://download.pytorch.org/whl/cpu
@@ -19,7 +21,7 @@ $(PY):
 # Reinstall only when the pins or the project metadata change: a second run is fast.
 $(STAMP): $(PY) constraints.txt pyproject.toml
 	$(PIP) install -q --retries 1 -c constraints.txt --index-url $(TORCH_INDEX) "$$(grep '^torch==' constraints.txt)"
-	$(PIP) install -q -c constraints.txt -e ".[test]"
+	$(QUIET_BUILD) $(PIP) install -q -c constraints.txt -e ".[test]"
 	touch $(STAMP)
 
 install: $(STAMP)
@@ -42,7 +44,7 @@ docs: $(STAMP)
 
 # The benchmarks' peers too (the `bench` extra: LitServe), with the same pins.
 $(BENCH_STAMP): $(STAMP)
-	$(PIP) install -q -c constraints.txt -e ".[test,bench]"
+	$(QUIET_BUILD) $(PIP) install -q -c constraints.txt -e ".[test,bench]"
 	touch $(BENCH_STAMP)
 
 bench: $(BENCH_STAMP)
