@@ -249,14 +249,17 @@ def serve_until_stopped(config: TandemConfig) -> None:
     def stop(signum: int, frame: Any) -> None:
         raise KeyboardInterrupt
 
-    previous = signal.signal(signal.SIGTERM, stop)
+    # SIGINT too: a process a non-interactive shell starts in the background inherits SIGINT
+    # ignored, and Python then never raises KeyboardInterrupt on Ctrl-C.
+    previous = {sig: signal.signal(sig, stop) for sig in (signal.SIGTERM, signal.SIGINT)}
     try:
         while True:
             time.sleep(1)
     except KeyboardInterrupt:
         print(f"stopping {config.name}", flush=True)
     finally:
-        signal.signal(signal.SIGTERM, previous)
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
         shutdown(config)
 
 

@@ -267,7 +267,7 @@ def read_json_object(s3_store, key: str) -> dict:
 @pytest.mark.slow
 @pytest.mark.timeout(SLOW_TUNE_TIMEOUT_S)
 def test_tandem_tune_in_a_bucket_killed_mid_search_resumes_from_it_without_rerunning_finished_trials(tmp_path, ray_tmp, s3_store):
-    """An ASHA search with `cluster.storage: s3://...` (moto's server on loopback): `tandem tune`
+    """An ASHA + Optuna search with `cluster.storage: s3://...` (moto's server on loopback): `tandem tune`
     SIGKILLed (its whole process group) once Tune's state in the bucket records a finished trial;
     `tandem tune --resume` finds that run in the bucket, runs no finished trial again, and ends with
     the best trial's artifact and the results there; nothing of the run is left in the working folder.
@@ -278,8 +278,8 @@ def test_tandem_tune_in_a_bucket_killed_mid_search_resumes_from_it_without_rerun
     config_path = tmp_path / "tandem.yaml"
     config = tiny(
         Path("/unused"),
-        "{max_concurrent_trials: 2, scheduler: {name: asha, grace_period: 1, reduction_factor: 2}, search: {name: grid}, "
-        "space: {training.optimizer.lr: {grid: [1.0e-3, 1.0e-2, 3.0e-2]}}}",
+        "{max_concurrent_trials: 2, samples: 3, scheduler: {name: asha, grace_period: 1, reduction_factor: 2}, "
+        "search: {name: optuna, seed: 0}, space: {training.optimizer.lr: {loguniform: [1.0e-3, 3.0e-2]}}}",
         "training.epochs=2",
         f"cluster.storage=s3://{s3_store.bucket}/{prefix}",
     )
@@ -337,6 +337,10 @@ def test_tandem_tune_in_a_bucket_killed_mid_search_resumes_from_it_without_rerun
     assert "completed" in {t["status"] for t in trials.values()}, results["trials"]
     for trial_id in finished:
         assert trials[trial_id]["starts"] == 1, f"{trial_id} finished before the kill but ran again"
+    # Optuna's study came back with the search: a new one (seed 0) would suggest the first trials'
+    # values again for the trials created after the resume.
+    rates = [t["params"]["training.optimizer.lr"] for t in trials.values()]
+    assert len(set(rates)) == len(rates), rates
     manifest = read_json_object(s3_store, f"{run_key}/artifacts/manifest.json")
     assert manifest["lineage"]["trial_id"] == results["best_trial"]
     # ASHA's rungs came back with the search: every trial reached epoch 1, so rung 1 holds all three,
