@@ -29,7 +29,7 @@ from cluster.config import ConfigError, Problem, TandemConfig, looks_like_files
 from cluster.console import move_log
 from cluster.errors import TrainingFailedError
 from cluster.runtime import connect, pin_to_group, require_reachable_storage, require_shared_storage, storage_root
-from cluster.storage import Location, location, native
+from cluster.storage import Location, location, location_of, native
 from cluster.tracking import follow_metrics, track_run
 from training.ds_config import deepspeed_config
 from training.startup import controller_env, prestart_train_coordinator, skipped_callbacks, trainer_class
@@ -325,7 +325,7 @@ def consolidate(config: TandemConfig, run_dir: Location | Path, result: Any, ext
     checkpoint = result.checkpoint
     if checkpoint is None:
         raise ArtifactError(f"the run in {run_dir} registered no checkpoint; nothing to consolidate")
-    checkpoint_uri = f"{run_dir.scheme}://{checkpoint.path}" if run_dir.remote else str(checkpoint.path)
+    checkpoint_uri = str(location_of(checkpoint.filesystem, checkpoint.path))
     history = read_history(run_dir)
     # A local checkpoint is read in place; one in an object store through a local copy for the block.
     opened = checkpoint.as_directory() if run_dir.remote else contextlib.nullcontext(checkpoint.path)

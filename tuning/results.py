@@ -111,8 +111,9 @@ def trained_epochs(trial_dir: Location) -> int:
     More than Tune received when a trial was stopped: its workers keep training while Tune
     decides, until the stop aborts the run. This is the search's real cost.
     """
-    logs = [segment / "metrics.jsonl" for segment in trial_dir.children() if segment.name.startswith("train-")]
-    return sum(len([line for line in log.read_text().splitlines() if line.strip()]) for log in logs if log.is_file())
+    from training.trainer import read_history
+
+    return sum(len(read_history(segment)) for segment in trial_dir.children() if segment.name.startswith("train-"))
 
 
 def pick_best(trials: list[TrialSummary], mode: str) -> TrialSummary | None:

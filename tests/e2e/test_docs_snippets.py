@@ -33,6 +33,7 @@ import pytest
 import yaml
 
 from tests.e2e.conftest import ROOT, VENV_BIN
+from tests.unit.test_docs import fenced
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow, pytest.mark.timeout(1500)]
 
@@ -122,10 +123,6 @@ def answers(url: str) -> bool:
         return False
 
 
-def fenced(text: str, language: str) -> list[str]:
-    return re.findall(rf"^```{language}\n(.*?)^```$", text, flags=re.MULTILINE | re.DOTALL)
-
-
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory):
     box = Sandbox(tmp_path_factory.mktemp("docs-sandbox"))
@@ -167,6 +164,6 @@ def test_every_unmarked_block_of_the_page_runs(page, sandbox):
         for named in re.findall(r"(tests/\S+\.py)::(\w+)", reason):
             path, test = ROOT / named[0], named[1]
             assert path.is_file() and f"def {test}(" in path.read_text(), f"{page}:{line} is marked as run by {named}, which does not exist"
-    blocks = len(fenced((ROOT / page).read_text(), "bash")) + len(fenced((ROOT / page).read_text(), "python"))
-    indented = len(re.findall(r"^ +```(?:bash|python)\n", (ROOT / page).read_text(), flags=re.MULTILINE))
-    assert len(ran) + len(marked) == blocks + indented, f"{page}: ran {ran}, marked {marked}; some block was neither"
+    text = (ROOT / page).read_text()
+    blocks = len(fenced(text, "bash")) + len(fenced(text, "python"))  # indented ones (inside lists) too
+    assert len(ran) + len(marked) == blocks, f"{page}: ran {ran}, marked {marked}; some block was neither"
