@@ -367,9 +367,11 @@ def consolidated_on_cpu(ctx: Context, config: Any, run_dir: Path, checkpoint: st
     from cluster.artifacts import MODEL_FILE, load_model
     from training.trainer import consolidate
 
-    # consolidate() reads only result.checkpoint.path from Ray's Result; its "[tandem] artifact" line is not a check's.
+    # consolidate() reads only result.checkpoint's path and filesystem (Ray's Checkpoint, without Ray here: a local
+    # pyarrow filesystem's type_name); its "[tandem] artifact" line is not a check's.
+    result = SimpleNamespace(checkpoint=SimpleNamespace(path=checkpoint, filesystem=SimpleNamespace(type_name="local")))
     with open(run_dir / "consolidate.log", "w") as log, contextlib.redirect_stdout(log):
-        artifact = consolidate(config, run_dir, SimpleNamespace(checkpoint=SimpleNamespace(path=checkpoint))).artifact_dir
+        artifact = consolidate(config, run_dir, result).artifact_dir
     state = torch.load(artifact / MODEL_FILE, weights_only=True)
     odd = [k for k, v in state.items() if v.device.type != "cpu" or (v.is_floating_point() and v.dtype != torch.float32)]
     require(not odd, f"model.pt tensors not CPU fp32: {odd[:3]}", "all CPU fp32")
