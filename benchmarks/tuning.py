@@ -11,6 +11,9 @@ seed and arm:
 Targets (the issue's): ASHA uses at most 0.3x FIFO's epochs, and finds FIFO's best configuration
 in at least 4 of 5 seeds.
 
+A PBT part (benchmarks/_tuning_pbt.py) runs after the seeds: exploits that restart the trial
+against exploits in place, writing benchmarks/results/tuning_pbt.{json,md,png}; `--part` runs one.
+
 Writes benchmarks/results/tuning.{json,md,png}. Run: `python -m benchmarks tuning` (the full size:
 5 seeds x 12 samples x 9 epochs, hours on a 2-core machine) or with `--small` (1 seed x 6 samples
 x 4 epochs) for a quick look; every size flag can be set.
@@ -268,10 +271,15 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
         "one process (same epochs and best by definition, minutes instead of an hour per seed)",
     )
     parser.add_argument("--rung-min-results", type=int, default=None, help="ASHA: results a rung waits for (default: the reduction factor)")
+    parser.add_argument("--part", choices=("all", "asha", "pbt"), default="all", help="ASHA against FIFO, PBT's exploit arms, or both")
+    parser.add_argument("--pbt-trials", type=int, default=4, help="PBT: the population, all running at once")
+    parser.add_argument("--pbt-epochs", type=int, default=8)
+    parser.add_argument("--pbt-seed", type=int, default=0)
+    parser.add_argument("--pbt-repeats", type=int, default=2, help="PBT: runs per arm, alternating which arm goes first")
     parser.add_argument("--out", type=Path, default=RESULTS)
     if "--small" in (argv or []):
         # Smaller defaults; flags given explicitly still win (e.g. --small --seeds 2).
-        parser.set_defaults(seeds=1, samples=6, epochs=4)
+        parser.set_defaults(seeds=1, samples=6, epochs=4, pbt_trials=2, pbt_epochs=4, pbt_repeats=1)
     return parser.parse_args(argv)
 
 
@@ -316,14 +324,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         # One Ray for every arm: tune() joins it instead of starting its own each time.
         with connect(bench_config(storage, 0, "fifo", args)):
-            for seed in range(args.seeds):
+            for seed in range(args.seeds if args.part in ("all", "asha") else 0):
                 seeds.append(run_seed(seed, args, storage))
                 print(f"[bench] seed {seed}: epochs x{seeds[-1]['epoch_ratio']:.2f}, same best: {seeds[-1]['same_best']}", flush=True)
                 report = write_report(seeds, args, time.perf_counter() - started)
+            if args.part in ("all", "pbt"):
+                from benchmarks._tuning_pbt import run_pbt, write_pbt_report
+
+                report["pbt"] = run_pbt(args, storage)
+                write_pbt_report(report["pbt"], args.out)
     finally:
         shutil.rmtree(storage, ignore_errors=True)
     print(json.dumps({"summary": report.get("summary"), "wall_s": report.get("wall_s")}, indent=2))
-    print((args.out / "tuning.md").read_text())
+    for name in ("tuning.md", "tuning_pbt.md"):
+        if (args.out / name).exists():
+            print((args.out / name).read_text())
     return report
 
 

@@ -9,6 +9,7 @@ Where things go:
 - augment.py    training-time augmentations (noise, shift, user hooks)
 - ds_config.py  the DeepSpeed JSON derived from the Tandem config (overrides merge last)
 - loop.py       the per-worker train loop (a plain function)
+- resume.py     where a worker continues from: a retried group's, --resume's or a PBT donor's checkpoint
 - trainer.py    train(config) -> TrainResult: builds the TorchTrainer, consolidates the artifact
 - startup.py    what Tandem changes in Ray Train's start-up on a small local Ray, and why
 - importing.py  `tandem import`: a state_dict trained elsewhere -> a verified artifact

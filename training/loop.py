@@ -42,10 +42,10 @@ from training.ds_config import (
     use_environment_extension_dir,
 )
 from training.models import build_model, model_spec
+from training.resume import HANDOFFS, apply_config_hparams, restore, take_over
 from training.worker_data import worker_data
 
 CONSOLIDATED = "model_fp32.pt"
-TAG_FILE = "latest"
 FAULT_STEP_ENV = "TANDEM_FAULT_AT_STEP"  # test-only: a worker dies at this global step ...
 FAULT_RANK_ENV = "TANDEM_FAULT_RANK"  # ... on this rank (default 1) ...
 FAULT_MARKER_ENV = "TANDEM_FAULT_MARKER"  # ... once: the marker file records that it happened.
@@ -140,9 +140,9 @@ def run_worker(loop_config: dict[str, Any], session: WorkerSession) -> Any:
     # gloo on CPU, nccl on GPU; the group Ray Train made is reused, not re-created.
     deepspeed.init_distributed(dist_backend="nccl" if use_gpu else "gloo")
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, lr_scheduler=scheduler, config=deepspeed_config(config, world))
-    start_epoch = _restore(engine, loop_config.get("resume_from"), session)
+    start_epoch = restore(engine, loop_config.get("resume_from"), session)
     if loop_config.get("resume_from") and loop_config.get("hparams_from_config"):
-        _apply_config_hparams(engine, config)
+        apply_config_hparams(engine, config)
     augment = build_augmentation(config.data.augment)
     dtype = _compute_dtype(config)
     loss_fn = _loss_function(config, loop_config.get("teacher_dir"), device)
@@ -150,7 +150,8 @@ def run_worker(loop_config: dict[str, Any], session: WorkerSession) -> Any:
     # (streamed or in memory) adds to it is the difference.
     private_memory = PrivateMemoryPeak()
 
-    for epoch in range(start_epoch, config.training.epochs):
+    epoch = start_epoch
+    while epoch < config.training.epochs:
         generator = torch.Generator().manual_seed(config.training.seed * 100_003 + rank * 1009 + epoch)
         started = time.perf_counter()
         train_loss, samples = _train_epoch(
@@ -179,6 +180,8 @@ def run_worker(loop_config: dict[str, Any], session: WorkerSession) -> Any:
             _report_with_checkpoint(engine, metrics, epoch, rank, spec, config, session)
         else:
             session.report(metrics)
+        # A PBT exploit handed over during the report (tuning/trial.py) continues from the donor's epoch.
+        config, epoch = take_over(engine, handoff, config) if (handoff := HANDOFFS.take()) else (config, epoch + 1)
     return engine
 
 
@@ -219,38 +222,6 @@ def _steps_per_epoch(config: TandemConfig, micro_batches: int) -> int:
 
 def _compute_dtype(config: TandemConfig) -> torch.dtype:
     return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(config.training.precision, torch.float32)
-
-
-def _restore(engine: Any, resume_from: str | None, session: WorkerSession) -> int:
-    """Load the newest checkpoint (a retried worker group's, else --resume's); return the next epoch."""
-    with session.latest_checkpoint() as folder:
-        if folder is not None:
-            return _load_engine_checkpoint(engine, folder)
-    if resume_from:
-        return _load_engine_checkpoint(engine, Path(resume_from))
-    return 0
-
-
-def _apply_config_hparams(engine: Any, config: TandemConfig) -> None:
-    """Override the checkpoint's lr and weight decay with the config's, keeping the schedule's position.
-
-    load_checkpoint restores the optimizer's param_groups and the LambdaLR's base_lrs; a PBT trial
-    that exploited another's checkpoint must train on with its own mutated values instead.
-    """
-    opt, scheduler = config.training.optimizer, engine.lr_scheduler
-    factor = scheduler.lr_lambdas[0](scheduler.last_epoch)
-    scheduler.base_lrs = [opt.lr] * len(scheduler.base_lrs)
-    for group in engine.optimizer.param_groups:
-        group["initial_lr"], group["lr"], group["weight_decay"] = opt.lr, opt.lr * factor, opt.weight_decay
-    scheduler._last_lr = [group["lr"] for group in engine.optimizer.param_groups]
-
-
-def _load_engine_checkpoint(engine: Any, folder: Path) -> int:
-    tag = (folder / TAG_FILE).read_text().strip()
-    _, client_state = engine.load_checkpoint(str(folder), tag=tag, load_optimizer_states=True, load_lr_scheduler_states=True)
-    if engine.global_rank == 0:
-        print(f"[tandem] resumed from {folder} (tag {tag}, step {engine.global_steps})", flush=True)
-    return int(client_state["epoch"]) + 1
 
 
 def _maybe_inject_fault(engine: Any, rank: int) -> None:

@@ -157,6 +157,7 @@ class SchedulerState(Callback):
                 "restored": self.restored,
                 "stopped_early": getattr(self.scheduler, "_num_stopped", None),
                 "perturbations": getattr(self.scheduler, "_num_perturbations", None),
+                "in_place_exploits": getattr(self.scheduler, "in_place_exploits", None),
                 "rungs": rungs() if rungs else None,
             }
         )

@@ -81,6 +81,7 @@ def summarize_result(result: Any, space: SearchSpace, metric: str, mode: str, ep
         status = "stopped"
     segments = read_segments(trial_dir)
     starts = [s for s in segments if s.get("event") == "start"]
+    takeovers = [s for s in segments if s.get("event") in ("start", "exploit")]
     trial_id = trial_dir.name
     sampled = {k: v for k, v in (result.config or {}).items() if k in space.paths}
     return TrialSummary(
@@ -95,7 +96,7 @@ def summarize_result(result: Any, space: SearchSpace, metric: str, mode: str, ep
         path=str(trial_dir),
         history=history,
         starts=len(starts),
-        exploited_from=list(dict.fromkeys(s["from_trial"] for s in starts if s.get("from_trial") and s["from_trial"] != trial_id)),
+        exploited_from=list(dict.fromkeys(s["from_trial"] for s in takeovers if s.get("from_trial") and s["from_trial"] != trial_id)),
         error=None
         if result.error is None
         else f"{type(result.error).__name__}: {str(result.error).splitlines()[0] if str(result.error) else ''}",

@@ -168,6 +168,7 @@ def _pbt(config: TandemConfig, space: SearchSpace) -> Any:
         mutations[entry.path] = domain
     return HandoffPBT(
         final_epoch=config.training.epochs,
+        exploit=config.tuning.scheduler.exploit,
         time_attr=TIME_ATTR,
         perturbation_interval=config.tuning.scheduler.perturbation_interval,
         hyperparam_mutations=mutations,

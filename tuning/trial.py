@@ -1,7 +1,7 @@
 """One Tune trial: the same Ray Train + DeepSpeed run `tandem train` makes, reporting every epoch to Tune.
 
 Ray 2.60 runs Ray Train V2, where `Tuner(TorchTrainer)` is gone: a trial is a function trainable
-that builds a TorchTrainer (training.trainer.build_trainer) and fits it. Four things here go
+that builds a TorchTrainer (training.trainer.build_trainer) and fits it. Five things here go
 beyond Ray's `TuneReportCallback`:
 
 1. **Checkpoints reach Tune.** TuneReportCallback forwards only metrics and the checkpoint's
@@ -30,6 +30,11 @@ beyond Ray's `TuneReportCallback`:
    the trainable's cleanup, which Tune runs before it ends the actor; tuning/housekeeping.py
    sweeps what an ungraceful end still leaves.
 
+5. **A PBT exploit can happen in place.** The scheduler decides it while the trial waits for Tune
+   to take a report (tuning/pbt.py) and leaves the donor's checkpoint in the trial's channel; the
+   trial logs it and hands it to the workers with their permit, and each worker loads it into its
+   live DeepSpeed engine before the next epoch (training/resume.py): the trial's Train run goes on.
+
 The Train callbacks other than ForwardReports use Ray Train's internal callback interfaces
 (ControllerCallback, TrainContextCallback); RunConfig passes such callbacks through unchanged.
 Each trial folder holds `segments.jsonl` (tuning/segments.py): one line per start and per end.
@@ -52,7 +57,8 @@ from ray.train.v2._internal.execution.callback import ControllerCallback, TrainC
 from cluster.config import validate_config
 from cluster.storage import Location, location, location_of
 from cluster.tracking import scalar_metrics
-from tuning.pbt import checkpoint_at, read_handoff
+from training.resume import HANDOFFS
+from tuning.pbt import channel_name, checkpoint_at, read_handoff
 from tuning.segments import donor_trial, log_segment, read_segments
 from tuning.space import SearchSpace, trial_config
 
@@ -68,15 +74,19 @@ POLL_S = 1.0
 
 @ray.remote(num_cpus=0)
 class TrialChannel:
-    """Reports flow from the Train controller to the trial; permits flow from the trial to the workers.
+    """Reports flow from the Train controller to the trial; permits flow from the trial to the workers,
+    each with the handoff of a PBT exploit in place when the scheduler decided one on that report.
 
-    An async actor owned by the trial: it ends with the trial, and so do the waits on it.
+    An async actor owned by the trial, named after it so that the scheduler in the driver can find
+    it (tuning/pbt.py): it ends with the trial, and so do the waits on it.
     """
 
     def __init__(self) -> None:
         self.messages: asyncio.Queue = asyncio.Queue()
         self.permitted = 0
         self.changed = asyncio.Condition()
+        self.exploit: dict[str, Any] | None = None  # from the scheduler, for the trial
+        self.handoffs: dict[int, dict[str, Any]] = {}  # report index -> handoff, for every rank
 
     async def put(self, message: tuple) -> None:
         self.messages.put_nowait(message)
@@ -87,14 +97,37 @@ class TrialChannel:
         except asyncio.TimeoutError:
             return None
 
-    async def permit(self, reports: int) -> None:
+    async def decide_exploit(self, exploit: dict[str, Any]) -> None:
+        self.exploit = exploit
+
+    async def take_exploit(self) -> dict[str, Any] | None:
+        exploit, self.exploit = self.exploit, None
+        return exploit
+
+    async def permit(self, reports: int, handoff: dict[str, Any] | None = None) -> None:
         async with self.changed:
+            if handoff is not None:
+                self.handoffs[reports] = handoff
             self.permitted = max(self.permitted, reports)
             self.changed.notify_all()
 
-    async def wait_for_permit(self, reports: int) -> None:
+    async def wait_for_permit(self, reports: int) -> dict[str, Any] | None:
         async with self.changed:
             await self.changed.wait_for(lambda: self.permitted >= reports)
+            return self.handoffs.get(reports)
+
+
+def open_channel(trial_id: str, attempts: int = 20) -> Any:
+    """The trial's channel, named after it. A restarted trial's new actor can start before Ray has
+    ended its old one (and with it the old channel, which it owns): that name is taken over."""
+    for _ in range(attempts):
+        try:
+            return TrialChannel.options(name=channel_name(trial_id)).remote()
+        except ValueError:  # the name is still held by the previous start's channel
+            with contextlib.suppress(ValueError):
+                ray.kill(ray.get_actor(channel_name(trial_id)))
+            time.sleep(0.1)
+    raise RuntimeError(f"the channel name {channel_name(trial_id)} stayed taken; is another tune running the same trial ids?")
 
 
 class ForwardReports(UserCallback):
@@ -138,7 +171,9 @@ class WaitForTune(TrainContextCallback):
     def on_report(self):
         yield
         self.reports += 1
-        ray.get(self.channel.wait_for_permit.remote(self.reports))
+        handoff = ray.get(self.channel.wait_for_permit.remote(self.reports))
+        if handoff is not None:
+            HANDOFFS.put(handoff)  # the loop takes it over after this report (training/resume.py)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -269,7 +304,7 @@ def run_trial(
                 "from_epoch": (read_handoff(resume_from) or {}).get("epoch"),
             },
         )
-        channel = TrialChannel.remote()
+        channel = open_channel(trial_dir.name)
         ACTIVE.reset(channel, trial_dir)
         callbacks = [ForwardReports(channel), AnnounceController(channel), WaitForTune(channel)]
         trainer = build_trainer(config, segment, use_gpu, resume_from, callbacks=callbacks, hparams_from_config=True, echo_epochs=False)
@@ -283,8 +318,11 @@ def run_trial(
             # Wall-clock time of the report: time-to-target across trials needs one clock.
             ACTIVE.reports = index
             tune.report({**metrics, "reported_at": time.time()}, checkpoint=checkpoint)
-            # Tune has taken the report and let this trial continue: the workers may go on.
-            channel.permit.remote(index)
+            # Tune has taken the report and let this trial continue: the workers may go on, with the
+            # donor's checkpoint to load when PBT decided an exploit in place on this report.
+            exploit = ray.get(channel.take_exploit.remote())
+            handoff = accept_exploit(exploit, space, trial_dir, segment, index) if exploit else None
+            channel.permit.remote(index, handoff)
         fit_thread.join()
         ACTIVE.controller = None  # the run is over; holding its handle would keep the controller alive
     if ACTIVE.stopping:
@@ -293,6 +331,28 @@ def run_trial(
         log_segment(trial_dir, {"event": "end", "outcome": "error", "error": repr(outcome["error"])})
         raise outcome["error"]
     log_segment(trial_dir, {"event": "end", "outcome": "completed"})
+
+
+def accept_exploit(exploit: dict[str, Any], space: SearchSpace, trial_dir: Location, segment: Location, report: int) -> dict[str, Any]:
+    """The workers' handoff for an exploit PBT decided in place (tuning/pbt.py), logged as a segment event.
+
+    exploit: {"checkpoint": the exploiter's handoff copy, "config": the new sampled values,
+    "changed": the paths whose values change, "donor", "epoch"}."""
+    params = space.decode(exploit["config"])
+    log_segment(
+        trial_dir,
+        {
+            "event": "exploit",
+            "in_place": True,
+            "segment": segment.name,
+            "after_report": report,  # the segment's reports before the donor's weights were loaded
+            "params": params,
+            "resume_from": exploit["checkpoint"],
+            "from_trial": exploit["donor"],
+            "from_epoch": exploit["epoch"],
+        },
+    )
+    return {"checkpoint": exploit["checkpoint"], "updates": {path: params[path] for path in exploit["changed"]}}
 
 
 # Tune builds the trial's actor class from the function plus these mixins.

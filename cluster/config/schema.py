@@ -319,6 +319,11 @@ class SchedulerConfig(Strict):
         "factor, rounded up; 1 is Ray's asynchronous ASHA).",
     )
     perturbation_interval: PositiveInt = Field(2, description="PBT: epochs between exploit/explore steps.")
+    exploit: Literal["in_place", "restart"] = Field(
+        "in_place",
+        description="PBT: in_place loads the donor's checkpoint into the exploiter's running Train workers (a learning-rate or "
+        "weight-decay mutation); restart starts a new Train run from it, as any other mutation does.",
+    )
 
 
 class SearchConfig(Strict):

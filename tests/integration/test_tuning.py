@@ -180,12 +180,13 @@ def test_asha_stops_poor_trials_early_and_finds_fifos_best(ray_session, tmp_path
 
 @pytest.mark.slow
 @pytest.mark.timeout(SLOW_TUNE_TIMEOUT_S)
-def test_pbt_exploits_load_their_checkpoint_and_every_trial_finishes(ray_session, tmp_path):
+def test_pbt_exploits_in_place_keep_each_trials_train_run_and_train_on_from_the_donors_epoch(ray_session, tmp_path):
     # Two trials far apart, perturbing every other epoch while Train checkpoints every epoch and
     # keeps one (Tune its fewest): the settings under which an exploiter used to lose the donor's
     # checkpoint to the donor's retention, or be handed the donor's last epoch with nothing left
-    # to train. With two trials the worse one exploits the better at every perturbation, and each
-    # exploit is a Train restart: perturbing every epoch made 4-10 restarts (58-110 s here).
+    # to train. With two trials the worse one exploits the better at every perturbation. The search
+    # mutates the learning rate only, so every exploit happens in place: the exploiter's Train run
+    # (its worker and DeepSpeed engine) loads the donor's handoff copy and trains on.
     # The good trial is first in the grid, so it starts first: when the poor one reaches its first
     # perturbation the good one has a score to be exploited. Trials start a few seconds apart (two
     # Train start-ups on two cores) and an epoch here is about a second, so 8 epochs keep the good
@@ -207,23 +208,29 @@ def test_pbt_exploits_load_their_checkpoint_and_every_trial_finishes(ray_session
     ]
     exploits = 0
     for trial in result.trials:
-        # Starts from another trial's checkpoint (a start from its own is PBT resuming a paused trial).
-        for start in [s for s in read_segments(Path(trial.path)) if s.get("from_trial") not in (None, trial.trial_id)]:
+        segments = read_segments(Path(trial.path))
+        (start,) = [s for s in segments if s["event"] == "start"]  # one Train run per trial: no exploit restarted one
+        log = Path(trial.path) / start["segment"] / "metrics.jsonl"
+        metrics = [json.loads(line) for line in log.read_text().splitlines()]
+        # Each phase of the run trains with its own learning rate: the sampled one, then each exploit's mutated one.
+        phases = [(0, start["params"])]
+        for exploit in [s for s in segments if s["event"] == "exploit"]:
             exploits += 1
-            donor, epoch = start["from_trial"], start["from_epoch"]
-            assert epoch is not None and 1 <= epoch < final, start
-            # That start's Train run loaded the donor's checkpoint: its first epoch is the next one.
-            log = Path(trial.path) / start["segment"] / "metrics.jsonl"
-            assert log.exists(), f"{trial.trial_id} exploited {donor} at epoch {epoch} but never trained: {start}"
-            metrics = [json.loads(line) for line in log.read_text().splitlines()]
-            assert metrics[0]["epoch"] == epoch + 1, (metrics[0], start)
-            # The exploiter trains on with its own (mutated) learning rate, not the donor's.
-            own = config_with(config, {"training.optimizer.lr": start["params"]["training.optimizer.lr"]})
-            for m in metrics:
-                total = (m["step"] // m["epoch"]) * own.training.epochs
-                expected = own.training.optimizer.lr * lr_factor(own, m["step"], total)
-                assert m["lr"] == pytest.approx(expected, rel=1e-6, abs=1e-12), (m["lr"], expected, start["params"])
+            assert exploit["in_place"] and exploit["segment"] == start["segment"], exploit
+            donor, epoch, after = exploit["from_trial"], exploit["from_epoch"], exploit["after_report"]
+            assert donor != trial.trial_id and epoch is not None and 1 <= epoch < final, exploit
+            # The report after the exploit is the donor's next epoch: the live engine loaded its checkpoint.
+            assert len(metrics) > after and metrics[after]["epoch"] == epoch + 1, (metrics[after - 1 : after + 1], exploit)
+            phases.append((after, exploit["params"]))
+        for i, m in enumerate(metrics):
+            params = [p for at, p in phases if at <= i][-1]
+            own = config_with(config, {"training.optimizer.lr": params["training.optimizer.lr"]})
+            total = (m["step"] // m["epoch"]) * own.training.epochs
+            expected = own.training.optimizer.lr * lr_factor(own, m["step"], total)
+            assert m["lr"] == pytest.approx(expected, rel=1e-6, abs=1e-12), (i, m["lr"], expected, phases)
     assert exploits >= 1, [(t.trial_id, t.params, t.metric, read_segments(Path(t.path))) for t in result.trials]
+    summary = json.loads((result.run_dir / SCHEDULER_FILE).read_text())
+    assert summary["in_place_exploits"] == exploits == summary["perturbations"], summary
     assert not list(result.run_dir.rglob("pbt-handoff-*")), "handoff copies outlived the tune"
     verify_artifact(result.artifact_dir)
 
