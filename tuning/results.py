@@ -83,7 +83,10 @@ def summarize_result(result: Any, space: SearchSpace, metric: str, mode: str, ep
     starts = [s for s in segments if s.get("event") == "start"]
     takeovers = [s for s in segments if s.get("event") in ("start", "exploit")]
     trial_id = trial_dir.name
-    sampled = {k: v for k, v in (result.config or {}).items() if k in space.paths}
+    # The config the trial trained last: an exploit in place changed it without a new start, and
+    # Tune's Result holds the config the trial's actor started with.
+    last_exploit = takeovers[-1] if takeovers and takeovers[-1]["event"] == "exploit" else None
+    sampled = {k: v for k, v in (last_exploit["sampled"] if last_exploit else result.config or {}).items() if k in space.paths}
     return TrialSummary(
         trial_id=trial_id,
         params=space.decode(sampled),

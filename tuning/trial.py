@@ -347,6 +347,7 @@ def accept_exploit(exploit: dict[str, Any], space: SearchSpace, trial_dir: Locat
             "segment": segment.name,
             "after_report": report,  # the segment's reports before the donor's weights were loaded
             "params": params,
+            "sampled": exploit["config"],  # Tune's values: the trial's config from here on (Tune's Result keeps the first)
             "resume_from": exploit["checkpoint"],
             "from_trial": exploit["donor"],
             "from_epoch": exploit["epoch"],

@@ -19,6 +19,7 @@ import contextlib
 import json
 import os
 import time
+import warnings
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -347,7 +348,10 @@ def tune(config: TandemConfig, resume: bool | str | Path = False, callbacks: lis
                         housekeeping.append(TrackTrials(config.to_dict(), space, tracker.run_id, run_dir / EXPERIMENT))
                     tuner = make_tuner(config, space, plan, run_dir, housekeeping + list(callbacks or []))
                 started = time.perf_counter()
-                grid = tuner.fit()
+                with warnings.catch_warnings():
+                    # Ray suggests reuse_actors for PBT; Tandem's exploits happen in place instead (tuning/pbt.py).
+                    warnings.filterwarnings("ignore", message="Consider boosting PBT performance", category=UserWarning)
+                    grid = tuner.fit()
                 wall_s = time.perf_counter() - started
             remove_handoffs(run_dir / EXPERIMENT)
             result = report(config, space, plan, run_dir, grid, wall_s, read_peak(run_dir / PEAK_FILE))

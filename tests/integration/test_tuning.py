@@ -222,6 +222,8 @@ def test_pbt_exploits_in_place_keep_each_trials_train_run_and_train_on_from_the_
             # The report after the exploit is the donor's next epoch: the live engine loaded its checkpoint.
             assert len(metrics) > after and metrics[after]["epoch"] == epoch + 1, (metrics[after - 1 : after + 1], exploit)
             phases.append((after, exploit["params"]))
+        # The results (and best_config.yaml) name the values the trial trained last, not those it started with.
+        assert trial.params == phases[-1][1], (trial.params, phases)
         for i, m in enumerate(metrics):
             params = [p for at, p in phases if at <= i][-1]
             own = config_with(config, {"training.optimizer.lr": params["training.optimizer.lr"]})
