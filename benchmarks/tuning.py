@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import tempfile
 import time
@@ -161,6 +162,8 @@ def run_seed(seed: int, args: argparse.Namespace, storage: Path) -> dict[str, An
     ttt = arms["fifo"]["time_to_within_2pct_s"], arms["asha"]["time_to_within_2pct_s"]
     return {
         "seed": seed,
+        "fifo_arm": args.fifo,
+        "load_average": list(os.getloadavg()),
         "metric": metric,
         "mode": mode,
         "target": target,
@@ -201,18 +204,18 @@ def markdown(seeds: list[dict[str, Any]], summary: dict[str, Any], args: argpars
     lines = [
         f"# Tuning: ASHA vs FIFO ({args.samples} samples x {args.epochs} epochs, {args.concurrency} at once, "
         f"ASHA grace {args.grace}, reduction {args.reduction_factor:g}, rungs wait for "
-        f"{args.rung_min_results or 'reduction-factor'} results; FIFO arm: "
-        f"{'a real Tune search' if args.fifo == 'tune' else 'every configuration trained to the end in one process'})",
+        f"{args.rung_min_results or 'reduction-factor'} results; FIFO arm: a real Tune search (tune), or every configuration trained "
+        "to the end in one process (reference))",
         "",
-        "| seed | FIFO epochs | ASHA epochs | ratio | FIFO s to 2% | ASHA s to 2% | ratio | same best | stopped by ASHA |",
-        "|---:|---:|---:|---:|---:|---:|---:|:---:|---:|",
+        "| seed | FIFO arm | FIFO epochs | ASHA epochs | ratio | FIFO s to 2% | ASHA s to 2% | ratio | same best | stopped by ASHA |",
+        "|---:|---|---:|---:|---:|---:|---:|---:|:---:|---:|",
     ]
     for s in seeds:
         f, a = s["arms"]["fifo"], s["arms"]["asha"]
         ttt = "-" if s["time_to_target_ratio"] is None else f"{s['time_to_target_ratio']:.2f}x"
         lines.append(
-            f"| {s['seed']} | {f['total_epochs']} | {a['total_epochs']} | {s['epoch_ratio']:.2f}x | {seconds(f['time_to_within_2pct_s'])} "
-            "| "
+            f"| {s['seed']} | {s.get('fifo_arm', 'reference')} | {f['total_epochs']} | {a['total_epochs']} | {s['epoch_ratio']:.2f}x "
+            f"| {seconds(f['time_to_within_2pct_s'])} | "
             f"{seconds(a['time_to_within_2pct_s'])} | {ttt} | {'yes' if s['same_best'] else 'no'} | {a['stopped_trials']} |"
         )
     lines += [
@@ -276,11 +279,23 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--pbt-epochs", type=int, default=8)
     parser.add_argument("--pbt-seed", type=int, default=0)
     parser.add_argument("--pbt-repeats", type=int, default=2, help="PBT: runs per arm, alternating which arm goes first")
+    parser.add_argument("--seed-from", type=int, default=0, help="the first seed (seeds run from it, --seeds of them)")
+    parser.add_argument(
+        "--keep-seeds",
+        action="store_true",
+        help="keep the other seeds of the last report in --out (each with its own FIFO arm and load), replacing those run now",
+    )
     parser.add_argument("--out", type=Path, default=RESULTS)
     if "--small" in (argv or []):
         # Smaller defaults; flags given explicitly still win (e.g. --small --seeds 2).
         parser.set_defaults(seeds=1, samples=6, epochs=4, pbt_trials=2, pbt_epochs=4, pbt_repeats=1)
     return parser.parse_args(argv)
+
+
+def previous_seeds(args: argparse.Namespace) -> list[dict[str, Any]]:
+    """The seeds of the last report in --out, with --keep-seeds (else none)."""
+    report = args.out / "tuning.json"
+    return json.loads(report.read_text())["seeds"] if args.keep_seeds and report.exists() else []
 
 
 def write_report(seeds: list[dict[str, Any]], args: argparse.Namespace, wall_s: float) -> dict[str, Any]:
@@ -324,9 +339,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     try:
         # One Ray for every arm: tune() joins it instead of starting its own each time.
         with connect(bench_config(storage, 0, "fifo", args)):
-            for seed in range(args.seeds if args.part in ("all", "asha") else 0):
-                seeds.append(run_seed(seed, args, storage))
-                print(f"[bench] seed {seed}: epochs x{seeds[-1]['epoch_ratio']:.2f}, same best: {seeds[-1]['same_best']}", flush=True)
+            seeds = previous_seeds(args)
+            for seed in range(args.seed_from, args.seed_from + args.seeds) if args.part in ("all", "asha") else ():
+                done = run_seed(seed, args, storage)
+                print(f"[bench] seed {seed}: epochs x{done['epoch_ratio']:.2f}, same best: {done['same_best']}", flush=True)
+                seeds = sorted([s for s in seeds if s["seed"] != seed] + [done], key=lambda s: s["seed"])
                 report = write_report(seeds, args, time.perf_counter() - started)
             if args.part in ("all", "pbt"):
                 from benchmarks._tuning_pbt import run_pbt, write_pbt_report
