@@ -201,8 +201,12 @@ class HandoffPBT(PopulationBasedTraining):
             "donor": trial_to_clone.trial_id,
             "epoch": donor_epoch,
         }
-        # Waited for: the trial reads it as soon as Tune lets its report return, right after this.
-        ray.get(channel.decide_exploit.remote(exploit), timeout=30)
+        try:
+            # Waited for: the trial reads it as soon as Tune lets its report return, right after this.
+            ray.get(channel.decide_exploit.remote(exploit), timeout=30)
+        except (ray.exceptions.RayActorError, ray.exceptions.GetTimeoutError) as exc:
+            logger.info("[pbt] %s cannot take the exploit in place (%s); restarting it instead", trial, type(exc).__name__)
+            return False
         trial.set_experiment_tag(_make_experiment_tag(self._trial_state[trial].orig_tag, new_config, self._hyperparam_mutations))
         trial.set_config(new_config)
         # A restore from here on (a killed driver) starts from the donor's copy, as after a restart.
