@@ -27,6 +27,7 @@ ARMS = ("restart", "in_place")
 
 
 def pbt_config(storage: Path, exploit: str, args: argparse.Namespace):
+    from benchmarks.tuning import trial_overrides
     from cluster.config import load_config
 
     n = args.pbt_trials
@@ -35,21 +36,7 @@ def pbt_config(storage: Path, exploit: str, args: argparse.Namespace):
         f" scheduler: {{name: pbt, perturbation_interval: 1, exploit: {exploit}}},"
         " space: {training.optimizer.lr: {loguniform: [1.0e-4, 1.0e-1]}}}"
     )
-    return load_config(
-        None,
-        [
-            f"cluster.storage={storage}",
-            f"cluster.local.num_cpus={args.cpus}",
-            "data.batch_size=64",
-            "data.augment=[]",
-            f"training.max_steps_per_epoch={args.steps_per_epoch}",
-            f"training.epochs={args.pbt_epochs}",
-            "training.checkpoint.every_epochs=1",
-            "training.schedule.name=constant",
-            "training.schedule.warmup_steps=0",
-            f"tuning={tuning}",
-        ],
-    )
+    return load_config(None, trial_overrides(storage, args, args.pbt_epochs, tuning))
 
 
 def run_pbt_arm(exploit: str, repeat: int, args: argparse.Namespace, storage: Path) -> dict[str, Any]:

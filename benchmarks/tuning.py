@@ -47,23 +47,25 @@ def bench_config(storage: Path, seed: int, scheduler: str, args: argparse.Namesp
         + "},"
         " space: {training.optimizer.lr: {loguniform: [1.0e-4, 1.0e-1]}, model.args.hidden: {choice: [[16], [32], [64]]}}}"
     )
-    return load_config(
-        None,
-        [
-            f"cluster.storage={storage}",
-            f"cluster.local.num_cpus={args.cpus}",
-            "data.batch_size=64",
-            "data.augment=[]",
-            f"training.max_steps_per_epoch={args.steps_per_epoch}",
-            f"training.epochs={args.epochs}",
-            "training.checkpoint.every_epochs=1",
-            # Constant learning rate: a cosine schedule that only decays near the end would make early
-            # epochs a poorer predictor of the final ranking, against ASHA's premise.
-            "training.schedule.name=constant",
-            "training.schedule.warmup_steps=0",
-            f"tuning={tuning}",
-        ],
-    )
+    return load_config(None, trial_overrides(storage, args, args.epochs, tuning))
+
+
+def trial_overrides(storage: Path, args: argparse.Namespace, epochs: int, tuning: str) -> list[str]:
+    """The --set overrides every arm's search shares: small digits trials, a checkpoint every epoch."""
+    return [
+        f"cluster.storage={storage}",
+        f"cluster.local.num_cpus={args.cpus}",
+        "data.batch_size=64",
+        "data.augment=[]",
+        f"training.max_steps_per_epoch={args.steps_per_epoch}",
+        f"training.epochs={epochs}",
+        "training.checkpoint.every_epochs=1",
+        # Constant learning rate: a cosine schedule that only decays near the end would make early
+        # epochs a poorer predictor of the final ranking, against ASHA's premise.
+        "training.schedule.name=constant",
+        "training.schedule.warmup_steps=0",
+        f"tuning={tuning}",
+    ]
 
 
 def time_to_target(result: Any, metric: str, mode: str, target: float, started_at: float) -> float | None:
