@@ -132,12 +132,6 @@ class RayHandle:
     simulated_cluster: Any = None
     nodes: dict[str, list[str]] = field(default_factory=dict)
 
-    @property
-    def owns_local_cluster(self) -> bool:
-        """Whether leaving `connect` ends the whole Ray cluster (a local one started here), so that
-        nothing in it needs a graceful stop first."""
-        return self.started and (self.address == "local" or self.simulated_cluster is not None)
-
 
 def _start_simulated_cluster(config: TandemConfig) -> tuple[Any, dict[str, list[str]]]:
     from ray.cluster_utils import Cluster

@@ -70,7 +70,6 @@ def local_haproxy_env() -> dict[str, str]:
 
 
 _ray_context: Any = None
-_ray_handle: Any = None  # what connect() started or joined (cluster.runtime.RayHandle), while serve() holds it
 _started_serve = False  # whether serve() started Serve (shutdown() then stops it; else only the app goes)
 
 
@@ -108,14 +107,14 @@ def local_front_binary() -> str | None:
 
 def _ensure_ray(config: TandemConfig) -> bool:
     """Start or join Ray for config.cluster unless this process is connected; True if Ray is local."""
-    global _ray_context, _ray_handle
+    global _ray_context
     import ray
 
     from cluster.runtime import connect
 
     if not ray.is_initialized():
         _ray_context = connect(config)
-        _ray_handle = _ray_context.__enter__()
+        _ray_context.__enter__()
     return config.cluster.address == "local"
 
 
@@ -214,7 +213,7 @@ def serve(config: TandemConfig, artifact: str = "latest", blocking: bool = False
     logger.info("serving %s (model %s) at %s", config.name, version, url)
     if blocking:
         print(f"serving {config.name} (model {version}) at {url}; Ctrl-C or SIGTERM stops it", flush=True)
-        serve_until_stopped(config, drain=not ray_ends_with_serve())
+        serve_until_stopped(config)
     return url
 
 
@@ -242,10 +241,9 @@ def replica_reason(message: str) -> str:
     return lines[-1] if lines else message
 
 
-def serve_until_stopped(config: TandemConfig, drain: bool = True) -> None:
+def serve_until_stopped(config: TandemConfig) -> None:
     """Block until Ctrl-C or SIGTERM (`tandem jobs stop`, `ray job stop`, a pod's end), then remove
-    this app and only this app: other applications on a shared cluster keep serving.
-    drain: see shutdown()."""
+    this app and only this app: other applications on a shared cluster keep serving."""
     import signal
 
     def stop(signum: int, frame: Any) -> None:
@@ -262,12 +260,7 @@ def serve_until_stopped(config: TandemConfig, drain: bool = True) -> None:
     finally:
         for sig, handler in previous.items():
             signal.signal(sig, handler)
-        shutdown(config, drain=drain)
-
-
-def ray_ends_with_serve() -> bool:
-    """Whether serve() started a local Ray cluster, which shutdown() then ends."""
-    return _ray_handle is not None and _ray_handle.owns_local_cluster
+        shutdown(config)
 
 
 def serve_running() -> bool:
@@ -282,28 +275,21 @@ def serve_running() -> bool:
         return False
 
 
-def shutdown(config: TandemConfig | None = None, drain: bool = True) -> None:
+def shutdown(config: TandemConfig | None = None) -> None:
     """Remove this config's application; stop Serve only if serve() started it, and Ray only if
-    serve() started that (on a shared cluster, other applications and Serve itself stay).
-
-    drain=False, only where the whole local Ray cluster ends right after (ray_ends_with_serve()):
-    the app is not deleted first. Deleting it drains each replica for Serve's minimum draining
-    period (30 s behind direct ingress, so that load balancers can deregister it), which protects
-    nobody when the cluster goes; a user's Ctrl-C then takes seconds, not half a minute."""
-    global _ray_context, _ray_handle, _started_serve
+    serve() started that (on a shared cluster, other applications and Serve itself stay)."""
+    global _ray_context, _started_serve
     import ray
 
-    if ray.is_initialized() and drain:
+    if ray.is_initialized():
         if config is not None:
             with contextlib.suppress(Exception):  # already gone is the goal
                 ray_serve.delete(config.name)
         if _started_serve:
             ray_serve.shutdown()
             _started_serve = False
-    elif not drain:
-        _started_serve = False  # Serve ends with the local cluster
     if _ray_context is not None:
-        context, _ray_context, _ray_handle, _started_serve = _ray_context, None, None, False
+        context, _ray_context = _ray_context, None
         context.__exit__(None, None, None)
 
 

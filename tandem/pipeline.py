@@ -116,9 +116,7 @@ def run_lifecycle(
     timings: dict[str, float] = {}
     token_env = config.serving.auth.token_env
     token = os.environ.get(token_env) if token_env else None
-    with connect(config) as ray_handle:
-        # A local Ray started here ends with the run: the app need not drain first (serving/deploy.py shutdown).
-        drain = not ray_handle.owns_local_cluster
+    with connect(config):
         with _stage("train" if not use_tune else "tune", timings):
             artifact_dir, metrics = _train_or_tune(config, use_tune)
         with _stage("export", timings):
@@ -137,7 +135,7 @@ def run_lifecycle(
             console.print(f"run folder: {artifact_dir.parent}")
             if keep_serving:
                 console.print(f"serving at {url}; Ctrl-C or SIGTERM stops")
-                serve_until_stopped(config, drain)  # SIGTERM too: `tandem jobs stop` on a submitted run
+                serve_until_stopped(config)  # SIGTERM too: `tandem jobs stop` on a submitted run
         finally:
-            shutdown(config, drain)
+            shutdown(config)
     return summary
