@@ -51,13 +51,41 @@ class RayHead:
         return subprocess.run(args, cwd=cwd, env=env or self.env, capture_output=True, text=True, timeout=timeout)
 
 
-def free_ports(count: int) -> list[int]:
-    """Ports the kernel hands out now (held together, so they differ)."""
-    sockets = [socket.socket() for _ in range(count)]
+FIXED_PORTS_FROM = 30000
+
+
+def ephemeral_range() -> tuple[int, int]:
+    """The ports the kernel hands to bind(0) and connect() (Linux's ip_local_port_range)."""
     try:
-        for s in sockets:
-            s.bind(("127.0.0.1", 0))
-        return [s.getsockname()[1] for s in sockets]
+        low, high = Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()
+        return int(low), int(high)
+    except (OSError, ValueError):
+        return 32768, 60999
+
+
+def free_ports(count: int) -> list[int]:
+    """Free ports below the kernel's ephemeral range (held together, so they differ).
+
+    Not bind(0)'s own choice: a port it hands out and this function releases goes back to the
+    ephemeral pool, where the Ray processes that start next (a head's workers, each binding port 0)
+    can be given it before the process it was chosen for binds it. (Every job submission to one
+    head failed with "No available agent" in a CI run; a port taken that way was the likeliest cause.)"""
+    # Above the heads' worker port ranges (20000-29999, start_head) and below the ephemeral ones.
+    low = max(ephemeral_range()[0], FIXED_PORTS_FROM + 1000)
+    chosen: list[int] = []
+    sockets = []
+    try:
+        while len(chosen) < count:
+            port = random.randrange(FIXED_PORTS_FROM, low)
+            candidate = socket.socket()
+            try:
+                candidate.bind(("127.0.0.1", port))
+            except OSError:
+                candidate.close()
+                continue
+            sockets.append(candidate)
+            chosen.append(port)
+        return chosen
     finally:
         for s in sockets:
             s.close()
