@@ -9,8 +9,6 @@ cluster only.
 from __future__ import annotations
 
 import contextlib
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -74,26 +72,22 @@ def take_over(engine: Any, handoff: dict[str, Any], config: TandemConfig) -> tup
 
     config = config_with(config, handoff["updates"])
     with _local_folder(handoff["checkpoint"]) as folder:
-        next_epoch = _load_engine_checkpoint(engine, folder)
+        next_epoch = _load_engine_checkpoint(engine, Path(folder))
     apply_config_hparams(engine, config)
     return config, next_epoch
 
 
-@contextlib.contextmanager
-def _local_folder(where: str) -> Iterator[Path]:
-    """A checkpoint folder on this node: the folder itself, or a local copy of one in an object store."""
+def _local_folder(where: str) -> contextlib.AbstractContextManager[str | Path]:
+    """A checkpoint folder on this node: the folder itself, or Ray's local copy of one in an object
+    store (Checkpoint.as_directory, with Tandem's filesystem for the store, as the trials use)."""
     from cluster.storage import location
 
     source = location(where)
     if not source.remote:
-        yield source.path
-        return
-    with tempfile.TemporaryDirectory(prefix="tandem-handoff-") as staging:
-        for file in source.files_below():
-            target = Path(staging) / file.uri[len(source.uri) :].lstrip("/")
-            target.parent.mkdir(parents=True, exist_ok=True)
-            file.download_file(target)
-        yield Path(staging)
+        return contextlib.nullcontext(source.path)
+    from ray.train import Checkpoint
+
+    return Checkpoint(source.fs_path, filesystem=source.filesystem).as_directory()
 
 
 def _load_engine_checkpoint(engine: Any, folder: Path) -> int:

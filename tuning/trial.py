@@ -305,6 +305,9 @@ def run_trial(
             },
         )
         channel = open_channel(trial_dir.name)
+        # Only PBT in place puts exploits in the channel: other schedulers skip the round trip per report.
+        scheduler = config.tuning.scheduler
+        exploits_in_place = scheduler.name == "pbt" and scheduler.exploit == "in_place"
         ACTIVE.reset(channel, trial_dir)
         callbacks = [ForwardReports(channel), AnnounceController(channel), WaitForTune(channel)]
         trainer = build_trainer(config, segment, use_gpu, resume_from, callbacks=callbacks, hparams_from_config=True, echo_epochs=False)
@@ -320,7 +323,7 @@ def run_trial(
             tune.report({**metrics, "reported_at": time.time()}, checkpoint=checkpoint)
             # Tune has taken the report and let this trial continue: the workers may go on, with the
             # donor's checkpoint to load when PBT decided an exploit in place on this report.
-            exploit = ray.get(channel.take_exploit.remote())
+            exploit = ray.get(channel.take_exploit.remote()) if exploits_in_place else None
             handoff = accept_exploit(exploit, space, trial_dir, segment, index) if exploit else None
             channel.permit.remote(index, handoff)
         fit_thread.join()
